@@ -1,0 +1,66 @@
+"""Guest-physical layout shared by the firmware, the loader and the machine (DESIGN.md 2.2).
+
+Everything the firmware keeps lies below 16 MiB; 16 MiB..64 MiB is free for the program.
+These constants are handed to the firmware and to every guest program as assembler
+symbols (``.set NAME, value``), so guest code and host code cannot disagree.
+"""
+
+MiB = 1 << 20
+
+FW_BASE = 0x0010_0000          # firmware image (code + data); the CPU starts here
+FW_UNHANDLED = FW_BASE + 0x10  # target of every firmware IDT gate: "unhandled exception" (crash report)
+FW_DATA = 0x0018_0000          # firmware GDT / IDT / TSS (see FW_* below)
+FW_GDT = FW_DATA + 0x0000      # 16 descriptors
+FW_IDT = FW_DATA + 0x1000      # 256 gates (16 bytes each in 64-bit mode, 8 in 32-bit)
+FW_TSS = FW_DATA + 0x2000      # 32-bit or 64-bit TSS
+FW_PT_BASE = 0x0020_0000       # firmware identity-map page tables (2 MiB of room)
+FW_PT_END = 0x0040_0000
+TSS_STACK_TOP = 0x0008_8000    # ESP0/RSP0 kernel stack, 16 KiB: 0x84000..0x88000
+STACK_TOP = 0x000A_0000        # main's stack, 64 KiB: 0x90000..0xA0000
+PROG_BASE = 0x0040_0000        # programs are assembled for, loaded at and run at this address
+PROG_LIMIT = 0x0100_0000       # program image must end below 16 MiB
+FREE_BASE = 0x0100_0000        # 16 MiB..64 MiB: free for the program
+FREE_END = 0x0400_0000
+MIN_IDENTITY = 64 * MiB        # the firmware identity-maps at least this much (all of RAM, in fact)
+
+SERIAL_PORT = 0x3F8
+EXIT_PORT = 0xF4
+
+SEL_KCODE = 0x08
+SEL_KDATA = 0x10
+SEL_UCODE = 0x18 | 3
+SEL_UDATA = 0x20 | 3
+SEL_TSS = 0x28
+
+# Guest physical addresses above RAM that the Unicorn adapter uses (never guest RAM):
+ALIAS_BASE = 1 << 36           # read-only alias of RAM: writes to tracked page tables trap here
+HOLE_BASE = 1 << 37            # unmapped: a fault parked here reveals the exact byte offset
+
+
+def asm_symbols(mode: str, ram_size: int) -> dict:
+    """The ``.set`` symbols every guest source (firmware and programs) is assembled with."""
+    paging = {"32": 2, "pae": 3, "64": 4}[mode]
+    return {
+        "BITS": 64 if mode == "64" else 32,
+        "PAGING": paging,             # 2 = 2-level 32-bit, 3 = PAE, 4 = 4-level
+        "RAM_SIZE": ram_size,
+        "PROG_BASE": PROG_BASE,
+        "FREE_BASE": FREE_BASE,
+        "FREE_END": FREE_END,
+        "STACK_TOP": STACK_TOP,
+        "TSS_STACK_TOP": TSS_STACK_TOP,
+        "FW_BASE": FW_BASE,
+        "FW_UNHANDLED": FW_UNHANDLED,
+        "FW_GDT": FW_GDT,
+        "FW_IDT": FW_IDT,
+        "FW_TSS": FW_TSS,
+        "FW_PT_BASE": FW_PT_BASE,
+        "FW_PT_END": FW_PT_END,
+        "SERIAL_PORT": SERIAL_PORT,
+        "EXIT_PORT": EXIT_PORT,
+        "SEL_KCODE": SEL_KCODE,
+        "SEL_KDATA": SEL_KDATA,
+        "SEL_UCODE": SEL_UCODE,
+        "SEL_UDATA": SEL_UDATA,
+        "SEL_TSS": SEL_TSS,
+    }
