@@ -1,0 +1,170 @@
+# x86shadow firmware for mode 64 (docs/ARCHITECTURE.md, "Boot contract").
+#
+# Assembled by x86shadow.asm at FW_BASE with the symbols of layout.asm_symbols() plus MAIN.
+# Entered at FW_BASE in Unicorn's initial UC_MODE_64 state: EFER.LME|LMA, CR0 = PE|ET, paging
+# off, 64-bit code (so this file is 64-bit code throughout). It identity-maps all of RAM with
+# 2 MiB pages (4-level paging), turns paging on, builds the GDT/TSS/IDT in FW_DATA, reloads
+# every segment register and calls MAIN at CPL0 with interrupts off.
+
+.set CR0_WP, 0x00010000
+.set CR0_PG, 0x80000000
+.set CR4_PAE, 0x20
+.set MSR_EFER, 0xc0000080
+.set EFER_LME, 0x100
+.set PTE_TABLE, 0x07                  # non-leaf entries: present | writable | user (the leaf decides)
+.set PTE_LARGE, 0x83                  # 2 MiB leaf: present | writable | page size (supervisor)
+.set GDT_ENTRIES, 16
+.set TSS_SIZE, 0x68
+.set FW_N2M, (RAM_SIZE + 0x1fffff) >> 21          # 2 MiB pages to map
+.set FW_NPD, (FW_N2M + 511) >> 9                  # page directories (one per GiB)
+.set FW_PML4, FW_PT_BASE
+.set FW_PDPT, FW_PT_BASE + 0x1000
+.set FW_PD, FW_PT_BASE + 0x2000
+
+.if (2 + FW_NPD) * 0x1000 > FW_PT_END - FW_PT_BASE
+.error "RAM too large for the firmware page-table area"
+.endif
+.if FW_UNHANDLED != FW_BASE + 0x10
+.error "FW_UNHANDLED must be FW_BASE + 0x10"
+.endif
+
+# ---- FW_BASE: a jump to the start, padded with nops to 16 bytes
+fw_entry:
+    .byte 0xe9
+    .long fw_start - fw_entry - 5
+    .fill 11, 1, 0x90
+
+# ---- FW_BASE + 0x10: the target of every firmware IDT gate (the machine reports a crash)
+fw_unhandled:
+    cli
+    hlt
+    jmp fw_unhandled
+
+fw_start:
+    cli
+    cld
+
+    # -- 4-level identity map of all of RAM: PML4 -> PDPT -> FW_NPD page directories
+    mov edi, FW_PT_BASE
+    xor eax, eax
+    mov ecx, (2 + FW_NPD) * 1024
+    rep stosd
+    mov dword ptr [FW_PML4], FW_PDPT | PTE_TABLE
+    mov edi, FW_PDPT
+    mov eax, FW_PD | PTE_TABLE
+    mov ecx, FW_NPD
+fw_pdpt_loop:
+    mov dword ptr [rdi], eax
+    add eax, 0x1000
+    add rdi, 8
+    dec ecx
+    jnz fw_pdpt_loop
+    mov edi, FW_PD
+    mov eax, PTE_LARGE                  # rax: 64-bit entry (RAM may exceed 4 GiB)
+    mov rcx, FW_N2M
+fw_pd_loop:
+    mov qword ptr [rdi], rax
+    add rax, 0x200000
+    add rdi, 8
+    dec rcx
+    jnz fw_pd_loop
+
+    # -- paging on: CR4.PAE, CR3, EFER.LME (kept; NXE untouched), CR0.PG | CR0.WP
+    mov rax, cr4
+    or eax, CR4_PAE
+    mov cr4, rax
+    mov eax, FW_PML4
+    mov cr3, rax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_LME
+    wrmsr
+    mov rax, cr0
+    mov ecx, CR0_PG | CR0_WP
+    or rax, rcx
+    mov cr0, rax
+
+    # -- clear the GDT, IDT and TSS pages (FW_DATA)
+    mov edi, FW_GDT
+    xor eax, eax
+    mov ecx, 0x3000 / 4
+    rep stosd
+
+    # -- GDT: null, kernel code (64-bit), kernel data, user code (64-bit), user data, TSS (16 bytes)
+    mov esi, fw_gdt_template
+    mov edi, FW_GDT
+    mov ecx, FW_GDT_TEMPLATE_DWORDS
+    rep movsd
+
+    # -- TSS: RSP0 for CPL3 -> CPL0 transitions; no I/O bitmap
+    mov dword ptr [FW_TSS + 4], TSS_STACK_TOP
+    mov dword ptr [FW_TSS + 8], 0
+    mov word ptr [FW_TSS + 102], TSS_SIZE
+
+    # -- IDT: 256 present DPL0 64-bit interrupt gates to fw_unhandled (IST 0)
+    mov edi, FW_IDT
+    mov ecx, 256
+fw_idt_loop:
+    mov dword ptr [rdi], (FW_UNHANDLED & 0xffff) | (SEL_KCODE << 16)
+    mov dword ptr [rdi + 4], (FW_UNHANDLED & 0xffff0000) | 0x8e00
+    mov dword ptr [rdi + 8], FW_UNHANDLED >> 32
+    mov dword ptr [rdi + 12], 0
+    add rdi, 16
+    dec ecx
+    jnz fw_idt_loop
+
+    # -- load GDT, reload CS (far return), the data segments, TR and IDTR
+    lgdt [fw_gdtr]
+    push SEL_KCODE
+    push fw_cs_loaded
+    retfq
+fw_cs_loaded:
+    mov eax, SEL_KDATA
+    mov ds, eax
+    mov es, eax
+    mov ss, eax
+    mov fs, eax
+    mov gs, eax
+    mov eax, SEL_TSS
+    ltr ax
+    lidt [fw_idtr]
+
+    # -- main's environment: its stack, clean RFLAGS (IF = DF = 0), clean registers
+    mov rsp, STACK_TOP
+    push 2
+    popfq
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    xor edi, edi
+    xor ebp, ebp
+    call MAIN
+
+    # -- main returned: stop (exit status 0)
+fw_done:
+    cli
+    hlt
+    jmp fw_done
+
+# ---- data kept in the image
+    .balign 8
+fw_gdt_template:
+    .long 0, 0                                  # 0x00 null
+    .long 0x0000ffff, 0x00af9a00                # 0x08 kernel code, 64-bit (L=1)
+    .long 0x0000ffff, 0x00cf9200                # 0x10 kernel data
+    .long 0x0000ffff, 0x00affa00                # 0x18 user code, 64-bit (DPL3)
+    .long 0x0000ffff, 0x00cff200                # 0x20 user data (DPL3)
+    .long ((FW_TSS & 0xffff) << 16) | (TSS_SIZE - 1)              # 0x28 64-bit TSS, 16 bytes
+    .long (FW_TSS & 0xff000000) | 0x8900 | ((FW_TSS >> 16) & 0xff)
+    .long FW_TSS >> 32
+    .long 0
+.set FW_GDT_TEMPLATE_DWORDS, 14
+
+fw_gdtr:
+    .short GDT_ENTRIES * 8 - 1
+    .quad FW_GDT
+fw_idtr:
+    .short 256 * 16 - 1
+    .quad FW_IDT

@@ -1,0 +1,481 @@
+"""The Unicorn adapter: one vCPU whose memory accesses go through the shadow MMU (or, as the
+reference, through Unicorn's own page walker), with the exits of a KVM vCPU run loop.
+
+Shadow mode (``UC_TLB_VIRTUAL``): every softmmu TLB miss calls ``_fill``, the hardware walker over
+our shadow tables (``ShadowMMU.hw_fill``). Guest RAM is mapped twice; a write to a write-protected
+guest page table is pointed at the read-only alias, so the store arrives in ``_write_trap`` with its
+exact address, size and value (no exit from ``emu_start``), where the policy emulates it or
+unprotects the frame and re-executes the instruction. A guest #PF is parked on an unmapped "hole"
+page so that the exact faulting address is known, then injected through the guest IDT.
+
+Native mode (``UC_TLB_CPU``): Unicorn walks the guest tables itself; we only deliver exceptions and
+run the devices. Guest-visible behaviour must be identical in both modes.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+                     UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
+                     UC_MEM_FETCH, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
+                     UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
+                               UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
+                               UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
+                               UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_MSR,
+                               UC_X86_REG_RIP, UC_X86_REG_SS, UC_X86_REG_TR,
+                               UC_X86_REG_EIP, UC_X86_REG_ESP, UC_X86_REG_RSP)
+
+from .. import layout
+from .. import paging as pg
+from ..emulate.decode import decode
+from ..mmu.core import FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, ShadowMMU
+from .cpustate import CpuState
+from .delivery import VEC_GP, VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
+from .privileged import Interceptor
+
+EFER = 0xC0000080
+EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
+CR4_PSE, CR4_PAE, CR4_PGE, CR4_SMEP, CR4_SMAP = 1 << 4, 1 << 5, 1 << 7, 1 << 20, 1 << 21
+
+_ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
+_REG_IDS = {}
+
+
+def _reg_id(name):
+    """Unicorn register id from a capstone register name ('eax', 'r8d', 'cr3' ...)."""
+    rid = _REG_IDS.get(name)
+    if rid is None:
+        import unicorn.x86_const as xc
+        rid = getattr(xc, "UC_X86_REG_" + name.upper())
+        _REG_IDS[name] = rid
+    return rid
+
+
+class StopRun(Exception):
+    pass
+
+
+class VCPU:
+    def __init__(self, mode: str, mem, *, mmu_kind: str = "shadow", counters: dict, trace=None,
+                 policy=None):
+        self.mode = mode
+        self.bits = 64 if mode == "64" else 32
+        self.mem = mem
+        self.shadow = mmu_kind == "shadow"
+        self.counters = counters
+        self.trace = trace
+        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64 if self.bits == 64 else UC_MODE_32)
+        self._h = uc._uch
+        self._rv = ctypes.c_uint64()
+        self._rvp = ctypes.byref(self._rv)
+        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
+        self.mmu = None
+        self.stop = None                 # ("exit", status) / ("crash", GuestCrash) / ("halt",)
+        self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
+        self.retry_page = None           # code page whose translations must be dropped
+        self.serial_out = None           # callable(bytes)
+        if self.shadow:
+            uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+            uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
+            self.mmu = ShadowMMU(mem, counters, trace)
+            self.mmu.policy = policy
+            self.policy = policy
+            uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
+            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
+            self.interceptor = Interceptor(uc, self.bits, self._privileged)
+        else:
+            uc.ctl_set_tlb_mode(UC_TLB_CPU)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native)
+        uc.hook_add(UC_HOOK_INTR, self._intr)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid)
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._sys_insn, None, 1, 0, UC_X86_INS_SYSENTER)
+        if self.bits == 64:
+            uc.hook_add(UC_HOOK_INSN, self._sys_insn, None, 1, 0, UC_X86_INS_SYSCALL)
+        # 32-bit Unicorn warns on RIP/RSP: use the register ids of the CPU's width
+        if self.bits == 64:
+            self.R_IP, self.R_SP = UC_X86_REG_RIP, UC_X86_REG_RSP
+        else:
+            self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
+        self.cpustate = CpuState(uc)
+        self.delivery = Delivery(self)
+
+    # ------------------------------------------------------------------ registers
+    def reg(self, rid) -> int:
+        self._rv.value = 0                  # 16/32-bit registers fill only the low bytes
+        uclib.uc_reg_read(self._h, rid, self._rvp)
+        return self._rv.value
+
+    def rip(self) -> int:
+        return self.reg(self.R_IP)
+
+    def efer(self) -> int:
+        return self.uc.msr_read(EFER)
+
+    def long_mode(self) -> bool:
+        return self.bits == 64 and bool(self.efer() & EFER_LMA)
+
+    def segment_cache(self, name):
+        from .cpustate import _SEG, R_CS, R_SS
+        self.cpustate.snapshot()
+        reg = {"cs": R_CS, "ss": R_SS}[name]
+        off = self.cpustate.off.segs + 24 * reg
+        return _SEG.unpack(ctypes.string_at(self.cpustate.addr + off, 24))
+
+    def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, pdptes=None):
+        cr0 = self.reg(UC_X86_REG_CR0) if cr0 is None else cr0
+        cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
+        cr4 = self.reg(UC_X86_REG_CR4) if cr4 is None else cr4
+        efer = self.efer() if efer is None else efer
+        if pdptes is None:
+            pdptes = ()
+            if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
+                pdptes = self.mmu.ctx.pdptes if self.mmu and self.mmu.ctx.mode == pg.Mode.PAE else ()
+                if not pdptes:
+                    pdptes = pg.load_pdptes(self.mem, cr3)
+        return pg.PagingContext.from_regs(cr0, cr3, cr4, efer, pdptes)
+
+    # ------------------------------------------------------------------ guest virtual memory
+    def _translate(self, va, access):
+        ctx = self.mmu.ctx if self.shadow else self.paging_context()
+        w = pg.walk(self.mem, ctx, va, access)
+        if not w.ok:
+            raise Fault(VEC_PF, w.error_code, va)
+        if not self.mem.contains(w.gpa):
+            raise GuestCrash(f"guest-physical address {w.gpa:#x} is outside RAM")
+        return w.gpa
+
+    def read_virt(self, va, n, user=False) -> bytes:
+        out = b""
+        while n:
+            chunk = min(n, 0x1000 - (va & 0xFFF))
+            gpa = self._translate(va, pg.PFERR_U if user else 0)
+            out += self.mem.read(gpa, chunk)
+            va, n = va + chunk, n - chunk
+        return out
+
+    def write_virt(self, va, data, user=False) -> None:
+        data = bytes(data)
+        # translate every page first so that a fault leaves memory untouched
+        parts, pos = [], 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - ((va + pos) & 0xFFF))
+            parts.append((self._translate(va + pos, pg.PFERR_W | (pg.PFERR_U if user else 0)),
+                          data[pos:pos + chunk]))
+            pos += chunk
+        for gpa, part in parts:
+            self.mem.write(gpa, part)
+            if self.shadow and self.mmu.is_tracked(gpa >> 12):
+                self.mmu.pte_write(gpa, len(part))
+
+    # ------------------------------------------------------------------ TLB
+    def flush_tlb(self):
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.counters["tlb_flush"] += 1
+
+    # ------------------------------------------------------------------ shadow-mode hooks
+    def _fill(self, uc, va, acc, entry, _ud):
+        access = _ACCESS[acc]
+        if self.reg(UC_X86_REG_CS) & 3 == 3:
+            access |= pg.PFERR_U
+        mmu = self.mmu
+        gpa, perms, kind = mmu.hw_fill(va, access)
+        if kind == FILL_GUEST_FAULT and access & pg.PFERR_U and self._system_table_page(va):
+            # implicit supervisor access (GDT/IDT/TSS read) made at CPL3: it lands in QEMU's
+            # kernel TLB, so granting it as supervisor gives user code nothing
+            access &= ~pg.PFERR_U
+            gpa, perms, kind = mmu.hw_fill(va, access)
+        if mmu.need_flush:
+            mmu.need_flush = False
+            self.flush_tlb()
+        if kind == FILL_OK:
+            entry.paddr = gpa
+            entry.perms = perms
+            if acc == UC_MEM_FETCH and self.interceptor.on_exec_fill(va, gpa >> 12, self.mem.read(gpa, 4096)):
+                self.retry_page = va
+                return False
+            return True
+        if kind == FILL_TRACKED:
+            entry.paddr = layout.ALIAS_BASE + gpa
+            entry.perms = perms
+            if acc == UC_MEM_FETCH and self.interceptor.on_exec_fill(va, gpa >> 12, self.mem.read(gpa, 4096)):
+                self.retry_page = va
+                return False
+            return True
+        if kind == FILL_GUEST_FAULT:
+            if mmu.pending_vector != VEC_PF:          # #GP(0): non-canonical address
+                self.pending_fault = (mmu.pending_vector, mmu.pending_error_code, None)
+                return False
+            if acc == UC_MEM_FETCH:
+                rip = self.rip()
+                cr2 = rip if (rip & ~0xFFF) == va else va
+                self.pending_fault = (VEC_PF, mmu.pending_error_code, cr2)
+                return False
+            # park the access on the hole so that _unmapped learns the exact byte address
+            self._hole_va = va
+            self._hole_ec = mmu.pending_error_code
+            entry.paddr = layout.HOLE_BASE
+            entry.perms = UC_PROT_ALL
+            self.pending_fault = (VEC_PF, mmu.pending_error_code, va)
+            return True
+        # FILL_NO_MEMORY: let the access reach the hole and report it
+        self._hole_va = None
+        entry.paddr = layout.HOLE_BASE
+        entry.perms = UC_PROT_ALL
+        self.pending_fault = ("nomem", va, gpa)
+        return True
+
+    def _system_table_page(self, va):
+        for rid in (UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_TR, UC_X86_REG_LDTR):
+            _, base, limit, _ = self.uc.reg_read(rid)
+            if limit and base <= va + 0xFFF and va <= base + limit:
+                return True
+        return False
+
+    def _unmapped(self, uc, acc, addr, size, value, _ud):
+        pf = self.pending_fault
+        if pf is not None and pf[0] == VEC_PF and addr >= layout.HOLE_BASE:
+            self.pending_fault = (VEC_PF, pf[1], pf[2] | (addr & 0xFFF))
+        elif pf is None or pf[0] != "nomem":
+            self.pending_fault = ("nomem", None, addr)
+        return False
+
+    def _unmapped_native(self, uc, acc, addr, size, value, _ud):
+        self.pending_fault = ("nomem", None, addr)
+        return False
+
+    def _write_trap(self, uc, acc, addr, size, value, _ud):
+        """A store to a write-protected guest page table (through the read-only alias)."""
+        gpa = addr - layout.ALIAS_BASE
+        c = self.counters
+        c["exits"] += 1
+        c["wp_faults"] += 1
+        policy = self.policy
+        rip = self.rip()
+        insn = None
+        if policy is not None:
+            insn = self._decode_at(rip)
+            if not policy.emulate_write(self, gpa, size, value, insn, rip):
+                # unprotect and re-execute natively: stop before the store; the run loop flushes
+                # the TLB (dropping the alias mapping) and resumes at the same instruction
+                self.mmu.need_flush = True
+                self.stop = ("reexec",)
+                uc.emu_stop()
+                return True
+        self.mem.write_uint(gpa, size, value)
+        c["insn_emulation"] += 1
+        if self.trace:
+            self.trace("kvm_emulate_insn", rip=rip, gpa=gpa, size=size, value=value,
+                       insn=insn.text if insn else None)
+        self.mmu.pte_write(gpa, size, insn)
+        return True
+
+    def _decode_at(self, rip):
+        try:
+            code = self.read_virt(rip, 15)
+        except (Fault, GuestCrash):
+            try:
+                code = self.read_virt(rip, 0x1000 - (rip & 0xFFF))
+            except (Fault, GuestCrash):
+                return None
+        return decode(code, rip, self.bits)
+
+    # ------------------------------------------------------------------ privileged instructions
+    def _privileged(self, uc, address, size, _ud):
+        insn = self._decode_at(address)
+        if insn is None:
+            return
+        m = insn.mnemonic
+        if m not in ("mov", "invlpg", "wrmsr"):
+            return
+        if self.reg(UC_X86_REG_CS) & 3:
+            return                                    # the CPU raises #GP itself
+        c = self.counters
+        if m == "invlpg":
+            c["exits"] += 1
+            va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
+            self.mmu.invlpg(va)
+            if self.policy is not None:
+                self.policy.on_other_exit(self.mmu)
+            return                                    # QEMU executes it and drops its own entry
+        if m == "wrmsr":
+            if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
+                return
+            c["exits"] += 1
+            new = (self.reg(_reg_id("edx")) & 0xFFFFFFFF) << 32 | (self.reg(_reg_id("eax")) & 0xFFFFFFFF)
+            old = self.efer()
+            if self.reg(UC_X86_REG_CR0) & CR0_PG:
+                new = (new & ~EFER_LMA) | (old & EFER_LMA)
+            self._set_context(efer=new)
+            if (old ^ new) & EFER_NXE:
+                self.mmu.need_flush = True            # QEMU does not flush on an NXE change
+            self._finish_privileged(uc)
+            return
+        dst, src = [s.strip() for s in insn.op_str.split(",")]
+        if not dst.startswith("cr"):
+            return
+        crn = int(dst[2:])
+        if crn not in (0, 3, 4):
+            return
+        c["exits"] += 1
+        value = self.reg(_reg_id(src))
+        if self.bits == 32:
+            value &= 0xFFFFFFFF
+        try:
+            if crn == 0:
+                self._set_context(cr0=value)
+            elif crn == 3:
+                self._set_context(cr3=value)
+            else:
+                self._set_context(cr4=value)
+        except pg.PdpteError:
+            self.delivery.raise_exception(VEC_GP, 0, return_rip=address)
+            self._finish_privileged(uc)
+            return
+        self._finish_privileged(uc)
+
+    def _finish_privileged(self, uc):
+        if self.mmu.need_flush:
+            self.mmu.need_flush = False
+            self.flush_tlb()
+
+    def _read_reg_by_name(self, name):
+        return self.reg(_reg_id(name))
+
+    def _set_context(self, cr0=None, cr3=None, cr4=None, efer=None):
+        cr0 = self.reg(UC_X86_REG_CR0) if cr0 is None else cr0
+        cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
+        cr4 = self.reg(UC_X86_REG_CR4) if cr4 is None else cr4
+        efer = self.efer() if efer is None else efer
+        if cr0 & CR0_PG and efer & EFER_LME:
+            efer |= EFER_LMA
+        pdptes = ()
+        if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
+            pdptes = pg.load_pdptes(self.mem, cr3)          # raises PdpteError -> #GP
+        ctx = pg.PagingContext.from_regs(cr0, cr3, cr4, efer, pdptes)
+        if self.trace:
+            self.trace("kvm_mmu_new_root", mode=ctx.mode.name, cr0=cr0, cr3=cr3, cr4=cr4, efer=efer)
+        self.mmu.set_context(ctx)
+        if self.policy is not None:
+            self.policy.on_other_exit(self.mmu)
+
+    # ------------------------------------------------------------------ events
+    def _intr(self, uc, intno, _ud):
+        """Exceptions and software interrupts Unicorn raised (it never uses the guest IDT)."""
+        try:
+            is_int = self._exception_is_int()
+            if intno == VEC_PF:              # native mode: QEMU's walker raised it
+                ec = self.cpustate.error_code()
+                self.delivery.raise_exception(VEC_PF, ec, cr2=self.reg(UC_X86_REG_CR2))
+            elif is_int:
+                self.delivery.raise_exception(intno, None, soft=True)
+            elif intno in (8, 10, 11, 12, 13, 17):
+                self.delivery.raise_exception(intno, self.cpustate.error_code())
+            else:
+                self.delivery.raise_exception(intno)
+            if self.shadow and self.policy is not None:
+                self.policy.on_other_exit(self.mmu)
+        except GuestCrash as crash:
+            self.stop = ("crash", crash)
+            uc.emu_stop()
+
+    def _exception_is_int(self):
+        self.cpustate.snapshot()
+        return ctypes.c_int32.from_address(self.cpustate.addr + self.cpustate.off.error_code + 4).value != 0
+
+    def _invalid(self, uc, _ud):
+        try:
+            self.delivery.raise_exception(VEC_UD)
+        except GuestCrash as crash:
+            self.stop = ("crash", crash)
+            uc.emu_stop()
+        return True
+
+    def _sys_insn(self, uc, _ud):
+        # syscall/sysenter are not modelled (Unicorn performs no mode switch for them): #UD
+        rip = self.rip()
+        try:
+            self.delivery.raise_exception(VEC_UD, return_rip=rip)
+        except GuestCrash as crash:
+            self.stop = ("crash", crash)
+            uc.emu_stop()
+        uc.reg_write(self.R_IP, self.rip() - 2)     # Unicorn adds the length afterwards
+
+    def _out(self, uc, port, size, value, _ud):
+        c = self.counters
+        c["io_exits"] += 1
+        c["exits"] += 1
+        if port == layout.SERIAL_PORT:
+            if self.serial_out is not None:
+                self.serial_out(bytes([value & 0xFF]))
+        elif port == layout.EXIT_PORT:
+            self.stop = ("exit", ((value & 0xFFFFFFFF) << 1) | 1)
+            uc.emu_stop()
+
+    def _in(self, uc, port, size, _ud):
+        c = self.counters
+        c["io_exits"] += 1
+        c["exits"] += 1
+        if port == layout.SERIAL_PORT + 5:
+            return 0x60                     # line status: transmitter empty
+        return 0xFF if size == 1 else (0xFFFF if size == 2 else 0xFFFFFFFF)
+
+    # ------------------------------------------------------------------ run loop
+    def run(self, entry: int):
+        """Run until the guest exits, halts or crashes. Returns self.stop."""
+        pc = entry
+        uc = self.uc
+        while True:
+            self.stop = None
+            self.pending_fault = None
+            self.retry_page = None
+            try:
+                uc.emu_start(pc, 0)
+                err = None
+            except UcError as e:
+                err = e
+            stop = self.stop
+            if stop is not None and stop[0] in ("exit", "crash"):
+                return stop
+            if self.retry_page is not None:
+                uc.ctl_remove_cache(self.retry_page, self.retry_page + 0x1000)
+                pc = self.rip()
+                continue
+            pf = self.pending_fault
+            if pf is not None:
+                if pf[0] == "nomem":
+                    return ("crash", GuestCrash(
+                        f"access to guest-physical address {pf[2]:#x}, outside RAM"
+                        if pf[1] is None else
+                        f"virtual address {pf[1]:#x} maps guest-physical {pf[2]:#x}, outside RAM",
+                        rip=self.rip()))
+                if self.shadow:
+                    self.flush_tlb()                      # drop the hole mapping
+                try:
+                    self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2])
+                except GuestCrash as crash:
+                    return ("crash", crash)
+                pc = self.rip()
+                continue
+            if err is not None:
+                return ("crash", GuestCrash(f"CPU error: {err}", rip=self.rip()))
+            if stop is not None and stop[0] == "reexec":
+                if self.mmu.need_flush:
+                    self.mmu.need_flush = False
+                    self.flush_tlb()
+                pc = self.rip()
+                continue
+            # emu_start returned by itself: hlt
+            rip = self.rip()
+            self.counters["halt_exits"] += 1
+            self.counters["exits"] += 1
+            if self.reg(UC_X86_REG_EFLAGS) & (1 << 9):
+                return ("crash", GuestCrash("hlt with interrupts enabled: no interrupt source exists, "
+                                            "the guest would wait forever", rip=rip))
+            return ("halt",)

@@ -1,0 +1,109 @@
+"""Invariant checker for the shadow MMU (``--audit``; always on in the tests).
+
+Checks, after an exit:
+* every present leaf spte agrees with its guest pte: same frame, no more rights than the guest gives
+  (U, W, X), writable only if the guest pte is dirty and the frame is not write-protected;
+* every shadowed guest page-table frame is mapped read-only by every spte that maps it (rmap);
+* rmap entries point at present sptes of live pages, and every present leaf spte is in the rmap;
+* parent/child links agree both ways, and root counts match the roots in use.
+"""
+from __future__ import annotations
+
+from .. import paging as pg
+from .pages import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W, PaeRoot
+
+
+class AuditError(AssertionError):
+    pass
+
+
+def audit(mmu) -> None:
+    problems = []
+    p = problems.append
+    mem = mmu.mem
+    # roots in use
+    expected_roots = {}
+    root = mmu.root
+    if isinstance(root, PaeRoot):
+        for i, child in enumerate(root.children):
+            if child is not None:
+                expected_roots[child] = expected_roots.get(child, 0) + 1
+                if (root, i) not in child.parents:
+                    p(f"pae_root[{i}] -> {child} has no back link")
+    elif root is not None and not mmu.root_invalid:
+        expected_roots[root] = 1
+    for (gfn, role), sp in mmu.hash.items():
+        if sp.zapped:
+            p(f"{sp} zapped but still hashed")
+        if sp.gfn != gfn or sp.role != role:
+            p(f"{sp} hashed under the wrong key")
+        if sp.root_count != expected_roots.get(sp, 0):
+            p(f"{sp} root_count {sp.root_count} but used as a root {expected_roots.get(sp, 0)} times")
+        for parent, idx in sp.parents:
+            if parent.children[idx] is not sp:
+                p(f"{sp} lists parent {parent}[{idx}] which does not point to it")
+        if sp.role.level > 1:
+            for idx, child in enumerate(sp.children):
+                spte = sp.spt[idx]
+                if child is None:
+                    if spte & SPTE_P:
+                        p(f"{sp}[{idx}] present non-leaf spte without a child")
+                    continue
+                if child.zapped:
+                    p(f"{sp}[{idx}] points to zapped {child}")
+                if (spte & SPTE_FRAME) >> 12 != child.id or not spte & SPTE_P:
+                    p(f"{sp}[{idx}] spte {spte:#x} does not encode child {child}")
+                if (sp, idx) not in child.parents:
+                    p(f"{child} misses parent link {sp}[{idx}]")
+            continue
+        gsize = sp.role.gpte_size
+        for idx, spte in enumerate(sp.spt):
+            if not spte & SPTE_P:
+                continue
+            gfn_mapped = (spte & SPTE_FRAME) >> 12
+            if (sp, idx) not in mmu.rmap.get(gfn_mapped, ()):
+                p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but is not in its rmap")
+            if spte & SPTE_W and mmu.is_tracked(gfn_mapped):
+                p(f"{sp}[{idx}] maps shadowed page table gfn {gfn_mapped:#x} writable")
+            acc = sp.role.access
+            if spte & SPTE_U and not acc & pg.ACC_U:
+                p(f"{sp}[{idx}] user spte under a supervisor-only path")
+            if spte & SPTE_W and not acc & pg.ACC_W and sp.role.cr0_wp:
+                p(f"{sp}[{idx}] writable spte under a read-only path")
+            if not spte & SPTE_NX and not acc & pg.ACC_X:
+                p(f"{sp}[{idx}] executable spte under an NX path")
+            if sp.role.direct:
+                if gfn_mapped != sp.gfn + idx:
+                    p(f"{sp}[{idx}] direct spte maps gfn {gfn_mapped:#x}, expected {sp.gfn + idx:#x}")
+                continue
+            gi = idx + (sp.role.quadrant << 9 if gsize == 4 else 0)
+            gpa = (sp.gfn << 12) + gi * gsize
+            gpte = mem.read32(gpa) if gsize == 4 else mem.read64(gpa)
+            if not gpte & pg.PTE_P:
+                p(f"{sp}[{idx}] present but guest pte {gpte:#x} at {gpa:#x} is not")
+                continue
+            gframe = (gpte & (0xFFFFF000 if gsize == 4 else 0x000FFFFFFFFFF000)) >> 12
+            if gframe != gfn_mapped:
+                p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but guest pte {gpte:#x} maps {gframe:#x}")
+            if spte & SPTE_U and not gpte & pg.PTE_U:
+                p(f"{sp}[{idx}] user spte for supervisor guest pte {gpte:#x}")
+            if spte & SPTE_W:
+                if not gpte & pg.PTE_D:
+                    p(f"{sp}[{idx}] writable spte for clean guest pte {gpte:#x}")
+                if not gpte & pg.PTE_W and (sp.role.cr0_wp or spte & SPTE_U):
+                    p(f"{sp}[{idx}] writable spte for read-only guest pte {gpte:#x}")
+            if not spte & SPTE_NX and gsize == 8 and sp.role.nxe and gpte & pg.PTE_NX:
+                p(f"{sp}[{idx}] executable spte for NX guest pte {gpte:#x}")
+    for gfn, entries in mmu.rmap.items():
+        for sp, idx in entries:
+            if sp.zapped:
+                p(f"rmap[{gfn:#x}] holds zapped {sp}")
+            elif (sp.spt[idx] & SPTE_FRAME) >> 12 != gfn or not sp.spt[idx] & SPTE_P:
+                p(f"rmap[{gfn:#x}] holds {sp}[{idx}] = {sp.spt[idx]:#x}")
+    for gfn, n in mmu.shadowed.items():
+        live = [sp for sp in mmu.sps_by_gfn.get(gfn, ()) if not sp.zapped]
+        if len(live) != n:
+            p(f"gfn {gfn:#x}: shadowed count {n} but {len(live)} live shadow pages")
+    if problems:
+        raise AuditError("shadow MMU audit failed:\n  " + "\n  ".join(problems[:20]) +
+                         (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))

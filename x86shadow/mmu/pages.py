@@ -1,0 +1,78 @@
+"""Shadow pages and their role, shaped like KVM's ``struct kvm_mmu_page`` / ``union kvm_mmu_page_role``.
+
+Shadow page tables always use the 64-bit (8-byte) entry format with 512 entries, whatever the guest
+uses; a 2-level guest table (1024 4-byte entries) is therefore shadowed by two (page table) or four
+(page directory) shadow pages, told apart by ``role.quadrant`` — as in KVM.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# spte bits (x86 64-bit format; the frame field of a non-leaf spte holds the child's id)
+SPTE_P = 1 << 0
+SPTE_W = 1 << 1
+SPTE_U = 1 << 2
+SPTE_A = 1 << 5
+SPTE_D = 1 << 6
+SPTE_NX = 1 << 63
+SPTE_FRAME = 0x000F_FFFF_FFFF_F000
+SPTE_NONLEAF = SPTE_P | SPTE_W | SPTE_U | SPTE_A   # non-leaf sptes are fully permissive (KVM)
+
+ENTRIES = 512
+
+
+class Role(NamedTuple):
+    """The part of a shadow page's identity besides its gfn (KVM's kvm_mmu_page_role)."""
+    level: int          # 1 = page table .. 4 = PML4
+    direct: bool        # maps a guest large page (or guest-physical memory), not a guest table
+    access: int         # ACC_* rights granted by the guest entries above this table
+    gpte_size: int      # 4 (2-level guest) or 8 (PAE / 4-level guest)
+    quadrant: int       # which part of a 2-level guest table this page shadows
+    cr0_wp: bool
+    smep: bool
+    nxe: bool
+
+
+class ShadowPage:
+    """One shadow page table: 512 sptes, children for non-leaf entries, parent back links."""
+
+    __slots__ = ("id", "gfn", "role", "spt", "children", "parents", "root_count",
+                 "write_flooding_count", "unsync", "zapped")
+
+    def __init__(self, sp_id: int, gfn: int, role: Role):
+        self.id = sp_id
+        self.gfn = gfn
+        self.role = role
+        self.spt = [0] * ENTRIES
+        self.children = [None] * ENTRIES if role.level > 1 else None
+        self.parents: set = set()          # {(parent ShadowPage or PaeRoot, index)}
+        self.root_count = 0
+        self.write_flooding_count = 0      # for the modern-KVM flood rule (DESIGN.md 3)
+        self.unsync = False                # room for out-of-sync pages (DESIGN.md 5)
+        self.zapped = False
+
+    def __repr__(self):
+        r = self.role
+        return (f"<sp#{self.id} gfn={self.gfn:#x} L{r.level}{' direct' if r.direct else ''}"
+                f" q{r.quadrant} acc={r.access}>")
+
+
+class PaeRoot:
+    """The 4-entry top level used to shadow 2-level and PAE guests (KVM's ``mmu->pae_root``).
+
+    It is not a shadow page (there is no guest table behind it for a 2-level guest, and a PAE
+    guest's PDPT is not a page), so it lives outside the hash.
+    """
+
+    __slots__ = ("spt", "children", "id", "gfn", "role")
+    is_pae_root = True
+
+    def __init__(self):
+        self.spt = [0] * 4
+        self.children = [None] * 4
+        self.id = -1
+        self.gfn = None
+        self.role = None
+
+    def __repr__(self):
+        return "<pae_root>"
