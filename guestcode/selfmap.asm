@@ -24,6 +24,8 @@
 .set WIN3, 0x41000000                  # mode 32 / PAE: the chain built in step 4 (a PDE with no PT)
 .set WIN3_64, 0x0000010000000000       # 64: PML4 index 2
 .set SELF, 5                           # PT_W[SELF] maps PT_W itself (step 5)
+.set SELF_OFF, PTE_SIZE * SELF
+.set PTE2_OFF, PTE_SIZE * 2             # (keystone drops "* n" after a symbol inside [])
 .set JUNK, 0xdead0000                  # prefill of new tables (P = 0 in every entry)
 .set AD_MASK, 0xffffff9f               # ~(A | D)
 
@@ -142,7 +144,6 @@ junk_frame:
 .endif
     call pt_alloc
     mov edi, eax
-    push_junk:
     mov ecx, PAGE / 4
 .if BITS == 64
     push rax
@@ -314,7 +315,6 @@ mk_rec:
     # ---- 1: entries read through the window equal the tables
     mov esi, WIN
     mov edx, 2
-    call rec_read
     mov eax, dword ptr [v_root]
     mov edi, eax
     xor ecx, ecx
@@ -336,7 +336,7 @@ mk_rec:
     or eax, PTE_P | PTE_W
     CHECK_EQ ecx, eax, 3, "step 1: pte read through the window differs"
     mov eax, dword ptr [v_pt_w]
-    mov eax, dword ptr [eax + PTE_SIZE * 2]
+    mov eax, dword ptr [eax + PTE2_OFF]
     and eax, PTE_A
     CHECK_EQ eax, PTE_A, 4, "step 1: accessed bit not set in the pte (seen through identity)"
 
@@ -385,7 +385,6 @@ chain:
     call rec_invlpg                    # the window page through which the new table is now seen
     call zero_through_window
     mov eax, ebx
-    push_level:
     lea ebx, [ebp + 8]                 # fail code 9..12 = 8 + level
     call check_zero
     dec ebp
@@ -430,7 +429,7 @@ chain:
     call rec_write
     invlpg [esi]
     # pte 2 seen through the self-map
-    mov eax, dword ptr [esi + PTE_SIZE * 2]
+    mov eax, dword ptr [esi + PTE2_OFF]
     and eax, AD_MASK
     mov ecx, dword ptr [v_frame]
     or ecx, PTE_P | PTE_W
@@ -449,12 +448,12 @@ chain:
     # the self-map pte re-points itself (written through itself)
     mov ecx, dword ptr [v_frame + 40]
     or ecx, PTE_P | PTE_W
-    mov dword ptr [esi + PTE_SIZE * SELF], ecx
+    mov dword ptr [esi + SELF_OFF], ecx
     invlpg [esi]
     mov eax, dword ptr [esi]
     CHECK_EQ eax, 0x4d000005, 19, "step 5: self-map pte re-pointed through itself not used"
     mov eax, dword ptr [v_pt_w]
-    mov eax, dword ptr [eax + PTE_SIZE * SELF]
+    mov eax, dword ptr [eax + SELF_OFF]
     and eax, AD_MASK
     CHECK_EQ eax, ecx, 20, "step 5: self-map pte value in the PT"
     # and the pages mapped before still work

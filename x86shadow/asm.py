@@ -432,6 +432,15 @@ class _Pre:
 
     def _statement(self, s: str, line: _Line, st: _Stmt, basedir: str) -> str:
         self._check_numbers(s, line)
+        bare = re.sub(r'"(?:\\.|[^"\\])*"|' + r"'(?:\\.|[^'\\])'", "", s)
+        for o, c in ("[]", "()"):           # keystone reads 'mov eax, [' as 'mov eax, [0]'
+            depth = 0
+            for ch in bare:
+                depth += (ch == o) - (ch == c)
+                if depth < 0:
+                    break
+            if depth:
+                raise self._err(f"unbalanced '{o}{c}' in '{s}'", line)
         labels = []
         while True:
             if re.match(r"\s*\d+\s*:", s):
@@ -447,6 +456,15 @@ class _Pre:
             labels.append(name + ":")
             line.defines.add(name)
             s = s[m.end():].strip()
+        if s:
+            # keystone hangs on statements that start with punctuation or have empty operands
+            in_macro = any(k == "macro" for k, _ in self.stack)
+            if not re.match(r"[A-Za-z_.]" + (r"|\\" if in_macro else ""), s):
+                raise self._err(f"expected an instruction or directive: '{s}'", line)
+            rest = s.split(None, 1)[1] if len(s.split(None, 1)) > 1 else ""
+            if rest and not rest.lstrip().startswith("=") and \
+                    any(not o for o in _split_operands(rest)):
+                raise self._err(f"empty operand in '{s}'", line)
         body = self._body(s, line, st, basedir) if s else ""
         return " ".join(labels + ([body] if body else []))
 

@@ -293,7 +293,8 @@ class Walk:
     """
 
     __slots__ = ("ok", "error_code", "vector", "va", "gpa", "level", "page_size", "writable", "user",
-                 "nx", "pte_access", "pt_access", "dirty", "table_gfn", "pte_gpa", "ptes", "root_level")
+                 "nx", "pte_access", "pt_access", "dirty", "set_dirty", "table_gfn", "pte_gpa", "ptes",
+                 "root_level")
 
     def __init__(self):
         self.ok = False
@@ -309,6 +310,7 @@ class Walk:
         self.pte_access = 0
         self.pt_access = 0
         self.dirty = False
+        self.set_dirty = False      # this walk set the leaf's D bit (a pte write by the "hardware")
         self.table_gfn = None
         self.pte_gpa = None
         self.ptes = None
@@ -440,6 +442,7 @@ def _walk_legacy(mem, ctx, va, access, set_ad):
         return _fault(w, level, err | PFERR_P, rights, 0, pt_rights, 0)
     if not pte & PTE_A or (is_write and not pte & PTE_D):
         if set_ad:
+            w.set_dirty = is_write and not pte & PTE_D
             pte |= PTE_A | PTE_D if is_write else PTE_A
             ptes[level] = pte
             _store32(mem, addr_leaf, pte)
@@ -582,6 +585,7 @@ def _walk64(mem, ctx, va, access, set_ad):
         return _fault(w, level, err | PFERR_P, rights, nx, pt_rights, pt_nx)
     if not e & PTE_A or (is_write and not e & PTE_D):
         if set_ad:
+            w.set_dirty = is_write and not e & PTE_D
             e |= PTE_A | PTE_D if is_write else PTE_A
             ptes[level] = e
             _store32(mem, addr, e)

@@ -31,6 +31,7 @@ from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL
 from .. import layout
 from .. import paging as pg
 from ..emulate.decode import decode
+from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
 from ..mmu.core import FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, ShadowMMU
 from .cpustate import CpuState
 from .delivery import VEC_GP, VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
@@ -41,6 +42,13 @@ EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE, CR4_PGE, CR4_SMEP, CR4_SMAP = 1 << 4, 1 << 5, 1 << 7, 1 << 20, 1 << 21
 
+_CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall sysenter sysret "
+                     "sysexit hlt loop loope loopne jecxz jrcxz ljmp lcall".split()) | frozenset(
+    "jo jno jb jae je jne jbe ja js jns jp jnp jl jge jle jg".split())
+# instruction classes whose stores TCG emits inline: refusing the store leaves no trace, so the
+# instruction can be re-executed natively
+_RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add adc sub sbb inc dec "
+                         "neg not xadd push setcc shl shr sar rol ror rcl rcr shld shrd".split())
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
 
@@ -77,18 +85,20 @@ class VCPU:
         self.stop = None                 # ("exit", status) / ("crash", GuestCrash) / ("halt",)
         self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
         self.retry_page = None           # code page whose translations must be dropped
+        self.last_reexec = None          # (rip, gpa) of the last unprotect-and-re-execute
         self.serial_out = None           # callable(bytes)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
             self.mmu = ShadowMMU(mem, counters, trace)
-            self.mmu.policy = policy
-            self.policy = policy
+            self.policy = policy if policy is not None else make_policy("kvm")
+            self.mmu.policy = self.policy
             uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
             uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
         else:
+            self.policy = None
             uc.ctl_set_tlb_mode(UC_TLB_CPU)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native)
         uc.hook_add(UC_HOOK_INTR, self._intr)
@@ -128,17 +138,20 @@ class VCPU:
         off = self.cpustate.off.segs + 24 * reg
         return _SEG.unpack(ctypes.string_at(self.cpustate.addr + off, 24))
 
-    def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, pdptes=None):
+    def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, cache_pdptes=False):
+        """The guest paging context from the registers, with any of them replaced by a new value.
+        ``cache_pdptes``: load the PAE PDPTEs now, as a CR3 load does (the shadow MMU's roots are
+        built from them); otherwise the walker reads them from memory, as Unicorn's walker does."""
         cr0 = self.reg(UC_X86_REG_CR0) if cr0 is None else cr0
         cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
         cr4 = self.reg(UC_X86_REG_CR4) if cr4 is None else cr4
         efer = self.efer() if efer is None else efer
-        if pdptes is None:
-            pdptes = ()
-            if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
-                pdptes = self.mmu.ctx.pdptes if self.mmu and self.mmu.ctx.mode == pg.Mode.PAE else ()
-                if not pdptes:
-                    pdptes = pg.load_pdptes(self.mem, cr3)
+        if cr0 & CR0_PG and efer & EFER_LME:
+            efer |= EFER_LMA
+        pdptes = ()
+        if cache_pdptes and cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
+            # Unicorn never #GPs on reserved PDPTE bits (the walk #PFs with RSVD): match it
+            pdptes = pg.load_pdptes(self.mem, cr3, strict=False)
         return pg.PagingContext.from_regs(cr0, cr3, cr4, efer, pdptes)
 
     # ------------------------------------------------------------------ guest virtual memory
@@ -251,30 +264,84 @@ class VCPU:
         return False
 
     def _write_trap(self, uc, acc, addr, size, value, _ud):
-        """A store to a write-protected guest page table (through the read-only alias)."""
+        """A store to a write-protected guest page table (through the read-only alias): the
+        write-protection fault of a shadow-paging hypervisor. The policy decides."""
         gpa = addr - layout.ALIAS_BASE
+        mmu = self.mmu
         c = self.counters
-        c["exits"] += 1
-        c["wp_faults"] += 1
-        policy = self.policy
+        if (gpa & 0xFFF) + size > 0x1000:
+            # a store crossing into the next page: QEMU announces it whole, then repeats it byte
+            # by byte for this page (measured); the bytes are what we handle
+            return True
+        gfn = gpa >> 12
+        if not mmu.is_tracked(gfn):
+            # a stale alias mapping (the frame was unshadowed since): complete the store
+            self.mem.write_uint(gpa, size, value)
+            return True
         rip = self.rip()
-        insn = None
-        if policy is not None:
-            insn = self._decode_at(rip)
-            if not policy.emulate_write(self, gpa, size, value, insn, rip):
-                # unprotect and re-execute natively: stop before the store; the run loop flushes
-                # the TLB (dropping the alias mapping) and resumes at the same instruction
-                self.mmu.need_flush = True
-                self.stop = ("reexec",)
-                uc.emu_stop()
-                return True
-        self.mem.write_uint(gpa, size, value)
-        c["insn_emulation"] += 1
+        insn = self._decode_at(rip)
+        if not mmu.is_shadowed(gfn):
+            verdict = Verdict(EMULATE, "emulate: write to the PAE PDPT in use")
+        else:
+            verdict = self.policy.classify(self, gpa, size, value, insn, self.reg(UC_X86_REG_CS) & 3)
+        if verdict.action in (UNPROTECT, FAIL) and self.last_reexec == (rip, gpa):
+            # re-executing natively faulted again on the same address: the instruction's own
+            # translation re-shadows the frame (a page table that maps itself). Emulate it.
+            verdict = Verdict(EMULATE, "emulate: re-execution trapped again at the same RIP and "
+                                       "address (loop breaker)")
+        self.last_reexec = None
+        action = verdict.action
+        if action == AHEAD:
+            c["emulate_ahead"] += verdict.ahead
+        else:
+            c["exits"] += 1
+            c["wp_faults"] += 1
+            c["pf_emulate"] += 1
         if self.trace:
-            self.trace("kvm_emulate_insn", rip=rip, gpa=gpa, size=size, value=value,
-                       insn=insn.text if insn else None)
-        self.mmu.pte_write(gpa, size, insn)
+            self.trace("kvm_mmu_write_protect_fault", rip=rip, gpa=gpa, size=size, value=value,
+                       insn=insn.text if insn else None, decision=verdict.reason)
+        if action in (UNPROTECT, FAIL):
+            if action == FAIL:
+                c["insn_emulation_fail"] += 1
+            mmu.unprotect(gfn, reason=verdict.reason)
+            if insn is None or insn.kvm_class not in _RESTARTABLE:
+                # Stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls ...)
+                # cannot be refused cleanly: the helper's register updates survive (measured).
+                # The frame is unshadowed all the same; the store completes here, which leaves
+                # exactly the state a native re-execution would.
+                self.mem.write_uint(gpa, size, value)
+                mmu.need_flush = True
+                return True
+            # refuse the store: Unicorn stops with the instruction not done (measured: memory and
+            # registers untouched, RIP on it; an emu_stop() here would let the store through and
+            # then re-execute the instruction). The run loop flushes the TLB, dropping the alias
+            # mapping, and the guest re-executes the instruction natively.
+            # Unicorn leaves a stale RIP when the refused store came from a helper
+            # (cmpxchg8b: measured), so resume at the RIP read here, on the instruction.
+            mmu.need_flush = True
+            self.stop = ("reexec", rip)
+            self.last_reexec = (rip, gpa)
+            return False
+        self.mem.write_uint(gpa, size, value)
+        if action == EMULATE:
+            c["insn_emulation"] += 1
+        mmu.pte_write(gpa, size, insn)
+        self.policy.after_emulate(self, gpa, size, value, insn, rip, ahead=(action == AHEAD))
         return True
+
+    def next_instructions(self, insn, n):
+        """Addresses of up to n instructions after insn in program order (fall-through; a control
+        transfer is the last one taken)."""
+        out = []
+        d = insn
+        for _ in range(n):
+            if d is None or d.mnemonic.split()[-1] in _CONTROL:
+                break
+            d = self._decode_at(d.address + d.size)
+            if d is None:
+                break
+            out.append(d.address)
+        return out
 
     def _decode_at(self, rip):
         try:
@@ -301,8 +368,7 @@ class VCPU:
             c["exits"] += 1
             va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
             self.mmu.invlpg(va)
-            if self.policy is not None:
-                self.policy.on_other_exit(self.mmu)
+            self.policy.on_other_exit(self.mmu)
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":
             if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
@@ -327,17 +393,12 @@ class VCPU:
         value = self.reg(_reg_id(src))
         if self.bits == 32:
             value &= 0xFFFFFFFF
-        try:
-            if crn == 0:
-                self._set_context(cr0=value)
-            elif crn == 3:
-                self._set_context(cr3=value)
-            else:
-                self._set_context(cr4=value)
-        except pg.PdpteError:
-            self.delivery.raise_exception(VEC_GP, 0, return_rip=address)
-            self._finish_privileged(uc)
-            return
+        if crn == 0:
+            self._set_context(cr0=value)
+        elif crn == 3:
+            self._set_context(cr3=value)
+        else:
+            self._set_context(cr4=value)
         self._finish_privileged(uc)
 
     def _finish_privileged(self, uc):
@@ -348,22 +409,13 @@ class VCPU:
     def _read_reg_by_name(self, name):
         return self.reg(_reg_id(name))
 
-    def _set_context(self, cr0=None, cr3=None, cr4=None, efer=None):
-        cr0 = self.reg(UC_X86_REG_CR0) if cr0 is None else cr0
-        cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
-        cr4 = self.reg(UC_X86_REG_CR4) if cr4 is None else cr4
-        efer = self.efer() if efer is None else efer
-        if cr0 & CR0_PG and efer & EFER_LME:
-            efer |= EFER_LMA
-        pdptes = ()
-        if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
-            pdptes = pg.load_pdptes(self.mem, cr3)          # raises PdpteError -> #GP
-        ctx = pg.PagingContext.from_regs(cr0, cr3, cr4, efer, pdptes)
+    def _set_context(self, **regs):
+        ctx = self.paging_context(cache_pdptes=True, **regs)
         if self.trace:
-            self.trace("kvm_mmu_new_root", mode=ctx.mode.name, cr0=cr0, cr3=cr3, cr4=cr4, efer=efer)
+            self.trace("kvm_mmu_new_root", mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,
+                       smep=ctx.smep)
         self.mmu.set_context(ctx)
-        if self.policy is not None:
-            self.policy.on_other_exit(self.mmu)
+        self.policy.on_other_exit(self.mmu)
 
     # ------------------------------------------------------------------ events
     def _intr(self, uc, intno, _ud):
@@ -379,7 +431,7 @@ class VCPU:
                 self.delivery.raise_exception(intno, self.cpustate.error_code())
             else:
                 self.delivery.raise_exception(intno)
-            if self.shadow and self.policy is not None:
+            if self.shadow:
                 self.policy.on_other_exit(self.mmu)
         except GuestCrash as crash:
             self.stop = ("crash", crash)
@@ -411,6 +463,8 @@ class VCPU:
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
+        if self.shadow:
+            self.policy.on_other_exit(self.mmu)
         if port == layout.SERIAL_PORT:
             if self.serial_out is not None:
                 self.serial_out(bytes([value & 0xFF]))
@@ -422,6 +476,8 @@ class VCPU:
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
+        if self.shadow:
+            self.policy.on_other_exit(self.mmu)
         if port == layout.SERIAL_PORT + 5:
             return 0x60                     # line status: transmitter empty
         return 0xFF if size == 1 else (0xFFFF if size == 2 else 0xFFFFFFFF)
@@ -463,14 +519,15 @@ class VCPU:
                     return ("crash", crash)
                 pc = self.rip()
                 continue
-            if err is not None:
-                return ("crash", GuestCrash(f"CPU error: {err}", rip=self.rip()))
             if stop is not None and stop[0] == "reexec":
                 if self.mmu.need_flush:
                     self.mmu.need_flush = False
                     self.flush_tlb()
-                pc = self.rip()
+                pc = stop[1]
+                uc.reg_write(self.R_IP, pc)
                 continue
+            if err is not None:
+                return ("crash", GuestCrash(f"CPU error: {err}", rip=self.rip()))
             # emu_start returned by itself: hlt
             rip = self.rip()
             self.counters["halt_exits"] += 1

@@ -64,7 +64,7 @@ def audit(mmu) -> None:
             if (sp, idx) not in mmu.rmap.get(gfn_mapped, ()):
                 p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but is not in its rmap")
             if spte & SPTE_W and mmu.is_tracked(gfn_mapped):
-                p(f"{sp}[{idx}] maps shadowed page table gfn {gfn_mapped:#x} writable")
+                p(f"{sp}[{idx}] maps write-tracked gfn {gfn_mapped:#x} (page table or PDPT) writable")
             acc = sp.role.access
             if spte & SPTE_U and not acc & pg.ACC_U:
                 p(f"{sp}[{idx}] user spte under a supervisor-only path")

@@ -74,6 +74,7 @@ class ShadowMMU:
         self.sps_by_gfn = defaultdict(set)       # gfn -> {ShadowPage} (non-direct only)
         self.rmap = defaultdict(set)             # gfn -> {(ShadowPage, index)} leaf sptes mapping gfn
         self.root = None                         # ShadowPage (4-level) / PaeRoot / None (paging off)
+        self.pdpt_gfn = None                     # PAE: frame of the PDPT in use (write-tracked)
         self.root_level = 0
         self.root_invalid = False
         self.need_flush = False                  # the CPU's TLB must be flushed before the guest runs
@@ -90,6 +91,9 @@ class ShadowMMU:
         """New CR0/CR3/CR4/EFER state: drop the old root, load (or reuse) the new one."""
         self._free_root()
         self.ctx = ctx
+        self.pdpt_gfn = (ctx.cr3 & 0xFFFFFFE0) >> 12 if ctx.mode == pg.Mode.PAE else None
+        if self.pdpt_gfn is not None:
+            self.write_protect(self.pdpt_gfn)
         self._alloc_root()
         self.need_flush = True
         if self.after_exit is not None:
@@ -146,14 +150,11 @@ class ShadowMMU:
         self.root = None
 
     def _refresh_pdptes(self) -> bool:
-        """A PAE walk stopped at a not-present PDPTE. Real CPUs (and KVM) use the PDPTEs cached at
-        the last CR3 load, but Unicorn's own walker -- our guest-visible reference, --mmu native --
-        re-reads them from memory. To give the same guest-visible result we re-read them here and,
-        if the guest has changed them since, reload the root as a CR3 load would."""
-        try:
-            fresh = pg.load_pdptes(self.mem, self.ctx.cr3)
-        except pg.PdpteError:
-            return False
+        """The guest wrote its PDPT. Real CPUs (and KVM) keep using the PDPTEs cached at the last
+        CR3 load, but Unicorn's own walker -- our guest-visible reference, --mmu native -- reads
+        them from memory at every TLB miss. To give the same guest-visible result the PDPT frame
+        is write-tracked while it is in use, and a change reloads the root as a CR3 load would."""
+        fresh = pg.load_pdptes(self.mem, self.ctx.cr3, strict=False)
         if fresh == tuple(self.ctx.pdptes):
             return False
         self._free_root()
@@ -219,7 +220,11 @@ class ShadowMMU:
             self.need_flush = True
 
     def is_tracked(self, gfn) -> bool:
-        return self.shadowed.get(gfn, 0) > 0
+        """Writes to gfn must be trapped: it is a shadowed guest page table (or the PDPT)."""
+        return gfn in self.shadowed or gfn == self.pdpt_gfn
+
+    def is_shadowed(self, gfn) -> bool:
+        return gfn in self.shadowed
 
     def zap_page(self, sp: ShadowPage, reason: str = "") -> None:
         """kvm_mmu_zap_page: unlink children and parents, drop from the hash."""
@@ -257,6 +262,8 @@ class ShadowMMU:
             if not self.shadowed[sp.gfn]:
                 del self.shadowed[sp.gfn]
         sp.zapped = True
+        if self.policy is not None:
+            self.policy.on_zap(self, sp)
         if sp.root_count:
             self.root_invalid = True
         self.need_flush = True
@@ -316,7 +323,7 @@ class ShadowMMU:
         if writable and not dirty:
             writable = False                      # dirty tracking: read-only until the first write
         emulate = False
-        if writable and self.shadowed.get(gfn):
+        if writable and (gfn in self.shadowed or gfn == self.pdpt_gfn):
             writable = False
             emulate = write_fault
         if writable:
@@ -335,6 +342,8 @@ class ShadowMMU:
         else:
             self.rmap[gfn].add((sp, idx))
         sp.spt[idx] = spte
+        if self.policy is not None:
+            self.policy.on_spte_installed(self, sp, idx, gfn, speculative, emulate)
         return emulate
 
     # ------------------------------------------------------------------ the "hardware" walk
@@ -412,46 +421,48 @@ class ShadowMMU:
 
     # ------------------------------------------------------------------ the shadow page fault
     def page_fault(self, va: int, access: int) -> int:
-        """FNAME(page_fault): walk the guest tables; inject, or build the shadow mapping."""
-        self.c["exits"] += 1
-        w = pg.walk(self.mem, self.ctx, va, access)
-        if not w.ok and self.ctx.mode == pg.Mode.PAE and w.level == 3 and self._refresh_pdptes():
-            w = pg.walk(self.mem, self.ctx, va, access)
-        if not w.ok:
-            self.c["pf_guest"] += 1
-            self.pending_error_code = w.error_code
-            self.pending_vector = w.vector
-            if self.trace:
-                self.trace("kvm_page_fault", address=va, error_code=access, result="inject #PF",
-                           guest_error_code=w.error_code)
-            if self.policy is not None:
-                self.policy.on_guest_fault(self)
-            return FILL_GUEST_FAULT
-        if (w.gpa >> 12) >= self.ram_frames:
-            return FILL_NO_MEMORY
-        if self.policy is not None:
-            self.policy.on_other_fault(self, w)
+        """FNAME(page_fault): walk the guest tables; inject, or build the shadow mapping.
+
+        A fault that ends in FILL_TRACKED (a write to a write-protected guest page table) is not
+        counted here: the trapped store that follows is the exit (DESIGN.md 2.3 wp_faults)."""
+        policy = self.policy
         for _ in range(3):
-            r = self._fetch(va, w, access)
-            if r is not None:
-                break
-            # a guest pte changed while we write-protected its table (FNAME(fetch) returns NULL):
-            # walk again
             w = pg.walk(self.mem, self.ctx, va, access)
+            if w.ok and w.set_dirty and policy is not None and policy.walker_dirty_is_pte_write:
+                pte_gpa = w.pte_gpa[w.level]
+                if pte_gpa >> 12 in self.shadowed:
+                    # 2.6.25's walker sets D with a cmpxchg and calls kvm_mmu_pte_write itself
+                    self.pte_write(pte_gpa, 4 if self.ctx.mode == pg.Mode.LEGACY else 8)
             if not w.ok:
+                self.c["exits"] += 1
                 self.c["pf_guest"] += 1
                 self.pending_error_code = w.error_code
                 self.pending_vector = w.vector
+                if self.trace:
+                    self.trace("kvm_page_fault", address=va, error_code=access, result="inject",
+                               guest_error_code=w.error_code, vector=w.vector)
+                if policy is not None:
+                    policy.on_guest_fault(self)
                 return FILL_GUEST_FAULT
+            if (w.gpa >> 12) >= self.ram_frames:
+                return FILL_NO_MEMORY
+            r = self._fetch(va, w, access)
+            if r is not None:
+                break
+            # a guest pte changed while we write-protected its table (FNAME(fetch) returned NULL)
         else:
             raise MMUError(f"guest page tables keep changing under the fault at {va:#x}")
         if r == FILL_TRACKED:
-            self.c["pf_emulate"] += 1
-        else:
-            self.c["pf_fixed"] += 1
+            if self.trace:
+                self.trace("kvm_page_fault", address=va, error_code=access, result="write-protected",
+                           gpa=w.gpa)
+            return r
+        self.c["exits"] += 1
+        self.c["pf_fixed"] += 1
+        if policy is not None:
+            policy.on_fault_fixed(self)
         if self.trace:
-            self.trace("kvm_page_fault", address=va, error_code=access,
-                       result="emulate" if r == FILL_TRACKED else "fixed", gpa=w.gpa)
+            self.trace("kvm_page_fault", address=va, error_code=access, result="fixed", gpa=w.gpa)
         if self.after_exit is not None:
             self.after_exit()
         return r
@@ -471,6 +482,7 @@ class ShadowMMU:
                 raise MMUError(f"no shadow for PDPTE {i} although the guest walk succeeded")
             level = 2
         while True:
+            node.write_flooding_count = 0     # modern KVM: a guest fault walked through this page
             idx = (va >> (12 + 9 * (level - 1))) & 511
             if level == 1:
                 break
@@ -501,8 +513,6 @@ class ShadowMMU:
         emulate = self.set_spte(node, idx, gfn, w.pte_access & node.role.access if not node.role.direct
                                 else w.pte_access, dirty, bool(access & pg.PFERR_W),
                                 bool(access & pg.PFERR_U))
-        if self.policy is not None:
-            self.policy.on_spte_installed(self, node, idx)
         return FILL_TRACKED if emulate else FILL_OK
 
     # ------------------------------------------------------------------ invlpg and pte writes
@@ -540,27 +550,36 @@ class ShadowMMU:
         return out
 
     def pte_write(self, gpa: int, size: int, insn=None) -> None:
-        """The one pte-write path: the guest store [gpa, gpa+size) to a shadowed guest page table
-        has been completed in guest RAM; bring the shadow pages of that frame up to date.
-
-        The policy (x86shadow.policies) decides per shadow page whether to zap the page, drop the
-        affected sptes, or re-install them from the new guest pte; without a policy the affected
-        sptes are dropped (modern KVM's behaviour for a synced page).
-        """
-        self.c["mmu_pte_write"] += 1
+        """The one pte-write path: the store [gpa, gpa+size) to a write-tracked frame has been
+        completed in guest RAM; bring the shadow pages of that frame up to date. How (drop the
+        affected sptes, re-install them, zap the whole page as misaligned or flooded) is the
+        policy's (x86shadow.policies); without one the affected sptes are dropped."""
         gfn, offset = gpa >> 12, gpa & 0xFFF
-        policy = self.policy
-        for sp in list(self.sps_by_gfn.get(gfn, ())):
+        if gfn == self.pdpt_gfn:
+            base = self.ctx.cr3 & 0xFE0
+            if offset < base + 32 and offset + size > base:
+                self._refresh_pdptes()
+        if gfn not in self.shadowed:
+            return
+        self.c["mmu_pte_write"] += 1
+        if self.policy is not None:
+            self.policy.pte_write(self, gpa, size, insn)
+        else:
+            self.drop_written_sptes(gpa, size)
+        if self.after_exit is not None:
+            self.after_exit()
+
+    def drop_written_sptes(self, gpa, size, sps=None):
+        """Drop every spte that shadows the written guest bytes (counting mmu_pde_zapped for
+        non-leaf ones); the next access through them faults and re-reads the guest pte."""
+        offset = gpa & 0xFFF
+        for sp in (self.shadow_pages_of(gpa >> 12) if sps is None else sps):
             if sp.zapped:
-                continue
-            if policy is not None and policy.update_shadow_page(self, sp, offset, size, insn):
                 continue
             for idx in self.affected_sptes(sp, offset, size):
                 if sp.role.level > 1:
                     self.c["mmu_pde_zapped"] += 1
                 self.drop_spte(sp, idx)
-        if self.after_exit is not None:
-            self.after_exit()
 
     def shadow_pages_of(self, gfn):
         return list(self.sps_by_gfn.get(gfn, ()))
