@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from x86shadow.asm import assemble_firmware, assemble_program
+from x86shadow.asm import assemble_firmware, assemble_program, program_modes
 from x86shadow.machine import Machine
 from x86shadow.policies import POLICY_NAMES
 
@@ -30,8 +30,7 @@ def run(path, mode, mmu, policy="kvm"):
 
 
 def supported(path, mode):
-    return mode in assemble_program(str(path), "pae" if mode != "pae" else "32", RAM_MIB << 20,
-                                    check_mode=False).modes
+    return mode in program_modes(path)
 
 
 _native = {}

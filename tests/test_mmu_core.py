@@ -60,7 +60,8 @@ def test_page_tables_are_write_protected_and_writes_to_them_trapped(mode):
     assert mmu.is_tracked(pt_frame >> 12)
     gpa, perms, kind = mmu.hw_fill(0x0050_0000, W)
     assert kind == FILL_TRACKED and gpa == pt_frame
-    assert mmu.c["pf_emulate"] == 1
+    # the write-protect fault is counted by the trapped store that follows, not here
+    assert mmu.c["exits"] == 1 and mmu.c["pf_emulate"] == 0
     # reads of the page table are not trapped, and the spte stays read-only
     gpa, perms, kind = mmu.hw_fill(0x0050_0000, R)
     assert kind == FILL_OK and not perms & PERM_W

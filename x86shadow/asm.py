@@ -1195,10 +1195,10 @@ def _norm_mode(mode) -> str:
     return m
 
 
-def assemble_program(path, mode, ram_size: int) -> Program:
-    """Assemble a guest program for ``mode`` at PROG_BASE with the layout symbols, behind a
-    ``jmp main``. Raises :class:`AsmError` (bad source, no ``main``, mode not in its header,
-    image too large)."""
+def assemble_program(path, mode, ram_size: int, symbols: dict | None = None) -> Program:
+    """Assemble a guest program for ``mode`` at PROG_BASE with the layout symbols (plus
+    ``symbols``, e.g. scenario parameters), behind a ``jmp main``. Raises :class:`AsmError` (bad
+    source, no ``main``, mode not in its header, image too large)."""
     path = os.fspath(path)
     mode = _norm_mode(mode)
     text = _read_text(path)
@@ -1207,7 +1207,7 @@ def assemble_program(path, mode, ram_size: int) -> Program:
         raise AsmError(f"program supports modes {', '.join(modes)}, not {mode}", path, hline)
     pre = _Pre(_BITS[mode])
     pre.program_file = path
-    pre.add_symbols(layout.asm_symbols(mode, ram_size))
+    pre.add_symbols({**layout.asm_symbols(mode, ram_size), **(symbols or {})})
     pre.add_synthetic("jmp main", "<prologue>")
     pre.add_text(text, path, os.path.dirname(path), (os.path.realpath(path),))
     code = _assemble_pre(pre, layout.PROG_BASE)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
     r.add_argument("--audit", action="store_true", help="check every shadow MMU invariant after each exit")
+    r.add_argument("--max-insns", type=int, default=0, metavar="N",
+                   help="stop a guest that runs more than N instructions (exit 4); counting makes "
+                        "execution several times slower. Default: no limit")
     return p
 
 
@@ -51,6 +54,10 @@ def cmd_run(args) -> int:
     from .asm import AsmError, assemble_firmware, assemble_program
     from .machine import Machine, Tracer
 
+    if args.max_insns < 0:
+        raise UsageError("--max-insns must be >= 0")
+    if args.ram <= 0:
+        raise UsageError("--ram must be a positive number of MiB")
     if not os.path.isfile(args.program):
         raise UsageError(f"cannot read program {args.program!r}: no such file")
     try:
@@ -79,7 +86,7 @@ def cmd_run(args) -> int:
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        result = m.run()
+        result = m.run(args.max_insns)
     finally:
         if trace_fp:
             trace_fp.close()

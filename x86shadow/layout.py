@@ -25,6 +25,7 @@ MIN_IDENTITY = 64 * MiB        # the firmware identity-maps at least this much (
 
 SERIAL_PORT = 0x3F8
 EXIT_PORT = 0xF4
+MARKER_PORT = 0xF5             # a write records (value, counters so far) in Machine.markers
 
 SEL_KCODE = 0x08
 SEL_KDATA = 0x10
@@ -58,6 +59,7 @@ def asm_symbols(mode: str, ram_size: int) -> dict:
         "FW_PT_END": FW_PT_END,
         "SERIAL_PORT": SERIAL_PORT,
         "EXIT_PORT": EXIT_PORT,
+        "MARKER_PORT": MARKER_PORT,
         "SEL_KCODE": SEL_KCODE,
         "SEL_KDATA": SEL_KDATA,
         "SEL_UCODE": SEL_UCODE,

@@ -80,6 +80,8 @@ class Machine:
         self.vcpu = VCPU(mode, self.mem, mmu_kind=mmu, counters=self.counters, trace=trace,
                          policy=policy)
         self.vcpu.serial_out = self._serial
+        self.markers = []                # [(value, counters at that moment)]: guest writes to 0xf5
+        self.vcpu.marker = lambda value: self.markers.append((value, dict(self.counters)))
         if audit and self.vcpu.mmu is not None:
             from .mmu.audit import audit as run_audit
             mmu_obj = self.vcpu.mmu
@@ -116,9 +118,9 @@ class Machine:
         if self.vcpu.mmu is not None:
             self.vcpu._set_context()
 
-    def run(self) -> RunResult:
+    def run(self, max_insns: int = 0) -> RunResult:
         self._boot_state()
-        stop = self.vcpu.run(layout.FW_BASE)
+        stop = self.vcpu.run(layout.FW_BASE, max_insns)
         if stop[0] == "halt":
             return RunResult(0, "halt", counters=self.counters)
         if stop[0] == "exit":

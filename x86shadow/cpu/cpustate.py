@@ -154,3 +154,38 @@ class CpuState:
                 v |= HF_ADDSEG
         hf.value = v
         self.uc.context_restore(self.ctx)
+
+
+@lru_cache(maxsize=1)
+def probe_insn_counter_offset() -> int:
+    """Offset of ``uc_struct.emu_counter`` (instructions executed by the last ``emu_start`` with a
+    ``count``): Unicorn counts but does not expose it. Found by running two counted loops."""
+    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm("l: inc eax; jmp l", 0x1000)[0])
+    found = None
+    for n in (12345, 54321):
+        u = Uc(UC_ARCH_X86, UC_MODE_32)
+        u.mem_map(0, 0x10000)
+        u.mem_write(0x1000, code)
+        u.emu_start(0x1000, 0, count=n)
+        h = u._uch.value if hasattr(u._uch, "value") else u._uch
+        raw = ctypes.string_at(h, 0x4000)
+        offs = {o for o in range(0, len(raw) - 8, 8) if struct.unpack_from("<Q", raw, o)[0] in (n, n + 1)}
+        found = offs if found is None else found & offs
+    # emu_counter and emu_count (the limit) sit side by side: a run that stops by itself (hlt)
+    # before the limit tells them apart
+    short = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm("mov ecx, 5; l: dec ecx; jnz l; hlt", 0x1000)[0])
+    for off in sorted(found or ()):
+        u = Uc(UC_ARCH_X86, UC_MODE_32)
+        u.mem_map(0, 0x10000)
+        u.mem_write(0x1000, short)
+        u.emu_start(0x1000, 0, count=1000)
+        h = u._uch.value if hasattr(u._uch, "value") else u._uch
+        if struct.unpack_from("<Q", ctypes.string_at(h + off, 8))[0] in (11, 12, 13):
+            return off
+    raise CpuStateError("cannot locate Unicorn's instruction counter (needed for --max-insns)")
+
+
+def read_insn_counter(uc, off: int) -> int:
+    h = uc._uch.value if hasattr(uc._uch, "value") else uc._uch
+    return ctypes.c_uint64.from_address(h + off).value

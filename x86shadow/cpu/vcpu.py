@@ -33,7 +33,7 @@ from .. import paging as pg
 from ..emulate.decode import decode
 from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
 from ..mmu.core import FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, ShadowMMU
-from .cpustate import CpuState
+from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
 from .delivery import VEC_GP, VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
 from .privileged import Interceptor
 
@@ -87,6 +87,7 @@ class VCPU:
         self.retry_page = None           # code page whose translations must be dropped
         self.last_reexec = None          # (rip, gpa) of the last unprotect-and-re-execute
         self.serial_out = None           # callable(bytes)
+        self.marker = None               # callable(value): the guest wrote to MARKER_PORT
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
@@ -471,6 +472,8 @@ class VCPU:
         elif port == layout.EXIT_PORT:
             self.stop = ("exit", ((value & 0xFFFFFFFF) << 1) | 1)
             uc.emu_stop()
+        elif port == layout.MARKER_PORT and self.marker is not None:
+            self.marker(value)
 
     def _in(self, uc, port, size, _ud):
         c = self.counters
@@ -483,16 +486,29 @@ class VCPU:
         return 0xFF if size == 1 else (0xFFFF if size == 2 else 0xFFFFFFFF)
 
     # ------------------------------------------------------------------ run loop
-    def run(self, entry: int):
-        """Run until the guest exits, halts or crashes. Returns self.stop."""
+    def run(self, entry: int, max_insns: int = 0):
+        """Run until the guest exits, halts or crashes. Returns self.stop.
+
+        ``max_insns`` > 0: count guest instructions (Unicorn's ``count``: every translated block
+        then calls a counting hook, several times slower) and stop a guest that runs past it."""
         pc = entry
         uc = self.uc
+        counter_off = probe_insn_counter_offset() if max_insns else None
+        total = 0
         while True:
             self.stop = None
             self.pending_fault = None
             self.retry_page = None
             try:
-                uc.emu_start(pc, 0)
+                if max_insns:
+                    left = max_insns - total
+                    try:
+                        uc.emu_start(pc, 0, count=left)
+                    finally:
+                        total += min(read_insn_counter(uc, counter_off), left)
+                        self.counters["guest_insns"] = total
+                else:
+                    uc.emu_start(pc, 0)
                 err = None
             except UcError as e:
                 err = e
@@ -528,8 +544,11 @@ class VCPU:
                 continue
             if err is not None:
                 return ("crash", GuestCrash(f"CPU error: {err}", rip=self.rip()))
-            # emu_start returned by itself: hlt
             rip = self.rip()
+            if max_insns and total >= max_insns:
+                return ("crash", GuestCrash(f"runaway: still running after --max-insns {max_insns} "
+                                            "instructions", rip=rip))
+            # emu_start returned by itself: hlt
             self.counters["halt_exits"] += 1
             self.counters["exits"] += 1
             if self.reg(UC_X86_REG_EFLAGS) & (1 << 9):
