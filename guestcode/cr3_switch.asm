@@ -532,6 +532,8 @@ step2:
     # ---- 3: in A, a shared pte re-pointed + invlpg
     xor ecx, ecx
     call switch_to
+    mov ecx, O_SHARED + 0x2000
+    call win_read                      # A has it cached (TLB / shadow): the invlpg below matters
     mov eax, M_NEW + 1
     mov dword ptr [exp_shared + 8], eax
     call new_frame
@@ -571,6 +573,8 @@ step2:
     # ---- 5: in B, a private pte re-pointed + invlpg
     mov ecx, 1
     call switch_to
+    mov ecx, O_PRIV
+    call win_read                      # cached before the change
     mov eax, M_NEW + 3
     mov dword ptr [exp_priv + 8], eax  # space 1, page 0
     call new_frame

@@ -25,7 +25,8 @@ MIN_IDENTITY = 64 * MiB        # the firmware identity-maps at least this much (
 
 SERIAL_PORT = 0x3F8
 EXIT_PORT = 0xF4
-MARKER_PORT = 0xF5             # a write records (value, counters so far) in Machine.markers
+MARKER_PORT = 0xF5             # instrumentation: a write records (value, counters so far) in
+                               # Machine.markers; not counted as an exit
 
 SEL_KCODE = 0x08
 SEL_KDATA = 0x10

@@ -461,6 +461,11 @@ class VCPU:
         uc.reg_write(self.R_IP, self.rip() - 2)     # Unicorn adds the length afterwards
 
     def _out(self, uc, port, size, value, _ud):
+        if port == layout.MARKER_PORT:
+            # instrumentation, not a device: neither counted nor seen by the policy
+            if self.marker is not None:
+                self.marker(value)
+            return
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
@@ -472,8 +477,7 @@ class VCPU:
         elif port == layout.EXIT_PORT:
             self.stop = ("exit", ((value & 0xFFFFFFFF) << 1) | 1)
             uc.emu_stop()
-        elif port == layout.MARKER_PORT and self.marker is not None:
-            self.marker(value)
+
 
     def _in(self, uc, port, size, _ud):
         c = self.counters
