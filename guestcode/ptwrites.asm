@@ -1,5 +1,4 @@
-# ptwrites.asm -- page-table writes with every kind of instruction, each checked through the new mapping;
-# accessed/dirty bits at every level.
+# ptwrites.asm -- page-table writes by every kind of instruction, checked through the new mapping; A/D bits.
 # x86shadow: modes=32,pae,64
 #
 # A window WIN is mapped by one page table PT_W (pte k maps WIN + k * 4 KiB). 16 frames F0..F15 lie in a

@@ -348,14 +348,14 @@ def test_directive_fixes():
 def test_control_and_system_instructions_encode_as_written():
     src32 = ("mov cr3, eax\nmov eax, cr0\nmov cr4, ecx\ninvlpg [eax]\nlock cmpxchg8b qword ptr [esi]\n"
              "iretd\nretf\nltr ax\nwrmsr\nrdmsr\nlidt [eax]\nsysenter\nsysexit\nhlt\ncli\nsti")
-    want32 = ["mov", "mov", "mov", "invlpg", "cmpxchg8b", "iretd", "retf", "ltr", "wrmsr",
+    want32 = ["mov", "mov", "mov", "invlpg", "lock cmpxchg8b", "iretd", "retf", "ltr", "wrmsr",
               "rdmsr", "lidt", "sysenter", "sysexit", "hlt", "cli", "sti"]
     insns = dis(assemble(src32, bits=32, base=BASE), 32)
     assert [i.mnemonic for i in insns] == want32
     assert all(0x66 not in i.prefix for i in insns)
     src64 = ("mov cr3, rax\nmov rax, cr2\ninvlpg [rdi]\nlock cmpxchg16b xmmword ptr [rsi]\n"
              "iretq\nretfq\nltr ax\nwrmsr\nswapgs\nsyscall\nsysret")
-    want64 = ["mov", "mov", "invlpg", "cmpxchg16b", "iretq", "retfq", "ltr", "wrmsr", "swapgs",
+    want64 = ["mov", "mov", "invlpg", "lock cmpxchg16b", "iretq", "retfq", "ltr", "wrmsr", "swapgs",
               "syscall", "sysretq"]
     assert [i.mnemonic for i in dis(assemble(src64, bits=64, base=BASE), 64)] == want64
 

@@ -251,6 +251,173 @@ def _parse_mem(op: str):
 
 
 # --------------------------------------------------------------------------------------------
+# syntax checks: keystone hangs (an endless loop in its parser) on many malformed expressions
+# and operands ('.byte ^', '.fill %', '.long /', 'jmp % fs : push', '.if ,', ...), so every
+# expression and operand is parsed here before keystone sees it.
+
+_EXPR_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<num>0[xX][0-9a-fA-F]+|0[bB][01]+|[0-9][0-9a-fA-F]*[hH](?![\w.$])|[0-9]+)(?P<bad>[\w.$]*)
+  | (?P<chr>'(?:\\.|[^'\\])')
+  | (?P<id>[A-Za-z_.$][\w.$@]*)
+  | (?P<op><<|>>|<=|>=|==|!=|<>|&&|\|\||[-+*/%&|^~!<>()\[\]:])
+""", re.X)
+_UNARY = {"+", "-", "~", "!"}
+_BINARY = {"+", "-", "*", "/", "%", "<<", ">>", "&", "|", "^", "<", ">", "<=", ">=", "==", "!=",
+           "<>", "&&", "||"}
+_SIZES = {"byte", "word", "dword", "fword", "qword", "tbyte", "tword", "xmmword", "ymmword",
+          "zmmword", "oword"}
+
+
+class _SyntaxProblem(ValueError):
+    pass
+
+
+def _expr_tokens(text: str):
+    toks, i = [], 0
+    while i < len(text):
+        m = _EXPR_TOKEN_RE.match(text, i)
+        if not m:
+            raise _SyntaxProblem(f"unexpected character '{text[i]}'")
+        i = m.end()
+        if m.group("ws"):
+            continue
+        if m.group("num") is not None:
+            if m.group("bad"):
+                raise _SyntaxProblem(f"bad number '{m.group(0)}'")
+            toks.append(("num", m.group("num")))
+        elif m.group("chr"):
+            toks.append(("num", m.group("chr")))
+        elif m.group("id"):
+            toks.append(("id", m.group("id")))
+        else:
+            toks.append(("op", m.group("op")))
+    return toks
+
+
+class _ExprParser:
+    """Recursive-descent check of a GAS/Intel expression or instruction operand."""
+
+    def __init__(self, text: str, regs: bool):
+        self.toks = _expr_tokens(text)
+        self.i = 0
+        self.regs = regs
+
+    def peek(self, k=0):
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else (None, None)
+
+    def take(self):
+        t = self.peek()
+        self.i += 1
+        return t
+
+    def expect_end(self):
+        if self.i < len(self.toks):
+            raise _SyntaxProblem(f"unexpected '{self.toks[self.i][1]}'")
+
+    def expr(self):
+        self.unary()
+        while self.peek()[0] == "op" and self.peek()[1] in _BINARY:
+            self.take()
+            self.unary()
+
+    def unary(self):
+        while self.peek()[0] == "op" and self.peek()[1] in _UNARY:
+            self.take()
+        kind, val = self.take()
+        if kind == "num":
+            return
+        if kind == "id":
+            low = val.lower()
+            if low in _KEYWORDS:
+                if low == "offset":
+                    raise _SyntaxProblem("'offset' is not supported: a label is already an "
+                                         "immediate ('mov eax, label')")
+                raise _SyntaxProblem(f"unexpected '{val}'")
+            if low in _REGISTERS and not self.regs:
+                raise _SyntaxProblem(f"register '{val}' in an expression")
+            if low == "st" and self.peek() == ("op", "("):      # x87 st(i)
+                self.take()
+                if self.take()[0] != "num" or self.take() != ("op", ")"):
+                    raise _SyntaxProblem("bad st(i)")
+            return
+        if (kind, val) == ("op", "("):
+            self.expr()
+            if self.take() != ("op", ")"):
+                raise _SyntaxProblem("missing ')'")
+            return
+        raise _SyntaxProblem("missing operand" if kind is None else f"unexpected '{val}'")
+
+    def operand(self):
+        if self.peek()[0] == "id" and self.peek()[1].lower() in ("short", "near", "far"):
+            self.take()
+        if self.peek()[0] == "id" and self.peek()[1].lower() in _SIZES:
+            self.take()
+            t = self.take()
+            if t[0] != "id" or t[1].lower() != "ptr":
+                raise _SyntaxProblem("expected 'ptr'")
+        if self.peek()[0] == "id" and self.peek()[1].lower() in _SEGREGS \
+                and self.peek(1) == ("op", ":"):
+            self.take()
+            self.take()
+        if self.peek() == ("op", "["):
+            self.take()
+            if self.peek()[0] == "id" and self.peek()[1].lower() in _SEGREGS \
+                    and self.peek(1) == ("op", ":"):
+                self.take()
+                self.take()
+            self.expr()
+            if self.take() != ("op", "]"):
+                raise _SyntaxProblem("missing ']'")
+        else:
+            self.expr()
+            if self.peek() == ("op", ":"):      # selector:offset
+                self.take()
+                self.expr()
+        self.expect_end()
+
+
+def _check_expr(text: str, regs=False):
+    p = _ExprParser(text, regs)
+    p.expr()
+    p.expect_end()
+
+
+def _check_operand(text: str):
+    text = re.sub(r"(\{[\w\s-]*\})+\s*$", "", text)     # AVX-512 {k1}{z} decorations
+    _ExprParser(text, True).operand()
+
+
+_STRING_RE = re.compile(r'^"(?:\\.|[^"\\])*"$')
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|nan)$", re.I)
+
+
+def _check_list(args: str, item, what: str, lo=0, hi=None):
+    if not args.strip():
+        if lo:
+            raise _SyntaxProblem(f"missing {what}")
+        return
+    items = _split_operands(args)
+    if len(items) < lo or (hi is not None and len(items) > hi):
+        raise _SyntaxProblem(f"wrong number of arguments")
+    for it in items:
+        if not it:
+            raise _SyntaxProblem(f"empty {what}")
+        item(it)
+
+
+def _check_string(text):
+    if not _STRING_RE.match(text.strip()):
+        raise _SyntaxProblem(f"expected a string, not '{text}'")
+
+
+def _check_float(text):
+    if not _FLOAT_RE.match(text.strip()):
+        raise _SyntaxProblem(f"expected a floating-point number, not '{text}'")
+
+
+# --------------------------------------------------------------------------------------------
 # the preprocessor: source lines -> keystone text, one output line per source line
 
 _DATA_DIRECTIVES = {".byte", ".short", ".value", ".2byte", ".int", ".long", ".4byte", ".quad",
@@ -298,6 +465,63 @@ class _Check:
     line: _Line
     stmt: _Stmt
     width: int = 0
+
+
+_NESTING_DIRECTIVES = (_IF_DIRECTIVES | _REPT_DIRECTIVES
+                       | {".else", ".elseif", ".endif", ".macro", ".endm", ".endmacro", ".endr"})
+_EXPR_IF = {".if", ".ifeq", ".ifne", ".ifgt", ".ifge", ".iflt", ".ifle", ".elseif", ".rept"}
+_IDENT_RE = re.compile(_IDENT + "$")
+
+
+def _check_directive_args(name: str, args: str):
+    """Raise _SyntaxProblem for arguments keystone would hang on (or silently misread)."""
+    def ident(t):
+        if not _IDENT_RE.match(t.strip()):
+            raise _SyntaxProblem(f"expected a name, not '{t}'")
+    if name in _DATA_DIRECTIVES - {".ascii", ".asciz", ".string", ".float", ".single",
+                                   ".double"} or name == ".word":
+        _check_list(args, _check_expr, "value")
+    elif name in (".ascii", ".asciz", ".string"):
+        _check_list(args, _check_string, "string", lo=1)
+    elif name in (".float", ".single", ".double"):
+        _check_list(args, _check_float, "number", lo=1)
+    elif name == ".fill" or name in _ALIGN_DIRECTIVES:
+        _check_list(args, _check_expr, "argument", lo=1, hi=3)
+    elif name in _FILL_DIRECTIVES:
+        _check_list(args, _check_expr, "argument", lo=1, hi=2)
+    elif name in _EXPR_IF:
+        if not args:
+            raise _SyntaxProblem("missing expression")
+        _check_expr(args)
+    elif name in (".ifdef", ".ifndef", ".purgem"):
+        ident(args)
+    elif name in (".else", ".endif", ".endm", ".endmacro", ".endr", ".exitm", ".text", ".err"):
+        if args:
+            raise _SyntaxProblem(f"unexpected '{args}'")
+    elif name in (".globl", ".global"):
+        _check_list(args, ident, "name", lo=1)
+    elif name == ".irp":
+        if not re.match(_IDENT + r"\s*(,|$)", args):
+            raise _SyntaxProblem("expected '.irp name, values'")
+    elif name == ".irpc":
+        if not re.match(_IDENT + r"\s*,\s*\S+\s*$", args):
+            raise _SyntaxProblem("expected '.irpc name, characters'")
+    elif name == ".macro":
+        if not re.match(_IDENT + r"(\s|,|$)", args):
+            raise _SyntaxProblem("'.macro' needs a name")
+    elif name in _SYMBOL_DIRECTIVES:
+        m = re.match(r"^(" + _IDENT + r")\s*,\s*(\S.*)$", args)
+        if not m:
+            raise _SyntaxProblem(f"expected '{name} NAME, value'")
+        _check_expr(m.group(2))
+    elif name == ".incbin":
+        items = _split_operands(args)
+        if not items or not _STRING_RE.match(items[0]) or len(items) > 3:
+            raise _SyntaxProblem("expected .incbin \"file\"[, skip[, count]]")
+        for it in items[1:]:
+            if not it:
+                raise _SyntaxProblem("empty argument")
+            _check_expr(it)
 
 
 class _Pre:
@@ -475,6 +699,11 @@ class _Pre:
         if m:
             if m.group(1).lower() in _REGISTERS:
                 raise self._err(f"'{m.group(1)}' is a register name and cannot be a symbol", line)
+            if not any(k == "macro" for k, _ in self.stack):
+                try:
+                    _check_expr(m.group(2))
+                except _SyntaxProblem as e:
+                    raise self._err(f"{e} in '{s}'", line) from None
             line.defines.add(m.group(1))
             return s
         return self._instruction(s, line, st)
@@ -486,6 +715,12 @@ class _Pre:
         err = lambda msg: self._err(msg, line)  # noqa: E731
         fatal = lambda msg: _Fatal(msg, line.file, line.lineno)  # noqa: E731
         top = self.stack[-1][0] if self.stack else None
+        if not any(k == "macro" for k, _ in self.stack) or name in _NESTING_DIRECTIVES:
+            try:
+                _check_directive_args(name, args)
+            except _SyntaxProblem as e:
+                msg = f"{e} in '{s}'"
+                raise fatal(msg) if name in _NESTING_DIRECTIVES else err(msg)
 
         if name in _IF_DIRECTIVES:
             if name in (".ifdef", ".ifndef") and not re.match(_IDENT + "$", args):
@@ -630,6 +865,16 @@ class _Pre:
         low = mn.lower()
         if low in self.macros:
             return s
+        if not re.match(r"^[A-Za-z_.][\w.]*$", mn):
+            raise err(f"invalid mnemonic '{s}'")
+        if not any(k == "macro" for k, _ in self.stack) and ops:
+            for op in _split_operands(ops):
+                if not op:
+                    raise err(f"empty operand in '{s}'")
+                try:
+                    _check_operand(op)
+                except _SyntaxProblem as e:
+                    raise err(f"invalid operand '{op}' ({e}) in '{s}'") from None
         hoisted = ""
         if "(" in ops and self._instrumentable():
             hoisted, ops = self._hoist(ops)

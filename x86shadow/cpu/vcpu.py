@@ -421,6 +421,8 @@ class VCPU:
     # ------------------------------------------------------------------ events
     def _intr(self, uc, intno, _ud):
         """Exceptions and software interrupts Unicorn raised (it never uses the guest IDT)."""
+        if self.stop is not None:
+            return                  # the guest already asked to stop (exit port) in this block
         try:
             is_int = self._exception_is_int()
             if intno == VEC_PF:              # native mode: QEMU's walker raised it
@@ -443,6 +445,8 @@ class VCPU:
         return ctypes.c_int32.from_address(self.cpustate.addr + self.cpustate.off.error_code + 4).value != 0
 
     def _invalid(self, uc, _ud):
+        if self.stop is not None:
+            return True             # the guest already asked to stop (exit port) in this block
         try:
             self.delivery.raise_exception(VEC_UD)
         except GuestCrash as crash:
