@@ -155,3 +155,44 @@ def test_helper_store_refused_then_reexecuted_keeps_registers():
         assert r.status == 0, r.report
         got[(mmu, policy)] = (r.read(0x3000000, 8), r.read_pte(lab.pte_addr(0x4000_0000)))
     assert len(set(got.values())) == 1, got
+
+
+@pytest.mark.parametrize("mode", ["32", "pae", "64"])
+def test_privileged_instruction_written_into_executed_code_is_intercepted(mode):
+    # code pages are mapped R|X and data pages R|W, so a store into a page that was executed
+    # is seen (its translations are dropped) and the page is scanned again when next executed
+    src = """
+    call sub
+    mov al, 1
+    out MARKER_PORT, al
+    lea esi, [newcode]
+    lea edi, [sub]
+    mov ecx, 4
+    cld
+    rep movsb
+    mov eax, cr3
+    call sub
+    ret
+    .align 4096
+sub:
+    nop
+    nop
+    nop
+    ret
+newcode:
+    .byte 0x0f, 0x22, 0xd8, 0xc3
+"""
+    if mode == "64":
+        src = src.replace("lea esi, [newcode]", "lea rsi, [rip + newcode]").replace(
+            "lea edi, [sub]", "lea rdi, [rip + sub]").replace("mov eax, cr3", "mov rax, cr3")
+    events = []
+    bits = 64 if mode == "64" else 32
+    code = assemble("main:\n" + src, bits=bits, base=layout.PROG_BASE,
+                    symbols=layout.asm_symbols(mode, 64 << 20), filename="<test>")
+    m = Machine(mode, ram_mib=64, trace=lambda ev, **f: events.append(ev), audit=True)
+    m.load(_Program(code), assemble_firmware(mode, 64 << 20))
+    at = []
+    m.vcpu.marker = lambda v: at.append(len(events))
+    res = m.run()
+    assert res.status == 0, res.report
+    assert "kvm_mmu_new_root" in events[at[0]:], "the mov cr3 written at run time was not intercepted"

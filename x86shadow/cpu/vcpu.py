@@ -32,7 +32,8 @@ from .. import layout
 from .. import paging as pg
 from ..emulate.decode import decode
 from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
-from ..mmu.core import FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, ShadowMMU
+from ..mmu.core import (FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
+                        ShadowMMU)
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
 from .delivery import VEC_GP, VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
 from .privileged import Interceptor
@@ -49,6 +50,8 @@ _CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall s
 # instruction can be re-executed natively
 _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add adc sub sbb inc dec "
                          "neg not xadd push setcc shl shr sar rol ror rcl rcr shld shrd".split())
+_DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
+_MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
 
@@ -86,6 +89,9 @@ class VCPU:
         self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
         self.retry_page = None           # code page whose translations must be dropped
         self.last_reexec = None          # (rip, gpa) of the last unprotect-and-re-execute
+        self.page_kind = {}              # gfn -> _CODE / _MIXED (absent: _DATA)
+        self.flips = {}                  # gfn -> code/data transitions so far
+        self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
         self.serial_out = None           # callable(bytes)
         self.marker = None               # callable(value): the guest wrote to MARKER_PORT
         if self.shadow:
@@ -208,19 +214,31 @@ class VCPU:
         if mmu.need_flush:
             mmu.need_flush = False
             self.flush_tlb()
-        if kind == FILL_OK:
-            entry.paddr = gpa
-            entry.perms = perms
-            if acc == UC_MEM_FETCH and self.interceptor.on_exec_fill(va, gpa >> 12, self.mem.read(gpa, 4096)):
+        if kind == FILL_OK or kind == FILL_TRACKED:
+            gfn = gpa >> 12
+            state = self.page_kind.get(gfn, _DATA)
+            if acc == UC_MEM_FETCH:
+                if state == _DATA and not self.invalidating:
+                    self._flip(gfn, _CODE)
+                    state = _CODE
+                if self.interceptor.on_exec_fill(va, gfn, self.mem.read(gpa, 4096)):
+                    self.retry_page = va
+                    return False
+            elif acc == UC_MEM_WRITE and state == _CODE:
+                # a store to a page we run code from: its translations must go first (Unicorn
+                # does not notice stores through non-executable TLB entries)
+                self._flip(gfn, _DATA)
                 self.retry_page = va
                 return False
-            return True
-        if kind == FILL_TRACKED:
-            entry.paddr = layout.ALIAS_BASE + gpa
+            # Code pages R|X, data pages R|W: stores through an executable TLB entry take QEMU's
+            # slow path (UNICORN.md: 6-10x), so a page is executable only while it holds code.
+            # A page that keeps flipping holds both; it gets R|W|X and QEMU's own SMC detection.
+            if state == _CODE:
+                perms &= ~PERM_W
+            elif state == _DATA:
+                perms &= ~PERM_X
+            entry.paddr = gpa if kind == FILL_OK else layout.ALIAS_BASE + gpa
             entry.perms = perms
-            if acc == UC_MEM_FETCH and self.interceptor.on_exec_fill(va, gpa >> 12, self.mem.read(gpa, 4096)):
-                self.retry_page = va
-                return False
             return True
         if kind == FILL_GUEST_FAULT:
             if mmu.pending_vector != VEC_PF:          # #GP(0): non-canonical address
@@ -244,6 +262,11 @@ class VCPU:
         entry.perms = UC_PROT_ALL
         self.pending_fault = ("nomem", va, gpa)
         return True
+
+    def _flip(self, gfn, state):
+        n = self.flips.get(gfn, 0) + 1
+        self.flips[gfn] = n
+        self.page_kind[gfn] = _MIXED if n > _MAX_FLIPS else state
 
     def _system_table_page(self, va):
         for rid in (UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_TR, UC_X86_REG_LDTR):
@@ -524,7 +547,11 @@ class VCPU:
             if stop is not None and stop[0] in ("exit", "crash"):
                 return stop
             if self.retry_page is not None:
-                uc.ctl_remove_cache(self.retry_page, self.retry_page + 0x1000)
+                self.invalidating = True
+                try:
+                    uc.ctl_remove_cache(self.retry_page, self.retry_page + 0x1000)
+                finally:
+                    self.invalidating = False
                 pc = self.rip()
                 continue
             pf = self.pending_fault
