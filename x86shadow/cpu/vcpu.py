@@ -20,7 +20,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_HOOK_INSN, UC_HOOK_I
                      UC_MEM_FETCH, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
                      UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
@@ -54,6 +54,7 @@ _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
 _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
+_uc_reg_read = uclib.uc_reg_read
 
 
 def _reg_id(name):
@@ -100,7 +101,7 @@ class VCPU:
             self.mmu = ShadowMMU(mem, counters, trace)
             self.policy = policy if policy is not None else make_policy("kvm")
             self.mmu.policy = self.policy
-            uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
+            self._add_raw_fill_hook()
             uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
@@ -122,6 +123,23 @@ class VCPU:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
         self.delivery = Delivery(self)
+
+    def _add_raw_fill_hook(self):
+        """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss.
+        Exceptions are kept and re-raised by emu_start, as the binding does."""
+        uc = self.uc
+        fill = self._fill
+
+        def raw(_handle, vaddr, access, entry, _key):
+            try:
+                return fill(uc, vaddr, access, entry[0], None)
+            except BaseException as e:           # noqa: BLE001 - handed back to emu_start
+                if uc._hook_exception is None:
+                    uc._hook_exception = e
+                uc.emu_stop()
+                return False
+        self._raw_fill = HOOK_TLB_FILL_CFUNC(raw)
+        uc._Uc__do_hook_add(UC_HOOK_TLB_FILL, self._raw_fill, 1, 0)
 
     # ------------------------------------------------------------------ registers
     def reg(self, rid) -> int:
@@ -202,7 +220,10 @@ class VCPU:
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
         access = _ACCESS[acc]
-        if self.reg(UC_X86_REG_CS) & 3 == 3:
+        rv = self._rv
+        rv.value = 0
+        _uc_reg_read(self._h, UC_X86_REG_CS, self._rvp)
+        if rv.value & 3 == 3:
             access |= pg.PFERR_U
         mmu = self.mmu
         gpa, perms, kind = mmu.hw_fill(va, access)
