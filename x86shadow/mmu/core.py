@@ -307,9 +307,11 @@ class ShadowMMU:
     def set_spte(self, sp, idx, gfn, pte_access, dirty, write_fault, user_fault, speculative=False) -> bool:
         """mmu_set_spte: install a leaf spte. Returns True if the faulting write must be emulated
         (the frame is a shadowed guest page table)."""
+        # no A bit, speculative or not: the "hardware" (hw_fill) sets it when an access through
+        # the spte succeeds -- an access that faults on a write-protected page table does not
+        # (K25 mmu_set_spte never sets it either: "we sometimes want to see whether the guest
+        # actually used the pte")
         spte = SPTE_P
-        if not speculative:
-            spte |= SPTE_A
         if pte_access & pg.ACC_U:
             spte |= SPTE_U
         if not pte_access & pg.ACC_X:
@@ -517,15 +519,14 @@ class ShadowMMU:
 
     # ------------------------------------------------------------------ invlpg and pte writes
     def invlpg(self, va: int) -> None:
-        """FNAME(invlpg): drop the leaf spte that maps va (the guest changed its pte)."""
+        """The guest invalidated va. Every write to a shadowed guest table is trapped and applied
+        to the shadow at once, so the sptes are already in sync: like KVM before out-of-sync
+        pages (2.6.25 had no invlpg hook at all; later FNAME(invlpg) only syncs unsync pages) and
+        Xen 3.3 without OOS, nothing is dropped. (The CPU's TLB entry goes: Unicorn executes the
+        invlpg itself.) Out-of-sync pages (DESIGN.md 5) will resync here."""
         self.c["invlpg"] += 1
-        if self.root is None:
-            return
-        leaf = self._shadow_walk(va)
-        if leaf is not None:
-            self.drop_spte(*leaf)
         if self.trace:
-            self.trace("kvm_mmu_invlpg", address=va, dropped=leaf is not None)
+            self.trace("kvm_mmu_invlpg", address=va)
         if self.after_exit is not None:
             self.after_exit()
 
