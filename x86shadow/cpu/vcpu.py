@@ -32,6 +32,7 @@ from .. import layout
 from .. import paging as pg
 from ..emulate.decode import decode
 from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
+from ..mmu.pages import SPTE_FRAME
 from ..mmu.core import (FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
                         ShadowMMU)
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
@@ -93,6 +94,7 @@ class VCPU:
         self.page_kind = {}              # gfn -> _CODE / _MIXED (absent: _DATA)
         self.flips = {}                  # gfn -> code/data transitions so far
         self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
+        self._efer = None                # EFER as last read or intercepted (None: read it)
         self.serial_out = None           # callable(bytes)
         self.marker = None               # callable(value): the guest wrote to MARKER_PORT
         if self.shadow:
@@ -102,13 +104,17 @@ class VCPU:
             self.policy = policy if policy is not None else make_policy("kvm")
             self.mmu.policy = self.policy
             self._add_raw_fill_hook()
-            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap)
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
+            # memory hooks only over the addresses they are for: a hook whose range covers a
+            # store sends every such store down QEMU's slow path (measured: 10x per store)
+            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap, None, layout.ALIAS_BASE,
+                        layout.ALIAS_BASE + mem.size - 1)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped, None, layout.HOLE_BASE,
+                        layout.HOLE_BASE + 0xFFF)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
         else:
             self.policy = None
             uc.ctl_set_tlb_mode(UC_TLB_CPU)
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native, None, mem.size, (1 << 52) - 1)
         uc.hook_add(UC_HOOK_INTR, self._intr)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
@@ -151,7 +157,11 @@ class VCPU:
         return self.reg(self.R_IP)
 
     def efer(self) -> int:
-        return self.uc.msr_read(EFER)
+        if not self.shadow:
+            return self.uc.msr_read(EFER)
+        if self._efer is None:          # shadow mode caches it: every EFER change is intercepted
+            self._efer = self.uc.msr_read(EFER)
+        return self._efer
 
     def long_mode(self) -> bool:
         return self.bits == 64 and bool(self.efer() & EFER_LMA)
@@ -320,7 +330,16 @@ class VCPU:
             return True
         gfn = gpa >> 12
         if not mmu.is_tracked(gfn):
-            # a stale alias mapping (the frame was unshadowed since): complete the store
+            # a stale alias mapping (the frame was unshadowed since the TLB entry was made):
+            # refuse the store and flush, so the instruction and those after it store natively
+            # (without this a loop keeps trapping until the next fill); a store from a QEMU
+            # helper cannot be refused cleanly, so it is completed here
+            rip = self.rip()
+            insn = self._decode_at(rip)
+            if insn is not None and insn.kvm_class in _RESTARTABLE:
+                mmu.need_flush = True
+                self.stop = ("reexec", rip)
+                return False
             self.mem.write_uint(gpa, size, value)
             return True
         rip = self.rip()
@@ -389,6 +408,14 @@ class VCPU:
         return out
 
     def _decode_at(self, rip):
+        if self.shadow and (rip & 0xFFF) <= 0x1000 - 15:
+            # the instruction was just fetched, so its shadow mapping exists: read it from there
+            # (a Python guest walk costs several times more)
+            leaf = self.mmu._shadow_walk(rip) if self.mmu.root is not None else None
+            if leaf is not None:
+                gpa = (leaf[0].spt[leaf[1]] & SPTE_FRAME) | (rip & 0xFFF)
+                if gpa + 15 <= self.mem.size:
+                    return decode(self.mem.read(gpa, 15), rip, self.bits)
         try:
             code = self.read_virt(rip, 15)
         except (Fault, GuestCrash):
@@ -424,6 +451,7 @@ class VCPU:
             if self.reg(UC_X86_REG_CR0) & CR0_PG:
                 new = (new & ~EFER_LMA) | (old & EFER_LMA)
             self._set_context(efer=new)
+            self._efer = None                         # re-read once the CPU has executed it
             if (old ^ new) & EFER_NXE:
                 self.mmu.need_flush = True            # QEMU does not flush on an NXE change
             self._finish_privileged(uc)
@@ -440,6 +468,7 @@ class VCPU:
             value &= 0xFFFFFFFF
         if crn == 0:
             self._set_context(cr0=value)
+            self._efer = None                         # a paging switch may toggle EFER.LMA
         elif crn == 3:
             self._set_context(cr3=value)
         else:
@@ -563,6 +592,10 @@ class VCPU:
                     uc.emu_start(pc, 0)
                 err = None
             except UcError as e:
+                if uc._hook_exception is not None:
+                    # a hook raised: the binding reports only the UcError when the run also
+                    # failed, so surface the real exception (our bug or an audit failure)
+                    raise uc._hook_exception from None
                 err = e
             stop = self.stop
             if stop is not None and stop[0] in ("exit", "crash"):

@@ -471,6 +471,8 @@ class ShadowMMU:
 
     def _fetch(self, va, w, access):
         """FNAME(fetch): link shadow pages down to the leaf and install the leaf spte."""
+        if self.root_invalid:
+            self.reload_root_if_needed()      # a root was zapped on the way here (flood)
         mode = self.ctx.mode
         glevel = w.level                 # guest leaf level (1, 2 = 2M/4M, 3 = 1G)
         node = self.root
