@@ -165,7 +165,7 @@ class Delivery:
             v.write_virt(rsp, data)
         new_cs = (sel & ~3) | new_cpl
         cs_cache = self._cache(new_cs, csl, csh)
-        if new_cpl != cpl or new_cs != old_cs or long_mode:
+        if new_cpl != cpl or new_cs != old_cs:
             if ss_cache is None:
                 ss_cache = v.segment_cache("ss")
             v.cpustate.load_segments(cs_cache, ss_cache, new_cpl, long_mode,
@@ -178,8 +178,13 @@ class Delivery:
         uc.reg_write(v.R_IP, offset)
 
     # --------------------------------------------------------------- with escalation
-    def raise_exception(self, vector, error_code=None, *, cr2=None, soft=False, return_rip=None):
-        """Deliver an exception or software interrupt, escalating to #DF and triple fault."""
+    def raise_exception(self, vector, error_code=None, *, cr2=None, soft=False, return_rip=None,
+                        native=True):
+        """Deliver an exception or software interrupt, escalating to #DF and triple fault.
+
+        ``native``: Unicorn raised it (QEMU then remembers it as the exception in flight, which
+        must be forgotten or the next native fault turns into a false #DF); False for the faults
+        the shadow MMU injects itself, which never went through QEMU."""
         v = self.vcpu
         first = vector
         first_ec = error_code
@@ -194,7 +199,8 @@ class Delivery:
                         cr2=cr2 if vector == VEC_PF else None)
             try:
                 self.deliver(vector, error_code, soft=soft, ext=ext, return_rip=return_rip)
-                v.cpustate.clear_old_exception()
+                if native:
+                    v.cpustate.clear_old_exception()
                 return
             except GuestCrash as crash:
                 crash.rip = rip0 if crash.rip is None else crash.rip

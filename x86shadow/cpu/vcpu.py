@@ -32,7 +32,7 @@ from .. import layout
 from .. import paging as pg
 from ..emulate.decode import decode
 from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
-from ..mmu.pages import SPTE_FRAME
+from ..mmu.pages import SPTE_D, SPTE_FRAME, SPTE_U, SPTE_W
 from ..mmu.core import (FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
                         ShadowMMU)
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
@@ -191,6 +191,15 @@ class VCPU:
 
     # ------------------------------------------------------------------ guest virtual memory
     def _translate(self, va, access):
+        if self.shadow and self.mmu.root is not None:
+            # what a TLB hit would use: a present spte with the rights asked for (its guest pte
+            # has its A -- and, if writable, D -- bit set already)
+            leaf = self.mmu._shadow_walk(va)
+            if leaf is not None:
+                spte = leaf[0].spt[leaf[1]]
+                if ((not access & pg.PFERR_W or spte & SPTE_W and spte & SPTE_D)
+                        and (not access & pg.PFERR_U or spte & SPTE_U)):
+                    return (spte & SPTE_FRAME) | (va & 0xFFF)
         ctx = self.mmu.ctx if self.shadow else self.paging_context()
         w = pg.walk(self.mem, ctx, va, access)
         if not w.ok:
@@ -619,7 +628,7 @@ class VCPU:
                 if self.shadow:
                     self.flush_tlb()                      # drop the hole mapping
                 try:
-                    self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2])
+                    self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2], native=not self.shadow)
                 except GuestCrash as crash:
                     return ("crash", crash)
                 pc = self.rip()
