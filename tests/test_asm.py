@@ -128,23 +128,65 @@ def test_errors_in_branches_not_assembled_are_not_reported():
     assert assemble(src, bits=32, base=BASE, symbols={"BITS": 32}) == b"\x9c"
 
 
-def test_no_keystone_error_or_crash_escapes():
-    # each of these crashes keystone, hangs it, silently empties its output or raises KsError
-    bad = ["nop\n.section .data\nnop", ".bss", ".cfi_startproc", "nop\n.org later\nlater:",
-           ".quad 0x10000000000000000", ".align 0x10000000", ".p2align 40", '.ascii "open',
-           ".fill 0x7fffffff, 1, 0", "mov eax, [", "]", "mov eax,", ",", "\x00", ".set",
-           ".macro", "jmp", "lgdt eax", ".incbin \"/nonexistent/file\"", ".code16",
-           "mov al, 0x1000", ".byte 300", ".error", "push rax", "x: .word 0x10000"]
+NO_ESCAPE = r"""
+import sys
+from x86shadow.asm import AsmError, assemble
+# each of these crashes keystone, hangs it (an endless loop), silently empties or corrupts its
+# output, or raises a KsError
+bad = ["nop\n.section .data\nnop", ".bss", ".cfi_startproc", "nop\n.org later\nlater:",
+       ".quad 0x10000000000000000", ".align 0x10000000", ".p2align 40", '.ascii "open',
+       ".fill 0x7fffffff, 1, 0", "mov eax, [", "]", "mov eax,", ",", ", nop", "+", "(", "[eax]",
+       ".byte ^", ".byte 1,,2", ".fill %", ".long /", ".align <", "jmp % fs : push", ".if ,",
+       ".if :", ".endif :", "$: nop", ".byte $ - 1", ".irp ,", ".rept ,", ".ascii ,",
+       "\x00", ".set", ".macro", "jmp", "lgdt eax", ".incbin \"/nonexistent/file\"", ".code16",
+       "mov al, 0x1000", ".byte 300", ".error", "push rax", "x: .word 0x10000", "mov eax, offset x"]
+for bits in (32, 64):
     for src in bad:
-        with pytest.raises(AsmError) as e:
-            assemble(src, bits=32, base=BASE, filename="bad.asm")
-        assert str(e.value).startswith("bad.asm:"), (src, str(e.value))
+        try:
+            assemble(src, bits=bits, base=0x400000, filename="bad.asm")
+        except AsmError as e:
+            assert str(e).startswith("bad.asm:"), (src, str(e))
+        else:
+            if not (bits == 64 and src == "push rax"):
+                raise SystemExit(f"no error for {src!r}")
+print("ok")
+"""
+
+
+def test_no_keystone_error_hang_or_crash_escapes():
+    # in a subprocess: a regression must fail the test, not hang or kill the test run
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", NO_ESCAPE], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (p.stdout, p.stderr[-2000:])
 
 
 def test_comment_after_operandless_instruction():
     # keystone rejects 'nop # comment' ("unknown token in expression")
     assert assemble("nop # c\nret   # return\nmov al, '#'  # char\n.ascii \"a#b\" # s\n",
                     bits=32, base=BASE) == b"\x90\xc3\xb0#a#b"
+
+
+def test_symbol_expressions_are_not_misassembled():
+    # keystone: 'mov eax, 1 + S' -> mov eax, [S]; 'mov eax, -S' -> a load from [S];
+    # '[ebx - S]' -> [ebx + S]; '[S*2 + ebx]' -> [ebx + S]; '4 * S' -> invalid operand
+    src = (".set S, 8\nmov eax, 1 + S\nmov eax, -S\nmov eax, 4 * S\npush 1 + S\n"
+           "mov eax, [ebx - S]\nmov eax, [S*2 + ebx]\nmov eax, [ebx + 1 + S*4]\n"
+           "lea eax, [ebx + ecx*2 + S - 1]\nmov eax, [4 - S]\nmov eax, . - 1\n")
+    insns = dis(assemble(src, bits=32, base=BASE), 32)
+    got = [(i.mnemonic, i.op_str) for i in insns]
+    assert got == [("mov", "eax, 9"), ("mov", "eax, 0xfffffff8"), ("mov", "eax, 0x20"),
+                   ("push", "9"), ("mov", "eax, dword ptr [ebx - 8]"),
+                   ("mov", "eax, dword ptr [ebx + 0x10]"), ("mov", "eax, dword ptr [ebx + 0x21]"),
+                   ("lea", "eax, [ebx + ecx*2 + 7]"), ("mov", "eax, dword ptr [0xfffffffc]"),
+                   ("mov", f"eax, {insns[9].address - 1:#x}")]
+    got64 = dis(assemble(".set S, 8\nmov rax, [rbx - S]\nlea rcx, [rip + x - 2]\nx: nop",
+                         bits=64, base=BASE), 64)
+    assert got64[0].op_str == "rax, qword ptr [rbx - 8]"
+    assert mem_ea(got64[1]) == got64[2].address - 2
 
 
 def test_parenthesised_symbol_expressions():
@@ -326,14 +368,38 @@ def test_string_ops_and_mode_checks():
 
 
 def test_immediate_width_checks():
-    # keystone silently truncates these
+    # keystone silently truncates or sign-extends these (checked after assembly with capstone)
     assert "does not fit in 8 bits" in err("mov al, 0x100")
-    assert "does not fit in 16 bits" in err(".set V, 0x10000\nmov ax, V")
+    assert "does not fit in the 16-bit operand" in err(".set V, 0x10000\nmov ax, V")
     assert "does not fit in 32 bits" in err("mov ebx, 0x100000000", bits=64)
     assert "does not fit in 32 bits" in err("mov eax, -0x80000001")
+    assert "use movabs" in err("mov rax, S\n.set S, 0xffffffff", bits=64)   # would be -1
+    assert "does not fit" in err("and rax, S\n.set S, 0xfffff000", bits=64)
+    assert "does not fit" in err("push 0x80000000", bits=64)                  # keystone: 66 68 00 00
     code = assemble("mov al, -128\nmov al, 0xff\ncmp ax, 0xffff\nand eax, 0xfffff000\n"
-                    "mov eax, -1\nmov al, 'A'", bits=32, base=BASE)
-    assert len(dis(code, 32)) == 6
+                    "mov eax, -1\nmov al, 'A'\nmov rcx, S\n.set S, -5", bits=64, base=BASE)
+    assert len(dis(code, 64)) == 7
+
+
+def test_push_immediate_is_32_bit():
+    # keystone: 'push S' (S defined later) and 'push 0x80000000' (64-bit) become 16-bit pushes
+    # (66 6a / 66 68); 'push label' (label defined later) is an "invalid fixup" in 32-bit mode
+    code = assemble("push S\npush later\npush -1\n.set S, 8\nlater: nop", bits=32, base=BASE)
+    insns = dis(code, 32)
+    assert [(i.bytes[0], i.op_str) for i in insns[:3]] == [
+        (0x68, "8"), (0x68, f"{BASE + 15:#x}"), (0x68, "0xffffffff")]
+    insns = dis(assemble("push S\npush fwd\n.set S, 8\nfwd: nop", bits=64, base=BASE), 64)
+    assert [i.op_str for i in insns[:2]] == ["8", f"{BASE + 10:#x}"]
+
+
+def test_macro_arguments_and_parameters_are_checked():
+    m = ".macro m a\n.byte \\a\n.endm\n"
+    assert "bad macro argument '^'" in err(m + "m ^")           # keystone: endless loop
+    assert "bad macro argument '1 2'" in err(m + "m 1 2")       # keystone: expansion dropped
+    assert "not a parameter" in err(".rept 2\n\\a\n.endr")       # keystone: endless loop
+    assert err(".macro m\n.if 1\npushfq\n.endif\n.endm\nnop\nm") == \
+        "prog.asm:3: 'pushfq' does not exist in 32-bit mode (expanded from prog.asm:7)"
+    assert assemble(m + "m 5\nm 'a'", bits=32, base=BASE) == b"\x05a"
 
 
 def test_directive_fixes():

@@ -1,43 +1,59 @@
 """Keystone front end: the only way guest code (firmware and programs) is assembled.
 
-What this module adds on top of keystone 0.9.2 (see docs/ARCHITECTURE.md, "Guest program contract"):
+What this module adds on top of keystone 0.9.2 (docs/ARCHITECTURE.md, "Guest program contract"):
 
 * ``.include "file"`` (relative to the including file, nested, cycle guard), predefined symbols
-  (``.set NAME, value`` lines put in front of the source) and ``.error "text"``.
+  (``.set NAME, value`` lines in front of the source; line numbers are kept), ``.error "text"``.
 * Errors that name the file and line: ``prog.asm:12: invalid mnemonic 'foo eax'``. Keystone reports
-  neither line nor symbol name, so a failed assembly is diagnosed by bisecting over line prefixes
-  (with a symbol-resolver callback that accepts forward references) and undefined symbols are
-  reported by name. Users never see a ``KsError`` or a traceback: everything is an :class:`AsmError`.
-* Keystone's mis-encodings are rewritten or rejected before they reach the user (each one is
-  measured in tests/test_asm.py; UNICORN.md lists them):
+  neither line nor symbol name: a failed assembly is diagnosed by bisecting over line prefixes
+  (open blocks closed, symbols defined by later lines stubbed as labels) and undefined symbols are
+  named. Users never see a ``KsError``, a traceback, a hang or a crash: everything is an
+  :class:`AsmError`. Errors found by the preprocessor in a statement are deferred to that statement
+  (reported only if keystone assembles it), so ``.if BITS == 64`` branches may hold 64-bit code.
+* Keystone's mis-encodings are rewritten or rejected (each checked in tests/test_asm.py):
 
   - 32-bit ``lgdt/lidt/sgdt/sidt`` carry a bogus 0x66 prefix (24-bit base)   -> correct bytes
-  - 32-bit ``ljmp SEL:OFF`` is encoded as a 16-bit far jump (0x66 EA ptr16:16) -> EA ptr16:32
-  - ``iret`` is encoded as the 16-bit ``iretw`` (0x66 CF) in both modes      -> iretd / iretq
-  - ``pushf``/``popf`` are encoded with a 0x66 prefix (16-bit) in both modes   -> pushfd/pushfq ...
+  - 32-bit ``ljmp SEL:OFF`` is a 16-bit far jump (66 EA ptr16:16)             -> EA ptr16:32
+  - ``iret`` is the 16-bit ``iretw`` (66 CF) in both modes                    -> iretd / iretq
+  - ``pushf``/``popf`` get a 0x66 prefix (16-bit) in both modes               -> pushfd / pushfq
   - 32-bit ``push/pop cs|ds|es|ss`` get a 0x66 prefix (a 2-byte push)         -> 1-byte opcodes
   - 64-bit ``mov r64, qword ptr [abs]`` (any register but rax) is encoded RIP-relative with the
     absolute value as displacement                                            -> SIB absolute form
-  - 64-bit absolute memory operands that no encoding reaches (>= 2 GiB and not RIP-reachable) are
-    silently truncated/sign-extended                                          -> rejected
-  - immediates too wide for an 8/16/32-bit register are silently truncated    -> rejected
-  - ``.word`` with an out-of-range value silently emits nothing                -> ``.short``
-  - ``.equ`` redefinition silently discards the whole output                  -> ``.set``
-  - ``.error`` is silently ignored                                            -> implemented here
+  - 64-bit absolute memory operands no encoding reaches (2 GiB..top 2 GiB, not RIP-reachable) are
+    silently truncated or sign-extended                                       -> rejected
+  - ``movsd`` (string op) is rejected; 32-bit ``movsq/cmpsq/cdqe/cqo`` silently become
+    movsd/cmpsd/cwde/cdq; 64-bit ``into/salc`` emit invalid opcodes          -> fixed / rejected
   - 64-bit ``ljmp/lcall SEL:OFF`` emit an opcode that does not exist in 64-bit mode -> rejected
-  - ``nop # comment`` (a comment after an operand-less instruction) fails      -> comments stripped
-  - ``.section``/``.bss``/``.cfi_*``/``.org`` to a forward label, huge ``.align``/``.fill`` counts,
-    integer literals wider than 64 bits and unterminated strings crash, hang or silently empty the
-    output                                                                    -> directive whitelist
-    and argument checks (anything else is "unsupported directive").
-  - a symbol-resolver callback makes keystone drop every ``.align``: the resolver is only ever
-    installed on the separate diagnosis instance, never on the one producing code.
+  - ``.word`` out of range silently emits nothing; ``.equ`` redefinition silently empties the
+    output; ``.error`` is silently ignored; ``mov eax, [`` assembles as ``[0]``  -> fixed / rejected
+  - instruction operands with symbol expressions are silently mis-assembled: ``mov eax, 1 + S``
+    and ``mov eax, -S`` become loads from ``[S]``, ``[ebx - S]`` is ``[ebx + S]``, ``[S*2 + ebx]``
+    is ``[ebx + S]``; ``4 * S`` and parenthesised groups are "invalid operand"  -> the expression
+    (the displacement, in a memory operand) is hoisted into a ``.set`` temporary, which keystone's
+    directive parser evaluates correctly
+  - ``push imm`` becomes a 16-bit push (66 6a / 66 68) for a symbol defined later, ``push dword 5``
+    and 64-bit ``push 0x80000000``; ``push label`` (defined later) fails     -> ``68 imm32`` bytes
+  - a symbol defined later is a sign-extended imm32 in 64-bit ``mov/add/and r64, S``; immediates
+    too wide for 8/16/32-bit operands are silently truncated                -> every immediate with
+    a symbol is compared, after assembly, with capstone's decoding; wrong ones are rejected
+  - malformed macro arguments / .irp values / unknown ``\\name`` references hang keystone or
+    silently drop the expansion (``m 1 2`` drops it)                           -> checked
+  - ``nop # comment`` (comment after an operand-less instruction) fails       -> comments stripped
+  - crashes (``.bss``, ``.section``, ``.cfi_*``, ``.org`` to a forward label), endless loops
+    (malformed expressions such as ``.byte ^``, ``.fill %``, ``jmp % fs``, empty operands, labels
+    named like conditionals, integer literals wider than 64 bits, unterminated strings, huge
+    ``.align``) -> a directive whitelist and a syntax check of every expression and operand.
+  - installing a symbol-resolver callback makes keystone drop every ``.align`` and evaluate
+    comparisons with 64-bit constants wrongly: the code-producing instance never has one.
 
-Not fixed (documented): the ``offset`` keyword is not supported (a bare label already is an
-immediate: ``mov eax, label`` loads the address); ``[rip + SYM]`` treats SYM as a displacement if it
-is a constant defined before the use; 64-bit ``sysret``/``sysexit`` are the REX.W forms (return to
-64-bit code; ``sysretl``/``sysexitl`` give the 32-bit forms); ``ljmp [mem]`` takes an m16:32
-pointer in both modes; rewrites do not see through macro arguments (``mov \\reg, [abs]``).
+Left as keystone does it (documented): the ``offset`` keyword is unsupported (a bare label already
+is an immediate: ``mov eax, label``); ``[rip + SYM]`` uses SYM as a displacement when SYM is a
+constant defined before the use, as the target otherwise; 64-bit ``sysret``/``sysexit`` are the
+REX.W forms (``sysretl``/``sysexitl`` give the 32-bit ones); ``ljmp [mem]`` takes an m16:32
+pointer in both modes; ``mov ss, ax`` carries a harmless 0x66; ``.org``, ``$`` (use ``.``),
+``jmp short/near`` and ``push dword`` are not supported; inside ``.macro``/``.rept``/``.irp``
+bodies the hoisting and the post-assembly checks are skipped (a statement there may hold ``\\arg``
+references, and labels would repeat), so the rewrites above do not see through macro arguments.
 """
 from __future__ import annotations
 
@@ -128,7 +144,7 @@ _ONLY_64_REGS = (set(_GPR64) | {n for n in _GPR32 if n.startswith("r")}
                  | {f"r{i}b" for i in range(8, 16)} | {f"cr{i}" for i in range(9, 16)})
 
 _IDENT = r"[A-Za-z_.$][\w.$]*"
-_LABEL_RE = re.compile(r"\s*(" + _IDENT + r")\s*:(?!:)")
+_LABEL_RE = re.compile(r"\s*([A-Za-z_.][\w.$]*)\s*:(?!:)")     # keystone hangs on '$:'
 _TOKEN_RE = re.compile(r"0[xX][0-9a-fA-F]*|0[bB][01]+|[0-9][0-9a-zA-Z]*|" + _IDENT + r"|'(?:\\.|[^'\\])'|\S")
 _MEM_RE = re.compile(
     r"^(?:(?P<size>byte|word|dword|fword|qword|tbyte|tword|xmmword|ymmword|zmmword|oword)\s+ptr\s*)?"
@@ -273,6 +289,15 @@ class _SyntaxProblem(ValueError):
     pass
 
 
+class _TemplateRisk(Exception):
+    pass
+
+
+_TEMPLATE_RISK = ("inside a .macro/.rept/.irp body keystone mis-assembles this operand expression "
+                  "(a symbol after a number or a unary operator, a subtracted or scaled symbol, "
+                  "parentheses): define its value with .set before the body")
+
+
 def _expr_tokens(text: str):
     toks, i = [], 0
     while i < len(text):
@@ -301,7 +326,7 @@ class _ExprParser:
     def __init__(self, text: str, regs: bool):
         self.toks = _expr_tokens(text)
         self.i = 0
-        self.regs = regs
+        self.regs = regs        # an instruction operand (registers, '$') or a directive argument
 
     def peek(self, k=0):
         j = self.i + k
@@ -330,6 +355,8 @@ class _ExprParser:
             return
         if kind == "id":
             low = val.lower()
+            if not self.regs and val.strip("$") == "":      # keystone hangs on '.byte $ - 1'
+                raise _SyntaxProblem("'$' is not supported in a directive: use '.'")
             if low in _KEYWORDS:
                 if low == "offset":
                     raise _SyntaxProblem("'offset' is not supported: a label is already an "
@@ -376,6 +403,81 @@ class _ExprParser:
                 self.take()
                 self.expr()
         self.expect_end()
+
+
+def _terms(toks):
+    """Split an expression into its top-level additive terms: [(sign, tokens), ...]."""
+    terms, cur, sign, depth, prev_operand = [], [], "+", 0, False
+    for kind, val in toks:
+        if kind == "op" and val in "+-" and depth == 0 and prev_operand:
+            terms.append((sign, cur))
+            cur, sign, prev_operand = [], val, False
+            continue
+        if kind == "op" and val in "+-" and depth == 0 and not cur:
+            sign = "-" if (val == "-") != (sign == "-") else "+"     # leading unary sign
+            continue
+        cur.append((kind, val))
+        if val == "(":
+            depth += 1
+        elif val == ")":
+            depth -= 1
+        prev_operand = kind in ("num", "id") or val == ")"
+    if cur:
+        terms.append((sign, cur))
+    return terms
+
+
+def _is_immediate(op: str) -> bool:
+    """An immediate operand: an expression without brackets, registers or a selector."""
+    if "[" in op or ":" in op or not op.strip():
+        return False
+    try:
+        toks = _expr_tokens(op)
+    except _SyntaxProblem:
+        return False
+    return not any(k == "id" and (v.lower() in _REGISTERS or v.lower() in _KEYWORDS)
+                   for k, v in toks)
+
+
+def _literal_value(op: str):
+    """The value of a plain integer or character literal (optionally negated), else None."""
+    t = op.strip()
+    neg = t.startswith("-")
+    t = t[1:].strip() if neg else t
+    m = re.match(r"^'(\\?.)'$", t)
+    v = (ord(m.group(1)[-1]) if len(m.group(1)) == 1 or m.group(1)[1] not in "ntr0\\'"
+         else None) if m else _number_value(t)
+    if v is None:
+        return None
+    return -v if neg else v
+
+
+def _is_branch(mnemonic: str) -> bool:
+    return mnemonic.startswith("j") or mnemonic in ("call", "loop", "loope", "loopne", "loopz",
+                                                    "loopnz", "xbegin")
+
+
+def _placeholders(text: str) -> str:
+    """Macro/.irp parameter references (\\name, \\@, \\()) replaced by an identifier."""
+    return re.sub(r"\\(\w+|@|\(\))", "x0", text)
+
+
+def _check_macro_args(ops: str):
+    """Arguments of a macro invocation or .irp values: strings or operands (keystone hangs or
+    silently drops the expansion for malformed ones; space-separated arguments are dropped)."""
+    if not ops.strip():
+        return
+    for arg in _split_operands(ops):
+        if not arg or _STRING_RE.match(arg):
+            continue
+        m = re.match(r"^" + _IDENT + r"\s*=(?!=)\s*(.+)$", arg)      # keyword argument
+        if m and _STRING_RE.match(m.group(1).strip()):
+            continue
+        try:
+            _check_operand(m.group(1) if m else arg)
+        except _SyntaxProblem as e:
+            raise _SyntaxProblem(f"bad macro argument '{arg}' ({e}; separate arguments with "
+                                 f"commas)") from None
 
 
 def _check_expr(text: str, regs=False):
@@ -469,6 +571,10 @@ class _Check:
 
 _NESTING_DIRECTIVES = (_IF_DIRECTIVES | _REPT_DIRECTIVES
                        | {".else", ".elseif", ".endif", ".macro", ".endm", ".endmacro", ".endr"})
+_ALL_DIRECTIVES = (_NESTING_DIRECTIVES | _DATA_DIRECTIVES | _FILL_DIRECTIVES | _ALIGN_DIRECTIVES
+                   | _SYMBOL_DIRECTIVES | _DROPPED_DIRECTIVES
+                   | {".word", ".exitm", ".purgem", ".error", ".err", ".incbin", ".end", ".include",
+                      ".code16", ".code32", ".code64", ".section", ".data", ".bss", ".org"})
 _EXPR_IF = {".if", ".ifeq", ".ifne", ".ifgt", ".ifge", ".iflt", ".ifle", ".elseif", ".rept"}
 _IDENT_RE = re.compile(_IDENT + "$")
 
@@ -501,11 +607,13 @@ def _check_directive_args(name: str, args: str):
     elif name in (".globl", ".global"):
         _check_list(args, ident, "name", lo=1)
     elif name == ".irp":
-        if not re.match(_IDENT + r"\s*(,|$)", args):
+        m = re.match(r"(" + _IDENT + r")\s*(?:,(.*))?$", args)
+        if not m:
             raise _SyntaxProblem("expected '.irp name, values'")
+        _check_macro_args(m.group(2) or "")
     elif name == ".irpc":
-        if not re.match(_IDENT + r"\s*,\s*\S+\s*$", args):
-            raise _SyntaxProblem("expected '.irpc name, characters'")
+        if not re.match(_IDENT + r"\s*,\s*[\w.]+\s*$", args):
+            raise _SyntaxProblem("expected '.irpc name, characters' (letters, digits, '_', '.')")
     elif name == ".macro":
         if not re.match(_IDENT + r"(\s|,|$)", args):
             raise _SyntaxProblem("'.macro' needs a name")
@@ -536,6 +644,8 @@ class _Pre:
         self.program_file: str | None = None
         self.temps = 0
         self.predefined: set[str] = set()
+        self.tparams: list[set] = []        # parameter names of the open .macro/.irp blocks
+        self.deferred: dict = {}            # N -> (statement, line) of __x86s_errN
 
     # ---- input
     def add_synthetic(self, text: str, origin: str):
@@ -596,7 +706,7 @@ class _Pre:
             problem = "non-ASCII character outside a comment"
         if problem is not None:
             st = _Stmt(code_part, "")
-            st.text = self._defer(st, problem)
+            st.text = self._defer(st, problem, line)
             st.stack = line.stack = tuple(k for k, _ in self.stack)
             line.stmts.append(st)
             self.lines.append(line)
@@ -629,7 +739,7 @@ class _Pre:
             except _Fatal:
                 raise
             except AsmError as e:
-                st.text = self._defer(st, e.detail)
+                st.text = self._defer(st, e.detail, line)
             st.stack = tuple(k for k, _ in self.stack)
             line.stmts.append(st)
         line.stack = tuple(k for k, _ in self.stack)
@@ -639,11 +749,12 @@ class _Pre:
     def _err(self, msg, line):
         return AsmError(msg, line.file, line.lineno)
 
-    def _defer(self, st: _Stmt, message: str) -> str:
+    def _defer(self, st: _Stmt, message: str, line: _Line) -> str:
         """Replace a statement by a reference to an undefined internal symbol: the error is
         reported (by _diagnose) only if keystone actually assembles the statement."""
         self.errors += 1
         st.error_text, st.error_plain = message, True
+        self.deferred[self.errors] = (st, line)
         return f".long {_INTERNAL}err{self.errors}"
 
     def _check_numbers(self, s, line):
@@ -655,6 +766,11 @@ class _Pre:
                     raise self._err(f"number {tok} does not fit in 64 bits", line)
 
     def _statement(self, s: str, line: _Line, st: _Stmt, basedir: str) -> str:
+        if self._in_template() and "\\" in s and not s.startswith("."):
+            # holds \arg / \@ references that keystone substitutes at expansion: check the
+            # syntax with a placeholder in their place, hand the text over unchanged
+            self._template_check(s, line)
+            return s
         self._check_numbers(s, line)
         bare = re.sub(r'"(?:\\.|[^"\\])*"|' + r"'(?:\\.|[^'\\])'", "", s)
         for o, c in ("[]", "()"):           # keystone reads 'mov eax, [' as 'mov eax, [0]'
@@ -675,6 +791,10 @@ class _Pre:
             name = m.group(1)
             if name.lower() in _REGISTERS or name.lower() in _KEYWORDS:
                 raise self._err(f"'{name}' is a reserved word and cannot be a label", line)
+            if name == "." or name.lower() in _ALL_DIRECTIVES:    # keystone hangs on '.if :'
+                if name.lower() in _NESTING_DIRECTIVES:
+                    raise _Fatal(f"'{name}' cannot be a label", line.file, line.lineno)
+                raise self._err(f"'{name}' cannot be a label", line)
             if name in self.predefined:     # keystone would silently accept the label
                 raise self._err(f"'{name}' is a predefined symbol and cannot be a label", line)
             labels.append(name + ":")
@@ -682,8 +802,7 @@ class _Pre:
             s = s[m.end():].strip()
         if s:
             # keystone hangs on statements that start with punctuation or have empty operands
-            in_macro = any(k == "macro" for k, _ in self.stack)
-            if not re.match(r"[A-Za-z_.]" + (r"|\\" if in_macro else ""), s):
+            if not re.match(r"[A-Za-z_.]" + (r"|\\" if self._in_template() else ""), s):
                 raise self._err(f"expected an instruction or directive: '{s}'", line)
             rest = s.split(None, 1)[1] if len(s.split(None, 1)) > 1 else ""
             if rest and not rest.lstrip().startswith("=") and \
@@ -692,6 +811,53 @@ class _Pre:
         body = self._body(s, line, st, basedir) if s else ""
         return " ".join(labels + ([body] if body else []))
 
+    def _check_refs(self, s: str, line: _Line):
+        """Every \\name must be a parameter of an enclosing .macro/.irp (keystone hangs on an
+        unknown one, e.g. '\\a' in a .rept body)."""
+        known = set().union(*self.tparams) if self.tparams else set()
+        for m in re.finditer(r"\\(\w+|@|\(\)|.?)", re.sub(r'"(?:\\.|[^"\\])*"', '""', s)):
+            ref = m.group(1)
+            if ref in ("@", "()") or ref in known:
+                continue
+            raise self._err(f"'\\{ref}' is not a parameter of an enclosing .macro/.irp", line)
+
+    def _template_check(self, s: str, line: _Line):
+        self._check_refs(s, line)
+        sub = _placeholders(s)
+        self._check_numbers(sub, line)
+        while True:
+            m = _LABEL_RE.match(sub)
+            if not m or m.group(1).lower() in _SEGREGS:
+                break
+            sub = sub[m.end():].strip()
+        if not sub:
+            return
+        try:
+            if sub.startswith("."):
+                parts = sub.split(None, 1)
+                _check_directive_args(parts[0].lower(), parts[1] if len(parts) > 1 else "")
+                return
+            if not re.match(r"[A-Za-z_.]", sub):
+                raise _SyntaxProblem("expected an instruction or directive")
+            m = re.match(r"^(" + _IDENT + r")\s*=(?!=)(.*)$", sub)
+            if m:
+                _check_expr(m.group(2))
+                return
+            parts = sub.split(None, 1)
+            mn, ops = parts[0], (parts[1] if len(parts) > 1 else "")
+            while mn.lower() in _INSN_PREFIXES and ops:
+                parts = ops.split(None, 1)
+                mn, ops = parts[0], (parts[1] if len(parts) > 1 else "")
+            if mn.lower() in self.macros:
+                _check_macro_args(ops)
+            elif ops:
+                for op in _split_operands(ops):
+                    if not op:
+                        raise _SyntaxProblem("empty operand")
+                    _check_operand(op)
+        except _SyntaxProblem as e:
+            raise self._err(f"{e} in '{s}'", line) from None
+
     def _body(self, s: str, line: _Line, st: _Stmt, basedir: str) -> str:
         if s.startswith("."):
             return self._directive(s, line, st, basedir)
@@ -699,7 +865,7 @@ class _Pre:
         if m:
             if m.group(1).lower() in _REGISTERS:
                 raise self._err(f"'{m.group(1)}' is a register name and cannot be a symbol", line)
-            if not any(k == "macro" for k, _ in self.stack):
+            if not self._in_template():
                 try:
                     _check_expr(m.group(2))
                 except _SyntaxProblem as e:
@@ -715,9 +881,14 @@ class _Pre:
         err = lambda msg: self._err(msg, line)  # noqa: E731
         fatal = lambda msg: _Fatal(msg, line.file, line.lineno)  # noqa: E731
         top = self.stack[-1][0] if self.stack else None
-        if not any(k == "macro" for k, _ in self.stack) or name in _NESTING_DIRECTIVES:
+        if "\\" in args and name not in (".ascii", ".asciz", ".string", ".error", ".incbin"):
             try:
-                _check_directive_args(name, args)
+                self._check_refs(args, line)
+            except AsmError as e:
+                raise (fatal(e.detail) if name in _NESTING_DIRECTIVES else e) from None
+        if True:
+            try:
+                _check_directive_args(name, _placeholders(args) if self._in_template() else args)
             except _SyntaxProblem as e:
                 msg = f"{e} in '{s}'"
                 raise fatal(msg) if name in _NESTING_DIRECTIVES else err(msg)
@@ -746,11 +917,15 @@ class _Pre:
                 raise fatal("nested '.macro' definitions are not supported")
             self.macros.add(m.group(1).lower())
             self.stack.append(("macro", line))
+            rest = args[m.end():]
+            self.tparams.append({p.group(1) for p in re.finditer(
+                r"(?:^|[\s,])([A-Za-z_][\w]*)(?=\s*(?:=|:req|:vararg|,|\s|$))", rest)})
             return s
         if name in (".endm", ".endmacro"):
             if top != "macro":
                 raise fatal(f"'{name}' without '.macro'")
             self.stack.pop()
+            self.tparams.pop()
             return s
         if name == ".exitm":
             if "macro" not in [k for k, _ in self.stack]:
@@ -766,11 +941,14 @@ class _Pre:
                 if v is not None and v > 1_000_000:
                     raise fatal(f"'.rept' count {args} is too large")
             self.stack.append(("rept", line))
+            m = re.match(r"^(" + _IDENT + r")", args)
+            self.tparams.append({m.group(1)} if name != ".rept" and m else set())
             return s
         if name == ".endr":
             if top != "rept":
                 raise fatal("'.endr' without '.rept'")
             self.stack.pop()
+            self.tparams.pop()
             return s
         if name in _SYMBOL_DIRECTIVES:
             m = re.match(r"^(" + _IDENT + r")\s*,\s*(\S.*)$", args)
@@ -819,6 +997,7 @@ class _Pre:
             else:
                 st.error_text = ".err encountered"
             self.errors += 1
+            self.deferred[self.errors] = (st, line)
             return f".long {_INTERNAL}err{self.errors}"
         if name == ".incbin":
             m = re.match(r'^"([^"]+)"(.*)$', args)
@@ -850,7 +1029,11 @@ class _Pre:
 
     # ---- instructions
     def _instrumentable(self):
-        return not any(k in ("macro", "rept") for k, _ in self.stack)
+        return not self._in_template()
+
+    def _in_template(self):
+        """Inside a .macro/.rept/.irp body: the text may hold \\arg references and repeats."""
+        return any(k in ("macro", "rept") for k, _ in self.stack)
 
     def _instruction(self, s: str, line: _Line, st: _Stmt) -> str:
         bits = self.bits
@@ -864,10 +1047,14 @@ class _Pre:
             mn, ops = m.group(1), m.group(2).strip()
         low = mn.lower()
         if low in self.macros:
+            try:
+                _check_macro_args(ops)
+            except _SyntaxProblem as e:
+                raise err(f"{e} in '{s}'") from None
             return s
         if not re.match(r"^[A-Za-z_.][\w.]*$", mn):
             raise err(f"invalid mnemonic '{s}'")
-        if not any(k == "macro" for k, _ in self.stack) and ops:
+        if ops:
             for op in _split_operands(ops):
                 if not op:
                     raise err(f"empty operand in '{s}'")
@@ -876,48 +1063,103 @@ class _Pre:
                 except _SyntaxProblem as e:
                     raise err(f"invalid operand '{op}' ({e}) in '{s}'") from None
         hoisted = ""
-        if "(" in ops and self._instrumentable():
-            hoisted, ops = self._hoist(ops)
+        if ops:
+            try:
+                hoisted, ops = self._hoist(ops)
+            except _TemplateRisk as e:
+                raise err(f"{e} '{s}'") from None
             if hoisted:
                 s = prefix + mn + " " + ops
         out = self._instruction2(s, prefix, mn, low, ops, line, st)
         return hoisted + out
 
     def _hoist(self, ops: str):
-        """Keystone rejects parenthesised groups that contain a symbol inside instruction operands
-        (``mov eax, (A & 0xffff) | 1``, ``[edi + (B)]``: "invalid operand"). Each such group is
-        defined as a temporary symbol first: ``.set __x86s_eN, (A & 0xffff) ; mov eax, __x86s_eN | 1``.
-        """
-        sets, out, i, n = [], [], 0, len(ops)
-        while i < n:
-            c = ops[i]
-            if c in "\"'":
-                m = re.match(r'"(?:\\.|[^"\\])*"' if c == '"' else r"'(?:\\.|[^'\\])'", ops[i:])
-                if m:
-                    out.append(m.group(0))
-                    i += m.end()
-                    continue
-            if c == "(":
-                depth, j = 0, i
-                while j < n:
-                    if ops[j] == "(":
-                        depth += 1
-                    elif ops[j] == ")":
-                        depth -= 1
-                        if depth == 0:
-                            break
-                    j += 1
-                group = ops[i:j + 1]
-                if j < n and _idents(group) and _safe_expr(group):
-                    name = f"{_INTERNAL}e{self.temps}"
-                    self.temps += 1
-                    sets.append(f".set {name}, {group} ; ")
-                    out.append(name)
-                    i = j + 1
-                    continue
-            out.append(c)
-            i += 1
-        return "".join(sets), "".join(out)
+        """Keystone's Intel operand parser silently mis-assembles expressions with symbols:
+        ``mov eax, 1 + S`` becomes ``mov eax, [S]``, ``mov eax, -S`` a load from ``[S]``,
+        ``[ebx - S]`` is ``[ebx + S]``, ``[S*2 + ebx]`` is ``[ebx + S]``; and it rejects
+        parenthesised groups (``mov eax, (A & 0xffff) | 1``). Its directive parser evaluates
+        expressions correctly, so every such expression becomes a temporary symbol first:
+        ``.set __x86s_eN, (1 + S) ; mov eax, __x86s_eN``. In a memory operand only the
+        displacement (the terms without a register) is replaced.
+        Returns (the .set statements, the rewritten operands)."""
+        sets, out = [], []
+        for op in _split_operands(ops):
+            try:
+                out.append(self._hoist_operand(op, sets))
+            except _SyntaxProblem:
+                out.append(op)
+        return "".join(sets), ", ".join(out)
+
+    def _temp(self, expr: str, sets: list) -> str:
+        name = f"{_INTERNAL}e{self.temps}"
+        self.temps += 1
+        sets.append(f".set {name}, ({expr}) ; ")
+        return name
+
+    def _hoist_operand(self, op: str, sets: list) -> str:
+        toks = _expr_tokens(op)
+        if not toks or any(v == "$" for _, v in toks):
+            return op
+        lead = ""
+        if toks[0][0] == "id" and toks[0][1].lower() in ("short", "near", "far"):
+            lead, toks = toks[0][1] + " ", toks[1:]
+        if any(v in ("[", "]") for _, v in toks):
+            m = _MEM_RE.match(" ".join(v for _, v in toks).replace("[ ", "[").replace(" ]", "]")
+                              .replace(" :", ":"))
+            if not m:
+                return op
+            inner = m.group("inner").strip()
+            seg_in = ""
+            m2 = re.match(r"^([cdefgs]s)\s*:(.*)$", inner, re.I)
+            if m2:
+                seg_in, inner = m2.group(1) + ":", m2.group(2).strip()
+            regs, disp = [], []
+            for sign, term in _terms(_expr_tokens(inner)):
+                text = " ".join(v for _, v in term)
+                if any(k == "id" and v.lower() in _REGISTERS for k, v in term):
+                    regs.append((sign, text))
+                else:
+                    disp.append((sign, text, term))
+            simple = len(disp) == 1 and disp[0][0] == "+" and len(disp[0][2]) == 1
+            has_sym = any(k == "id" or v in ("(", ")") for _, _, term in disp for k, v in term)
+            if not disp or simple or not has_sym:
+                return op
+            if self._in_template():
+                # no temporaries in a macro/.rept body (keystone mishandles a redefined .set that
+                # depends on a later label, and hangs on '.set x_\\@'): refuse what it misreads
+                if any(v in ("(", ")") for _, _, term in disp for _, v in term) or any(
+                        any(k == "id" for k, _ in term) and not (sg == "+" and len(term) == 1)
+                        for sg, _, term in disp):
+                    raise _TemplateRisk(_TEMPLATE_RISK)
+                return op
+            name = self._temp(" ".join(f"{sg} ({tx})" for sg, tx, _ in disp), sets)
+            parts = [f"{'- ' if sg == '-' else ''}{tx}" if i == 0 else f"{sg} {tx}"
+                     for i, (sg, tx) in enumerate(regs)]
+            body = " ".join(parts + [("+ " if parts else "") + name])
+            size = f"{m.group('size')} ptr " if m.group("size") else ""
+            seg = f"{m.group('seg')}:" if m.group("seg") else ""
+            return f"{lead}{size}{seg}[{seg_in}{body}]"
+        # far pointer SEL:OFF, or an immediate
+        if any(v == ":" for _, v in toks):
+            i = next(j for j, (_, v) in enumerate(toks) if v == ":")
+            sides = [toks[:i], toks[i + 1:]]
+            if sides[0] and sides[0][0][0] == "id" and sides[0][0][1].lower() in _SEGREGS:
+                return op
+            fixed = [self._hoist_imm(side, sets) for side in sides]
+            return lead + fixed[0] + ":" + fixed[1]
+        return lead + self._hoist_imm(toks, sets)
+
+    def _hoist_imm(self, toks, sets) -> str:
+        text = " ".join(v for _, v in toks)
+        if len(toks) <= 1 or any(k == "id" and v.lower() in _REGISTERS for k, v in toks):
+            return text
+        if any(k == "id" or v in ("(", ")") for k, v in toks):
+            if self._in_template():
+                if toks[0][0] != "id" or any(v in ("(", ")") for _, v in toks):
+                    raise _TemplateRisk(_TEMPLATE_RISK)
+                return text
+            return self._temp(text, sets)
+        return text
 
     def _instruction2(self, s, prefix, mn, low, ops, line, st):
         bits = self.bits
@@ -1004,6 +1246,15 @@ class _Pre:
         out = prefix + mn + (" " + ops if ops else "")
         instrument = self._instrumentable()
 
+        # --- push imm: keystone emits a 16-bit push (66 6a / 66 68) for a symbol defined later
+        #     and for 'push 0x80000000' in 64-bit mode, and rejects a label defined later
+        if low == "push" and len(operands) == 1 and _is_immediate(operands[0]) and not prefix:
+            out = f".byte 0x68 ; .long ({operands[0]})"
+            st.hint = f"immediate '{operands[0]}' does not fit in a 32-bit push"
+            if instrument:
+                out = self._instrument("imm", line, st, operands[0], out)
+            return out
+
         # --- 64-bit mov r64, [abs]: keystone encodes [rip + abs]
         if bits == 64 and low == "mov" and len(operands) == 2 and not prefix:
             dst = operands[0].lower()
@@ -1026,26 +1277,23 @@ class _Pre:
 
         if not instrument:
             return out
-        # --- checks done after assembly (64-bit absolute memory operands, immediate widths)
+        # --- checks done after assembly (64-bit absolute memory operands, immediates)
         if bits == 64:
             for op in operands:
                 mem = _parse_mem(op)
                 if mem and not _has_register(mem["inner"]) and _safe_expr(mem["inner"]):
-                    return self._instrument("mem", line, st, mem["inner"], out)
-        if low in ("mov", "add", "sub", "and", "or", "xor", "cmp", "test", "adc", "sbb") \
-                and len(operands) == 2 and operands[0].lower() in _REG_WIDTH:
-            src = operands[1]
-            if "[" not in src and not _has_register(src) and _safe_expr(src):
+                    out = self._instrument("mem", line, st, mem["inner"], out)
+                    break
+        imms = [op for op in operands if _is_immediate(op)]
+        if len(imms) == 1 and not _is_branch(low):
+            lit = _literal_value(imms[0])
+            if lit is None:
+                out = self._instrument("imm", line, st, imms[0], out)
+            elif len(operands) == 2 and operands[1] is imms[0] \
+                    and operands[0].lower() in _REG_WIDTH:
                 width = _REG_WIDTH[operands[0].lower()]
-                lit = src.strip()
-                neg = lit.startswith("-")
-                v = _number_value(lit[1:].strip() if neg else lit)
-                if v is not None:
-                    v = -v if neg else v
-                    if not -(1 << (width - 1)) <= v < (1 << width):
-                        raise err(f"immediate {v:#x} does not fit in {width} bits '{st.orig}'")
-                elif width < 64:
-                    return self._instrument("imm", line, st, src, out, width)
+                if not -(1 << (width - 1)) <= lit < (1 << width):
+                    raise err(f"immediate {lit:#x} does not fit in {width} bits '{st.orig}'")
         return out
 
     def _instrument(self, kind, line, st, expr, out, width=0):
@@ -1100,8 +1348,10 @@ def _phrase(e) -> str:
 
 
 class _Keystone:
-    """Per-thread keystone instances: ``plain`` produces code; ``diag`` carries the symbol
-    resolver (which would break .align) and is only used to locate errors."""
+    """Per-thread keystone instances. ``plain`` produces all code and all diagnosis attempts;
+    ``diag`` carries a symbol-resolver callback that only records the names keystone could not
+    resolve (the last resort for naming an undefined symbol). It never produces code: with a
+    resolver installed keystone drops every ``.align`` and mis-evaluates ``.if A > 0x100000000``."""
 
     def __init__(self, bits):
         mode = KS_MODE_32 if bits == 32 else KS_MODE_64
@@ -1115,6 +1365,7 @@ class _Keystone:
         try:
             n = name.decode("ascii", "replace")
             if n.startswith(_INTERNAL + "err"):
+                self.asked.append(n)
                 return False
             if n.startswith(_INTERNAL):
                 value[0] = _SENTINEL
@@ -1223,6 +1474,12 @@ def _diagnose(pre: _Pre, base: int, first_error):
     for l in lines:
         defined_before.append(defined_before[-1] | l.defines)
     everything = defined_before[-1]
+    # symbols defined by the lines before k, except those defined by a later line too (a later
+    # definition may be the only one actually assembled, e.g. in the other branch of a .if)
+    later = [set() for _ in range(n + 1)]
+    for k in range(n - 1, -1, -1):
+        later[k] = later[k + 1] | lines[k].defines
+    defined_before = [defined_before[k] - later[k] for k in range(n + 1)]
 
     def attempt(k, nstmts=None):
         """Assemble lines[:k] (plus the first nstmts statements of line k)."""
@@ -1235,7 +1492,8 @@ def _diagnose(pre: _Pre, base: int, first_error):
             stack = stmts[-1].stack if stmts else stack
             have = have | lines[k].defines     # (approximation: the whole line's labels)
         parts.append(_closers(stack))
-        parts.extend(f"{name}:" for name in sorted(everything - have))
+        # a name may be defined in a .if branch that is not assembled: stub it only if undefined
+        parts.extend(f".ifndef {name}\n{name}:\n.endif" for name in sorted(everything - have))
         _, err = ks.run(ks.plain, "\n".join(parts), base)
         return err
 
@@ -1264,6 +1522,19 @@ def _diagnose(pre: _Pre, base: int, first_error):
         if stmt.error_plain:
             raise AsmError(stmt.error_text, *where)
         raise AsmError(f".error: {stmt.error_text}", *where)
+    if errno == _kc.KS_ERR_ASM_SYMBOL_MISSING and pre.deferred:
+        # a deferred error inside a macro or .rept body, reached by this expansion?
+        ks = _keystone(pre.bits)
+        ks.asked = []
+        ks.run(ks.diag, "\n".join(l.text for l in lines[:idx + 1]) + "\n"
+               + _closers(line.stack), base)
+        for name in ks.asked:
+            m = re.match(re.escape(_INTERNAL) + r"err(\d+)$", name)
+            if m and int(m.group(1)) in pre.deferred:
+                dst, dline = pre.deferred[int(m.group(1))]
+                text = dst.error_text if dst.error_plain else f".error: {dst.error_text}"
+                raise AsmError(f"{text} (expanded from {line.file}:{line.lineno})",
+                               dline.file, dline.lineno or None)
     if errno == _kc.KS_ERR_ASM_SYMBOL_MISSING and pre.bits == 32:
         regs = [t for t in _idents(quoted) if t.lower() in _ONLY_64_REGS]
         if regs:
@@ -1286,6 +1557,9 @@ def _diagnose(pre: _Pre, base: int, first_error):
         names = labels or ([m.group(1)] if m else [])
         if names:
             phrase = f"symbol '{names[0]}' redefined"
+    first = re.match(r"^\s*(?:[A-Za-z_.][\w.$]*\s*:\s*)*([A-Za-z_.][\w.]*)", quoted)
+    if first and first.group(1).lower() in pre.macros:
+        raise AsmError(f"{phrase} in the expansion of macro '{first.group(1)}' '{quoted}'", *where)
     raise AsmError(f"{phrase} '{quoted}'", *where)
 
 
@@ -1307,16 +1581,16 @@ def _missing_symbol(pre, text, everything, lines, base):
     return names[0] if names else None
 
 
-_cs64 = None
+_cs = {}
 
 
-def _disasm_one(code: bytes, addr: int):
-    global _cs64
-    if _cs64 is None:
-        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-        _cs64 = Cs(CS_ARCH_X86, CS_MODE_64)
-        _cs64.detail = True
-    for insn in _cs64.disasm(code[:16], addr, 1):
+def _disasm_one(code: bytes, addr: int, bits: int):
+    if bits not in _cs:
+        from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
+        cs = Cs(CS_ARCH_X86, CS_MODE_32 if bits == 32 else CS_MODE_64)
+        cs.detail = True
+        _cs[bits] = cs
+    for insn in _cs[bits].disasm(code[:16], addr, 1):
         return insn
     return None
 
@@ -1334,24 +1608,39 @@ def _effective_address(insn):
 
 
 def _verify(pre: _Pre, base: int, code: bytes, table: bytes):
+    """Compare what keystone encoded with what the source meant (values from the table)."""
+    from capstone import x86_const as X
     for n, chk in enumerate(pre.checks):
         addr = int.from_bytes(table[16 * n:16 * n + 8], "little")
         value = int.from_bytes(table[16 * n + 8:16 * n + 16], "little")
         if addr == _SENTINEL:
             continue      # the statement was in a conditional branch that was not assembled
-        where = (chk.line.file, chk.line.lineno or None)
-        if chk.kind == "imm":
-            sval = value - (1 << 64) if value >> 63 else value
-            w = chk.width
-            if not -(1 << (w - 1)) <= sval < (1 << w):
-                raise AsmError(f"immediate {sval:#x} does not fit in {w} bits "
-                               f"'{chk.stmt.orig}'", *where)
-            continue
         off = addr - base
         if not 0 <= off < len(code):
             continue
-        insn = _disasm_one(code[off:], addr)
-        ea = _effective_address(insn) if insn is not None else None
+        where = (chk.line.file, chk.line.lineno or None)
+        insn = _disasm_one(code[off:], addr, pre.bits)
+        if insn is None:
+            continue
+        if chk.kind == "imm":
+            sval = value - (1 << 64) if value >> 63 else value
+            imm = next((op for op in insn.operands if op.type == X.X86_OP_IMM), None)
+            if imm is None:
+                if any(op.type == X.X86_OP_MEM for op in insn.operands):
+                    raise AsmError(f"keystone encoded the immediate as a memory operand "
+                                   f"'{chk.stmt.orig}'", *where)
+                continue
+            w = 8 * (imm.size or 4)
+            if not -(1 << (w - 1)) <= sval < (1 << w) or (imm.imm - sval) % (1 << w):
+                what = f"{sval:#x}" if -(1 << 63) <= sval < (1 << 64) else str(sval)
+                hint = ""
+                if w == 64 and insn.mnemonic == "mov":
+                    hint = " (use movabs for a 64-bit value)"
+                raise AsmError(f"immediate {what} does not fit in the {w}-bit operand"
+                               f"{' (sign-extended from 32 bits)' if w == 64 else ''}{hint} "
+                               f"'{chk.stmt.orig}'", *where)
+            continue
+        ea = _effective_address(insn)
         if ea is None or ea == value:
             continue
         raise AsmError(f"absolute address {value:#x} cannot be encoded in 64-bit mode (a 32-bit "

@@ -6,7 +6,7 @@
 .include "../lib/console.inc"
 
 .ifndef N
-.set N, 1500
+.set N, 4000
 .endif
 .set BUF, FREE_BASE + 0x100000         # identity-mapped by the firmware
 .set M, 4096                           # dwords: 4 pages

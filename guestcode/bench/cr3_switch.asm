@@ -12,7 +12,7 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 15000
+.set N, 3000
 .endif
 .ifndef SWITCH
 .set SWITCH, 1

@@ -13,7 +13,7 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 20000
+.set N, 6000
 .endif
 .set v_root, PROG_VARS + 0x00
 .set pf_count, PROG_VARS + 0x08

@@ -11,7 +11,7 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 65536
+.set N, 131072
 .endif
 .ifndef STRIDE
 .set STRIDE, 0x1000

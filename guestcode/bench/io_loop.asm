@@ -5,7 +5,7 @@
 .include "../lib/console.inc"
 
 .ifndef N
-.set N, 300000
+.set N, 1000000
 .endif
 .set v_count, PROG_VARS + 0x00
 

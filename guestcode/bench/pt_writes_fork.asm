@@ -19,13 +19,18 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 20
+.set N, 40
 .endif
 .set M, 1024
 .if BITS == 64
 .set UWIN, 0x0000008000000000          # PML4 index 1: the child needs tables at every level
 .else
 .set UWIN, 0x40000000
+.endif
+.if PAGING == 2
+.set ID_DWORDS, 16                     # the root entries of the identity map: PDEs 0..15
+.else
+.set ID_DWORDS, 2                      # PDPTE 0 (PAE) / PML4E 0 (64)
 .endif
 .set v_parent, PROG_VARS + 0x00        # quad
 .set v_child, PROG_VARS + 0x08         # quad
@@ -87,11 +92,7 @@ pte_of:
 .endm
 
 .macro ROOT_TO_DI var
-.if BITS == 64
-    mov rdi, qword ptr [\var]
-.else
-    mov edi, dword ptr [\var]
-.endif
+    mov edi, dword ptr [\var]         # roots lie below 4 GiB (mode 64: zero-extended into rdi)
 .endm
 
 main:
@@ -137,14 +138,14 @@ fork_loop:
     mov dword ptr [v_child + 4], 0
 .if BITS == 64
     mov rdi, rax
-    mov rsi, qword ptr [v_parent]
-    mov ecx, 16                        # mode 32: PDEs 0..15; PAE: PDPTE 0; 64: PML4E 0
+    mov esi, dword ptr [v_parent]
+    mov ecx, ID_DWORDS
     cld
     rep movsd dword ptr [rdi], dword ptr [rsi]
 .else
     mov edi, eax
     mov esi, dword ptr [v_parent]
-    mov ecx, 16
+    mov ecx, ID_DWORDS
     cld
     rep movsd dword ptr es:[edi], dword ptr [esi]
 .endif

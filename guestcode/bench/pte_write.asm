@@ -11,7 +11,7 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 40000
+.set N, 20000
 .endif
 .ifndef WRITE
 .set WRITE, 1

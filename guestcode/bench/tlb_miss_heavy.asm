@@ -11,7 +11,7 @@
 .include "bench.inc"
 
 .ifndef N
-.set N, 300
+.set N, 500
 .endif
 .set P, 512
 .set STRIDE, 0x100000

@@ -35,9 +35,11 @@
 #                                              (the "fixmap page table" F); kscand uses the slot
 #                                              FIX_KMAP_BEGIN + KM_TYPE of CPU 0 (KM_TYPE_NR = 13)
 #
-# Flow: build the tables, load CR3, run the process once (warm-up: every user page touched, so every
-# user table is shadowed), then NSCANS times { kscand pass; run the process (it reads one dword of each
-# of its pages, so the accessed bits kscand cleared come back through faults) }. The process enters
+# Flow: build the tables, load CR3, kmap the process's first page once (boot: the fixmap page table
+# is in use, hence shadowed, before kscand starts), run the process once (warm-up: every user page
+# touched, so every user table is shadowed), then NSCANS times { kscand pass; run the process (it reads one dword of each
+# of its pages, so the accessed bits kscand cleared come back through faults) }. Running the process
+# reloads CR3 (the switch to its mm), so no stale translation hides an access. The process enters
 # CPL3 by iret and comes back by `int 0x80`.
 #
 # Instrumentation (not part of the modelled kernel): counts in the KSTAT block, and a write to
@@ -297,6 +299,14 @@ user_pdes:
     mov cr3, eax
     mov dword ptr [S_MAGIC], 0x6b6d6170
 
+    # boot: the kernel reads the process's first page through the slot (as clear_highpage /
+    # copy_to_user of a highmem page do), so the fixmap page table is in use -- and shadowed --
+    # before kscand starts, as on a kernel that has been running for a while
+    mov eax, PAGES_PA
+    call kmap_atomic
+    mov eax, dword ptr [KMAP_VADDR]
+    call kunmap_atomic
+
     # ---- warm-up: the process touches all its pages (shadows every user table)
     xor eax, eax
     MARK 1, eax
@@ -536,6 +546,11 @@ kr_alive:
 # run_user: enter CPL3 at user_entry; returns when the process does int 0x80.
 run_user:
     pushal
+    # schedule() to the process: switch_mm loads its CR3, which drops the non-global TLB entries,
+    # so its accesses walk the page tables again and set the accessed bits kscand cleared (without
+    # it, a CPU may keep using cached translations and never set them: that is architectural)
+    mov eax, dword ptr [v_root]
+    mov cr3, eax
     mov dword ptr [v_ksp], esp
     add dword ptr [S_TOUCHES], NTABLES * NPTES
     mov ebx, dword ptr [v_entry]

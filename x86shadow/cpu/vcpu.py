@@ -51,6 +51,9 @@ _CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall s
 # instruction can be re-executed natively
 _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add adc sub sbb inc dec "
                          "neg not xadd push setcc shl shr sar rol ror rcl rcr shld shrd".split())
+# read-modify-write classes: their memory operand is read, then written
+_RMW = frozenset("xchg cmpxchg cmpxchg8b cmpxchg16b bts btr btc or and xor add adc sub sbb inc dec "
+                 "neg not xadd shl shr sar rol ror rcl rcr shld shrd".split())
 _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
 _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
@@ -90,7 +93,7 @@ class VCPU:
         self.stop = None                 # ("exit", status) / ("crash", GuestCrash) / ("halt",)
         self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
         self.retry_page = None           # code page whose translations must be dropped
-        self.last_reexec = None          # (rip, gpa) of the last unprotect-and-re-execute
+        self.last_reexec = None          # (rip, gpa, exits) of the last unprotect-and-re-execute
         self.page_kind = {}              # gfn -> _CODE / _MIXED (absent: _DATA)
         self.flips = {}                  # gfn -> code/data transitions so far
         self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
@@ -103,6 +106,7 @@ class VCPU:
             self.mmu = ShadowMMU(mem, counters, trace)
             self.policy = policy if policy is not None else make_policy("kvm")
             self.mmu.policy = self.policy
+            self.mmu.rmw_probe = self._current_insn_is_rmw
             self._add_raw_fill_hook()
             # memory hooks only over the addresses they are for: a hook whose range covers a
             # store sends every such store down QEMU's slow path (measured: 10x per store)
@@ -357,7 +361,9 @@ class VCPU:
             verdict = Verdict(EMULATE, "emulate: write to the PAE PDPT in use")
         else:
             verdict = self.policy.classify(self, gpa, size, value, insn, self.reg(UC_X86_REG_CS) & 3)
-        if verdict.action in (UNPROTECT, FAIL) and self.last_reexec == (rip, gpa):
+        # "right after": only the shadow faults of the re-execution itself in between
+        progress = c["exits"] - c["pf_fixed"] - c["pf_guest"]
+        if verdict.action in (UNPROTECT, FAIL) and self.last_reexec == (rip, gpa, progress):
             # re-executing natively faulted again on the same address: the instruction's own
             # translation re-shadows the frame (a page table that maps itself). Emulate it.
             verdict = Verdict(EMULATE, "emulate: re-execution trapped again at the same RIP and "
@@ -393,7 +399,7 @@ class VCPU:
             # (cmpxchg8b: measured), so resume at the RIP read here, on the instruction.
             mmu.need_flush = True
             self.stop = ("reexec", rip)
-            self.last_reexec = (rip, gpa)
+            self.last_reexec = (rip, gpa, progress + 1)     # + this trap
             return False
         self.mem.write_uint(gpa, size, value)
         if action == EMULATE:
@@ -401,6 +407,10 @@ class VCPU:
         mmu.pte_write(gpa, size, insn)
         self.policy.after_emulate(self, gpa, size, value, insn, rip, ahead=(action == AHEAD))
         return True
+
+    def _current_insn_is_rmw(self):
+        insn = self._decode_at(self.rip())
+        return insn is not None and insn.mem_write and insn.kvm_class in _RMW
 
     def next_instructions(self, insn, n):
         """Addresses of up to n instructions after insn in program order (fall-through; a control
@@ -501,50 +511,40 @@ class VCPU:
         self.policy.on_other_exit(self.mmu)
 
     # ------------------------------------------------------------------ events
+    # Events Unicorn raises are delivered from the run loop, never inside the hook: a write of
+    # RIP inside a hook leaves Unicorn reporting stale PCs to later memory hooks (measured: the
+    # next trapped stores in a block all report the first one's RIP), so a hook only records
+    # the event and stops.
+    def _event(self, uc, vector, error_code=None, *, soft=False, rip=None, cr2=None):
+        self.stop = ("event", vector, error_code, soft, self.rip() if rip is None else rip, cr2)
+        uc.emu_stop()
+
     def _intr(self, uc, intno, _ud):
         """Exceptions and software interrupts Unicorn raised (it never uses the guest IDT)."""
         if self.stop is not None:
             return                  # the guest already asked to stop (exit port) in this block
-        try:
-            is_int = self._exception_is_int()
-            if intno == VEC_PF:              # native mode: QEMU's walker raised it
-                ec = self.cpustate.error_code()
-                self.delivery.raise_exception(VEC_PF, ec, cr2=self.reg(UC_X86_REG_CR2))
-            elif is_int:
-                self.delivery.raise_exception(intno, None, soft=True)
-            elif intno in (8, 10, 11, 12, 13, 17):
-                self.delivery.raise_exception(intno, self.cpustate.error_code())
-            else:
-                self.delivery.raise_exception(intno)
-            if self.shadow:
-                self.policy.on_other_exit(self.mmu)
-        except GuestCrash as crash:
-            self.stop = ("crash", crash)
-            uc.emu_stop()
+        if intno == VEC_PF:                      # native mode: QEMU's walker raised it
+            self._event(uc, VEC_PF, self.cpustate.error_code(), cr2=self.reg(UC_X86_REG_CR2))
+        elif self._exception_is_int():
+            self._event(uc, intno, soft=True)    # int n / int3 / into: RIP is the next insn
+        elif intno in (8, 10, 11, 12, 13, 17):
+            self._event(uc, intno, self.cpustate.error_code())
+        else:
+            self._event(uc, intno)
 
     def _exception_is_int(self):
         self.cpustate.snapshot()
         return ctypes.c_int32.from_address(self.cpustate.addr + self.cpustate.off.error_code + 4).value != 0
 
     def _invalid(self, uc, _ud):
-        if self.stop is not None:
-            return True             # the guest already asked to stop (exit port) in this block
-        try:
-            self.delivery.raise_exception(VEC_UD)
-        except GuestCrash as crash:
-            self.stop = ("crash", crash)
-            uc.emu_stop()
+        if self.stop is None:       # else the guest already asked to stop (exit port)
+            self._event(uc, VEC_UD)
         return True
 
     def _sys_insn(self, uc, _ud):
         # syscall/sysenter are not modelled (Unicorn performs no mode switch for them): #UD
-        rip = self.rip()
-        try:
-            self.delivery.raise_exception(VEC_UD, return_rip=rip)
-        except GuestCrash as crash:
-            self.stop = ("crash", crash)
-            uc.emu_stop()
-        uc.reg_write(self.R_IP, self.rip() - 2)     # Unicorn adds the length afterwards
+        if self.stop is None:
+            self._event(uc, VEC_UD)
 
     def _out(self, uc, port, size, value, _ud):
         if port == layout.MARKER_PORT:
@@ -631,6 +631,17 @@ class VCPU:
                     self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2], native=not self.shadow)
                 except GuestCrash as crash:
                     return ("crash", crash)
+                pc = self.rip()
+                continue
+            if stop is not None and stop[0] == "event":
+                _, vector, ec, soft, rip, cr2 = stop
+                uc.reg_write(self.R_IP, rip)
+                try:
+                    self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft, return_rip=rip)
+                except GuestCrash as crash:
+                    return ("crash", crash)
+                if self.shadow:
+                    self.policy.on_other_exit(self.mmu)
                 pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":

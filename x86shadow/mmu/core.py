@@ -85,6 +85,7 @@ class ShadowMMU:
         self.max_pages = max_pages or max(64, (self.ram_frames * 20) // 1000)   # KVM: 2% of RAM pages
         self.policy = None                       # set by the machine (x86shadow.policies)
         self.after_exit = None                   # callable run after each MMU exit (the audit)
+        self.rmw_probe = None                    # callable: is the current insn a memory RMW?
 
     # ------------------------------------------------------------------ context and roots
     def set_context(self, ctx: pg.PagingContext) -> None:
@@ -375,6 +376,13 @@ class ShadowMMU:
                 elif access & pg.PFERR_W and not spte & SPTE_W:
                     ok = False
                 elif access & pg.PFERR_FETCH and spte & SPTE_NX:
+                    ok = False
+                elif (not access & (pg.PFERR_W | pg.PFERR_FETCH) and self.rmw_probe is not None
+                      and (spte & SPTE_FRAME) >> 12 in self.shadowed and self.rmw_probe()):
+                    # the read half of a read-modify-write (lock btr ...) of a write-protected
+                    # page table: hardware translates it once, for writing, and faults without
+                    # setting the spte's A bit -- so do we
+                    access |= pg.PFERR_W
                     ok = False
                 if ok:
                     spte |= SPTE_A

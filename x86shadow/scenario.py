@@ -1,0 +1,534 @@
+"""Scenarios: guest workloads run under each policy and measured (``x86shadow scenario ...``).
+
+``kmap`` (DESIGN.md 4): the RHEL3 kscand / kmap_atomic pathology. The guest is
+``guestcode/kmap/kscand.asm``: a 32-bit highmem kernel whose kscand clears the accessed bit of every
+pte of one user process through a kmap_atomic fixmap slot, while the process (CPL3) touches all its
+pages between scans. The guest counts what it did (kmap_atomic calls, stores to the fixmap pte) in a
+statistics block the host reads, and writes MARKER_PORT at every phase boundary (not an exit), where
+the host snapshots the counters.
+
+What the host measures itself, from what the MMU did:
+
+* ``fixmap_writes_emulated``: stores emulated (EMULATE, and Xen's emulate-ahead) whose guest-physical
+  address lies in the fixmap page-table frame -- counted in the policy's ``after_emulate`` hook,
+  which the write trap calls after every emulated store and never for an unprotect-and-re-execute.
+* ``emulated_writes``: every emulated store, same hook.
+* ``fixmap_pt_zaps`` / ``user_table_zaps``: shadow pages of the fixmap page table / of the user page
+  tables zapped (for any reason) during the scans -- counted in the policy's ``on_zap`` hook.
+* ``reshadow_faults``: ``mmu_cache_miss`` during the scans. The warm-up (the process's first touch of
+  every page) builds every shadow page the scenario needs, so each shadow page created afterwards
+  shadows a guest table whose shadow was torn down (flooded, zapped as misaligned, unprotected,
+  recycled) and is rebuilt by a later fault.
+
+A *scan* is one kscand pass plus the process's touch of all its pages that follows it (where the
+accessed bits come back through faults). ``counters`` are the totals over the scans (the boot,
+the building of the tables and the warm-up are in ``warmup_counters``).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import layout
+
+MiB = 1 << 20
+PROGRAM = Path(__file__).resolve().parent.parent / "guestcode" / "kmap" / "kscand.asm"
+
+VARIANTS = {"rhel3": 0, "2.4": 1, "debug": 2, "2.6": 3}
+ORDERS = {"table": 0, "rmap": 1}
+MODES = ("32", "pae")
+
+LOWMEM_END = 32 * MiB                 # guestcode/kmap/kscand.asm: highmem starts here
+MAX_TABLES = {"32": 767, "pae": 1024}
+PTES_PER_TABLE = {"32": 1024, "pae": 512}
+KSTAT = layout.FREE_BASE + 0xC00      # the guest's statistics block (lowmem, lib/console.inc's page)
+_KSTAT_FIELDS = ("kmaps", "fixmap_writes", "kmap_skips", "btrs", "young", "scan", "fixmap_pt",
+                 "kpte", "tables_pa", "ntables", "nptes", "kmap_vaddr", "kunmaps", "touches", "magic")
+_KSTAT = struct.Struct("<" + "I" * len(_KSTAT_FIELDS))
+KSTAT_MAGIC = 0x6B6D6170
+
+PH_WARMUP, PH_KSCAND, PH_USER, PH_DONE = 1, 2, 3, 4
+
+# what the tables show, in this order: (key, heading)
+SHOWN = (
+    ("exits", "exits"),
+    ("emulated_writes", "emulated writes"),
+    ("wp_faults", "wp faults"),
+    ("mmu_unprotect", "unprotects"),
+    ("mmu_shadow_zapped", "shadow zaps"),
+    ("fixmap_pt_zaps", "  of the fixmap page table"),
+    ("user_table_zaps", "  of user page tables"),
+    ("mmu_flooded", "floods"),
+    ("reshadow_faults", "re-shadow faults"),
+    ("emulate_ahead", "emulate-ahead"),
+    ("pf_fixed", "pf fixed"),
+    ("invlpg", "invlpg"),
+    ("fixmap_writes", "fixmap stores"),
+    ("fixmap_writes_emulated", "fixmap stores emulated"),
+)
+
+
+class ScenarioError(Exception):
+    """Bad parameters (``status`` 2) or a guest that did not complete (``status`` 4)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KmapParams:
+    mode: str = "pae"
+    variant: str = "rhel3"
+    order: str = "rmap"
+    tables: int = 8
+    ptes: int = 64
+    scans: int = 4
+    linearity: int = 0
+    seed: int = 1
+    ram_mib: int | None = None        # None: the smallest that fits (at least 128)
+
+    def check(self) -> "KmapParams":
+        if self.mode not in MODES:
+            raise ScenarioError(f"mode {self.mode!r}: the kmap scenario is a 32-bit kernel "
+                                f"(choose from {', '.join(MODES)})")
+        if self.variant not in VARIANTS:
+            raise ScenarioError(f"unknown variant {self.variant!r} (choose from {', '.join(VARIANTS)})")
+        if self.order not in ORDERS:
+            raise ScenarioError(f"unknown order {self.order!r} (choose from {', '.join(ORDERS)})")
+        if not 1 <= self.tables <= MAX_TABLES[self.mode]:
+            raise ScenarioError(f"--tables {self.tables}: must be 1..{MAX_TABLES[self.mode]} in mode "
+                                f"{self.mode} (user page tables from 1 GiB up to the kernel's space)")
+        if not 1 <= self.ptes <= PTES_PER_TABLE[self.mode]:
+            raise ScenarioError(f"--ptes {self.ptes}: must be 1..{PTES_PER_TABLE[self.mode]} "
+                                f"(entries of one page table in mode {self.mode})")
+        if self.scans < 1:
+            raise ScenarioError(f"--scans {self.scans}: must be at least 1")
+        if not 0 <= self.linearity <= 100:
+            raise ScenarioError(f"--linearity {self.linearity}: must be a percentage, 0..100")
+        if not 0 <= self.seed < 1 << 32:
+            raise ScenarioError(f"--seed {self.seed}: must fit in 32 bits")
+        need = min_ram_mib(self.tables, self.ptes)
+        if self.ram_mib is not None:
+            if self.ram_mib < need:
+                raise ScenarioError(f"--ram {self.ram_mib}: {self.tables} tables x {self.ptes} ptes need "
+                                    f"at least {need} MiB (32 MiB lowmem + one highmem frame per "
+                                    "table and per page)")
+            if self.ram_mib > 4096:
+                raise ScenarioError(f"--ram {self.ram_mib}: a 32-bit guest has at most 4096 MiB")
+        elif need > 4096:
+            raise ScenarioError(f"{self.tables} tables x {self.ptes} ptes need {need} MiB of RAM, "
+                                "more than a 32-bit guest has (4096 MiB)")
+        return self
+
+    @property
+    def ram(self) -> int:
+        if self.ram_mib is not None:
+            return self.ram_mib
+        return max(128, -(-min_ram_mib(self.tables, self.ptes) // 64) * 64)
+
+    def symbols(self) -> dict:
+        return {"NTABLES": self.tables, "NPTES": self.ptes, "NSCANS": self.scans,
+                "VARIANT": VARIANTS[self.variant], "ORDER": ORDERS[self.order],
+                "LINEARITY": self.linearity, "SEED": self.seed, "KSTAT": KSTAT}
+
+
+def min_ram_mib(tables: int, ptes: int) -> int:
+    """RAM the guest needs: 32 MiB of lowmem, then one highmem frame per table and per page."""
+    frames = tables * (ptes + 1)
+    return LOWMEM_END // MiB + -(-frames * 4096 // MiB)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (MiB if os.uname().sysname == "Darwin" else 1024), 1)
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in a}
+
+
+class _Snap:
+    __slots__ = ("value", "counters", "emulated", "fix_emulated", "fix_zaps", "table_zaps", "guest", "t",
+                 "tables_shadowed", "fixmap_shadowed")
+
+
+_image_cache: dict = {}
+
+
+def _images(p: KmapParams):
+    """The guest program and firmware for these parameters (assembled once per process: the
+    assembler costs more than a small run)."""
+    from .asm import AsmError, assemble_firmware, assemble_program
+    key = (p.mode, p.ram, tuple(sorted(p.symbols().items())))
+    hit = _image_cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        program = assemble_program(str(PROGRAM), p.mode, p.ram * MiB, symbols=p.symbols())
+        firmware = assemble_firmware(p.mode, p.ram * MiB)
+    except AsmError as e:
+        raise ScenarioError(f"cannot assemble the kmap guest: {e}", 70) from None
+    except OSError as e:
+        raise ScenarioError(f"cannot read the kmap guest {e.filename}: {e.strerror} (the scenario "
+                            "runs from a source checkout: guestcode/ beside x86shadow/)") from None
+    if len(_image_cache) >= 16:
+        _image_cache.clear()
+    _image_cache[key] = (program, firmware)
+    return program, firmware
+
+
+def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
+    """Run the kmap scenario under one policy; return its run record (DESIGN.md 2.4)."""
+    from .machine import Machine
+    from .policies import make_policy
+
+    p = params.check()
+    ram = p.ram
+    t0 = time.perf_counter()
+    program, firmware = _images(p)
+    try:
+        policy = make_policy(policy_name)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+
+    # every emulated store, by frame: the write trap calls after_emulate after each store it
+    # completed on the guest's behalf (emulated or emulated-ahead), never for an unprotect
+    emulated = {}
+    inner = policy.after_emulate
+
+    def after_emulate(vcpu, gpa, size, value, insn, rip, ahead=False, _inner=inner, _e=emulated):
+        g = gpa >> 12
+        _e[g] = _e.get(g, 0) + 1
+        return _inner(vcpu, gpa, size, value, insn, rip, ahead=ahead)
+    policy.after_emulate = after_emulate
+    # every shadow page zapped (flooded, misaligned, unprotected, recycled), by guest frame
+    zapped = {}
+    inner_zap = policy.on_zap
+
+    def on_zap(mmu, sp, _inner=inner_zap, _z=zapped):
+        if not sp.role.direct:
+            _z[sp.gfn] = _z.get(sp.gfn, 0) + 1
+        return _inner(mmu, sp)
+    policy.on_zap = on_zap
+
+    m = Machine(p.mode, policy=policy, ram_mib=ram)
+    m.load(program, firmware)
+    mmu = m.vcpu.mmu
+    snaps: list[_Snap] = []
+
+    def marker(value):
+        s = _Snap()
+        s.value = value
+        s.counters = dict(m.counters)
+        s.emulated = sum(emulated.values())
+        g = dict(zip(_KSTAT_FIELDS, _KSTAT.unpack(m.mem.read(KSTAT, _KSTAT.size))))
+        s.guest = g
+        fgfn = g["fixmap_pt"] >> 12
+        s.fix_emulated = emulated.get(fgfn, 0)
+        s.fix_zaps = zapped.get(fgfn, 0)
+        s.t = time.perf_counter()
+        t0gfn = g["tables_pa"] >> 12
+        s.table_zaps = sum(zapped.get(t0gfn + i, 0) for i in range(p.tables))
+        s.tables_shadowed = sum(1 for i in range(p.tables) if mmu.is_shadowed(t0gfn + i))
+        s.fixmap_shadowed = mmu.is_shadowed(fgfn)
+        snaps.append(s)
+        if progress is not None:
+            progress(value >> 24, value & 0xFFFFFF)
+    m.vcpu.marker = marker
+
+    result = m.run()
+    wall = time.perf_counter() - t0
+    out = bytes(m.output).decode("latin-1")
+    if result.status != 0 or not out.endswith("PASS\n"):
+        why = result.report or out.strip() or f"exit status {result.status}"
+        raise ScenarioError(f"the kmap guest failed under policy {policy_name}: {why}", 4)
+    phases = [(s.value >> 24, s.value & 0xFFFFFF) for s in snaps]
+    expect = [(PH_WARMUP, 0)] + [x for k in range(p.scans) for x in ((PH_KSCAND, k), (PH_USER, k))] \
+        + [(PH_DONE, p.scans)]
+    if phases != expect or snaps[0].guest["magic"] != KSTAT_MAGIC:
+        raise ScenarioError(f"the kmap guest's phase markers are not the expected ones: {phases}", 4)
+
+    fgfn = snaps[0].guest["fixmap_pt"] >> 12
+    starts = [snaps[1 + 2 * k] for k in range(p.scans)] + [snaps[-1]]
+    mids = [snaps[2 + 2 * k] for k in range(p.scans)]
+
+    def figures(a: _Snap, b: _Snap) -> dict:
+        d = _delta(a.counters, b.counters)
+        return {
+            "kmaps": b.guest["kmaps"] - a.guest["kmaps"],
+            "kmap_skips": b.guest["kmap_skips"] - a.guest["kmap_skips"],
+            "fixmap_writes": b.guest["fixmap_writes"] - a.guest["fixmap_writes"],
+            "fixmap_writes_emulated": b.fix_emulated - a.fix_emulated,
+            "emulated_writes": b.emulated - a.emulated,
+            "fixmap_pt_zaps": b.fix_zaps - a.fix_zaps,
+            "user_table_zaps": b.table_zaps - a.table_zaps,
+            "reshadow_faults": d["mmu_cache_miss"],
+            "ptes_tested": b.guest["btrs"] - a.guest["btrs"],
+            "wall_s": round(b.t - a.t, 4),
+        }, d
+
+    per_scan, scan_details = [], []
+    for k in range(p.scans):
+        a, mid, b = starts[k], mids[k], starts[k + 1]
+        info, d = figures(a, b)
+        _, dk = figures(a, mid)
+        _, du = figures(mid, b)
+        per_scan.append(d)
+        scan_details.append({
+            "scan": k, **info,
+            "kscand": {n: v for n, v in dk.items() if v},
+            "user": {n: v for n, v in du.items() if v},
+            "user_tables_shadowed_after_kscand": mid.tables_shadowed,
+            "fixmap_pt_shadowed_after_kscand": mid.fixmap_shadowed,
+        })
+    info, totals = figures(starts[0], starts[-1])
+    kmaps = info["kmaps"]
+    run = {
+        "policy": policy_name, "mode": p.mode, "variant": p.variant, "order": p.order,
+        "tables": p.tables, "ptes": p.ptes, "scans": p.scans,
+        "linearity": p.linearity, "seed": p.seed, "ram_mib": ram,
+        "kmaps": kmaps,
+        "fixmap_writes": info["fixmap_writes"],
+        "fixmap_writes_emulated": info["fixmap_writes_emulated"],
+        "kmap_skips": info["kmap_skips"],
+        "emulated_writes": info["emulated_writes"],
+        "fixmap_pt_zaps": info["fixmap_pt_zaps"],
+        "user_table_zaps": info["user_table_zaps"],
+        "reshadow_faults": info["reshadow_faults"],
+        "ptes_tested": info["ptes_tested"],
+        "counters": totals,
+        "per_scan": per_scan,
+        "scan_details": scan_details,
+        "per_kmap": ({k: round(v / kmaps, 4) for k, v in
+                      (("exits", totals["exits"]), ("emulated_writes", info["emulated_writes"]),
+                       ("fixmap_writes", info["fixmap_writes"]),
+                       ("fixmap_writes_emulated", info["fixmap_writes_emulated"]),
+                       ("wp_faults", totals["wp_faults"]))} if kmaps else {}),
+        "warmup_counters": dict(starts[0].counters),
+        "run_counters": dict(result.counters),
+        "fixmap_pt_gpa": fgfn << 12,
+        "user_tables_gpa": snaps[0].guest["tables_pa"],
+        "scans_wall_s": round(starts[-1].t - starts[0].t, 4),
+        "wall_s": round(wall, 4),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    return run
+
+
+def metric(run: dict, key: str) -> int:
+    """A figure of the SHOWN table from a run record (counters or scenario fields)."""
+    if key in run:
+        return run[key]
+    return run["counters"][key]
+
+
+def scan_metric(run: dict, k: int, key: str) -> int:
+    d = run["scan_details"][k]
+    if key in d:
+        return d[key]
+    return run["per_scan"][k][key]
+
+
+# ---------------------------------------------------------------------------------- running several
+def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None):
+    """Run the scenario under each policy. With ``isolate`` every run is a forked child process (so
+    wall time and peak RSS are that run's own), ``jobs`` of them at a time; results in order."""
+    params.check()
+    if not isolate or not hasattr(os, "fork"):
+        out = []
+        for name in policies:
+            if progress:
+                progress(name, "start")
+            out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress)))
+            if progress:
+                progress(name, "done")
+        return out
+    import multiprocessing as mp
+    _images(params)                 # assemble once, before the children fork
+    ctx = mp.get_context("fork")
+    pending = list(enumerate(policies))
+    running = {}
+    results = [None] * len(policies)
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            i, name = pending.pop(0)
+            rx, tx = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(params, name, tx, progress), daemon=True)
+            proc.start()
+            tx.close()
+            running[rx] = (i, name, proc)
+            if progress:
+                progress(name, "start")
+        ready = mp.connection.wait(list(running))
+        for rx in ready:
+            i, name, proc = running.pop(rx)
+            try:
+                kind, payload = rx.recv()
+            except EOFError:
+                kind, payload = "error", (f"the run of policy {name} died (exit code {proc.exitcode})", 70)
+            proc.join()
+            rx.close()
+            if kind == "error":
+                for other_rx, (_, _, other) in running.items():
+                    other.kill()
+                    other.join()
+                    other_rx.close()
+                raise ScenarioError(*payload)
+            results[i] = payload
+            if progress:
+                progress(name, "done")
+    return results
+
+
+def _scan_progress(name, params, progress):
+    if progress is None:
+        return None
+
+    def each(phase, scan):
+        if phase == PH_KSCAND:
+            progress(name, f"scan {scan + 1}/{params.scans}")
+    return each
+
+
+def _child(params, name, tx, progress=None):
+    try:
+        tx.send(("ok", run_kmap(params, name, progress=_scan_progress(name, params, progress))))
+    except ScenarioError as e:
+        tx.send(("error", (str(e), e.status)))
+    except BaseException as e:                     # noqa: BLE001 - reported by the parent
+        tx.send(("error", (f"internal error in the run of policy {name}: {type(e).__name__}: {e}", 70)))
+    finally:
+        tx.close()
+
+
+# ---------------------------------------------------------------------------------- output
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+    return f"{v:,}"
+
+
+def describe(params: KmapParams) -> str:
+    return (f"kmap scenario: mode {params.mode}, variant {params.variant}, order {params.order}"
+            + (f" (linearity {params.linearity}%)" if params.order == "rmap" else "")
+            + f", {params.tables} tables x {params.ptes} ptes, {params.scans} scans, "
+              f"RAM {params.ram} MiB")
+
+
+def table_single(run: dict):
+    """One run: each figure as total, per scan (mean) and per kmap."""
+    from rich.table import Table
+    t = Table(title=f"policy {run['policy']}", title_justify="left")
+    t.add_column("figure")
+    t.add_column("total", justify="right")
+    t.add_column("per scan", justify="right")
+    t.add_column("per kmap", justify="right")
+    kmaps, scans = run["kmaps"], run["scans"]
+    for key, head in SHOWN:
+        v = metric(run, key)
+        t.add_row(head, _fmt(v), _fmt(v / scans), _fmt(v / kmaps) if kmaps else "-")
+    t.add_row("kmap_atomic calls", _fmt(kmaps), _fmt(kmaps / scans), "1")
+    t.add_row("wall time (s, scans)", _fmt(run["scans_wall_s"]), _fmt(run["scans_wall_s"] / scans), "")
+    t.add_row("wall time (s, whole run)", _fmt(run["wall_s"]), "", "")
+    t.add_row("peak RSS (MB)", _fmt(run["peak_rss_mb"]), "", "")
+    return t
+
+
+def table_scans(runs: list) -> object:
+    """Exits (and floods / re-shadows / unprotects) scan by scan, one column per policy."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+    t = Table()
+    t.add_column("scan", justify="right")
+    for r in runs:
+        t.add_column(r["policy"], justify="right")
+    for k in range(runs[0]["scans"]):
+        cells = []
+        for r in runs:
+            s = r["per_scan"][k]
+            cells.append(f"{s['exits']:,} ({s['mmu_flooded']}/{s['mmu_cache_miss']}/{s['mmu_unprotect']})")
+        t.add_row(str(k), *cells)
+    return Group(Text("per scan: exits (floods / re-shadow faults / unprotects)", style="italic"), t)
+
+
+def table_compare(runs: list) -> object:
+    """Every policy side by side: totals over the scans, then per-kmap and per-scan figures."""
+    from rich.table import Table
+    t = Table(title="totals over the scans", title_justify="left")
+    t.add_column("figure")
+    for r in runs:
+        t.add_column(r["policy"], justify="right")
+    for key, head in SHOWN:
+        t.add_row(head, *[_fmt(metric(r, key)) for r in runs])
+    t.add_row("kmap_atomic calls", *[_fmt(r["kmaps"]) for r in runs])
+    t.add_section()
+    for key, head in (("exits", "exits / kmap"), ("emulated_writes", "emulated / kmap"),
+                      ("fixmap_writes_emulated", "fixmap emulated / kmap")):
+        t.add_row(head, *[_fmt(metric(r, key) / r["kmaps"]) if r["kmaps"] else "-" for r in runs])
+    t.add_row("exits / scan (first)", *[_fmt(r["per_scan"][0]["exits"]) for r in runs])
+    t.add_row("exits / scan (last)", *[_fmt(r["per_scan"][-1]["exits"]) for r in runs])
+    t.add_row("user tables shadowed after last kscand",
+              *[f"{r['scan_details'][-1]['user_tables_shadowed_after_kscand']}/{r['tables']}" for r in runs])
+    t.add_section()
+    t.add_row("wall time (s, scans)", *[_fmt(r["scans_wall_s"]) for r in runs])
+    t.add_row("peak RSS (MB)", *[_fmt(r["peak_rss_mb"]) for r in runs])
+    return t
+
+
+def write_json(path, runs: list) -> None:
+    import json
+    with open(path, "w") as f:
+        json.dump({"scenario": "kmap", "runs": runs}, f, indent=1)
+        f.write("\n")
+
+
+def check_plot(path) -> None:
+    """Fail before any run if --plot cannot work."""
+    if not str(path).lower().endswith(".png"):
+        raise ScenarioError(f"--plot {path!r}: the plot is a PNG file (name it ...png)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ScenarioError("--plot needs matplotlib, which is not installed "
+                            "(pip install matplotlib, or pip install 'x86shadow[plot]')") from None
+
+
+def plot(path, runs: list, params: KmapParams) -> None:
+    """Cost (exits) of every scan, one line per policy."""
+    check_plot(path)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    xs = list(range(1, params.scans + 1))
+    markers = "osD^vP*Xh"
+    styles = ["-", "--", "-.", ":"]
+    for i, r in enumerate(runs):
+        ax.plot(xs, [s["exits"] for s in r["per_scan"]], marker=markers[i % len(markers)],
+                linestyle=styles[i % len(styles)], label=r["policy"], alpha=0.85)
+    ax.set_xlabel("scan (kscand pass + the process touching its pages)")
+    ax.set_ylabel("exits in the scan")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_title(describe(params).replace("kmap scenario: ", ""), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise ScenarioError(f"cannot write plot {path!r}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["KmapParams", "ScenarioError", "run_kmap", "run_many", "min_ram_mib", "VARIANTS", "ORDERS",
+           "table_single", "table_compare", "table_scans", "write_json", "plot", "check_plot", "describe"]
