@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from dataclasses import dataclass, field
 
 from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_CS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS,
-                               UC_X86_REG_GDTR, UC_X86_REG_GS, UC_X86_REG_RIP, UC_X86_REG_RSP,
+                               UC_X86_REG_GDTR, UC_X86_REG_GS,
                                UC_X86_REG_SS)
 
 from . import layout

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 
 from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
-                               UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_RIP, UC_X86_REG_RSP,
+                               UC_X86_REG_GDTR, UC_X86_REG_IDTR,
                                UC_X86_REG_SS, UC_X86_REG_TR)
 
 from .. import layout
@@ -58,7 +58,7 @@ class Delivery:
         """Read a GDT descriptor (LDT not supported: reported as a crash)."""
         if sel & 4:
             raise GuestCrash(f"selector {sel:#x} refers to the LDT, which x86shadow does not model")
-        _, base, limit, _ = self.uc.reg_read(UC_X86_REG_GDTR)
+        _, base, limit, _ = self.vcpu.mmr(UC_X86_REG_GDTR)
         idx = sel & ~7
         if idx == 0 or idx + 7 > limit:
             raise Fault(VEC_GP, vector_ec)
@@ -77,9 +77,8 @@ class Delivery:
     def deliver(self, vector, error_code=None, *, soft=False, ext=True, return_rip=None):
         """Deliver one event; raises Fault if delivery itself faults."""
         v = self.vcpu
-        uc = self.uc
         long_mode = v.long_mode()
-        _, idt_base, idt_limit, _ = uc.reg_read(UC_X86_REG_IDTR)
+        _, idt_base, idt_limit, _ = v.mmr(UC_X86_REG_IDTR)
         gsize = 16 if long_mode else 8
         idt_ec = (vector << 3) | 2 | (1 if ext else 0)
         if vector * gsize + gsize - 1 > idt_limit:
@@ -92,7 +91,7 @@ class Delivery:
             if gtype == 0x5 and not long_mode:
                 raise GuestCrash(f"task gate for {vector_name(vector)}: task switches are not modelled")
             raise Fault(VEC_GP, idt_ec)
-        cpl = uc.reg_read(UC_X86_REG_CS) & 3
+        cpl = v.reg(UC_X86_REG_CS) & 3
         if soft and gdpl < cpl:
             raise Fault(VEC_GP, idt_ec)
         if not present:
@@ -118,12 +117,12 @@ class Delivery:
         if long_mode and not csh & (1 << 21):
             raise Fault(VEC_GP, sel & ~3)
         gate32 = gtype in (0xE, 0xF)
-        rflags = uc.reg_read(UC_X86_REG_EFLAGS)
-        rip = return_rip if return_rip is not None else uc.reg_read(v.R_IP)
-        old_cs = uc.reg_read(UC_X86_REG_CS)
-        old_ss = uc.reg_read(UC_X86_REG_SS)
-        old_rsp = uc.reg_read(v.R_SP)
-        _, tss_base, tss_limit, _ = uc.reg_read(UC_X86_REG_TR)
+        rflags = v.reg(UC_X86_REG_EFLAGS)
+        rip = return_rip if return_rip is not None else v.reg(v.R_IP)
+        old_cs = v.reg(UC_X86_REG_CS)
+        old_ss = v.reg(UC_X86_REG_SS)
+        old_rsp = v.reg(v.R_SP)
+        _, tss_base, tss_limit, _ = v.mmr(UC_X86_REG_TR)
         if long_mode:
             if ist:
                 rsp = struct.unpack("<Q", v.read_virt(tss_base + 0x24 + 8 * (ist - 1), 8))[0]
@@ -169,13 +168,13 @@ class Delivery:
             if ss_cache is None:
                 ss_cache = v.segment_cache("ss")
             v.cpustate.load_segments(cs_cache, ss_cache, new_cpl, long_mode,
-                                     pe=bool(uc.reg_read(UC_X86_REG_CR0) & 1))
+                                     pe=bool(v.reg(UC_X86_REG_CR0) & 1))
         rflags &= ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if gtype in (0xE, 0x6):
             rflags &= ~EFLAGS_IF
-        uc.reg_write(UC_X86_REG_EFLAGS, rflags)
-        uc.reg_write(v.R_SP, rsp)
-        uc.reg_write(v.R_IP, offset)
+        v.set_reg(UC_X86_REG_EFLAGS, rflags)
+        v.set_reg(v.R_SP, rsp)
+        v.set_reg(v.R_IP, offset)
 
     # --------------------------------------------------------------- with escalation
     def raise_exception(self, vector, error_code=None, *, cr2=None, soft=False, return_rip=None,
@@ -189,10 +188,10 @@ class Delivery:
         first = vector
         first_ec = error_code
         ext = not soft
-        rip0 = return_rip if return_rip is not None else self.uc.reg_read(v.R_IP)
+        rip0 = return_rip if return_rip is not None else v.reg(v.R_IP)
         while True:
             if vector == VEC_PF and cr2 is not None:
-                self.uc.reg_write(UC_X86_REG_CR2, cr2)
+                v.set_reg(UC_X86_REG_CR2, cr2)
             v.counters["irq_injections"] += 1
             if v.trace:
                 v.trace("kvm_inj_exception", vector=vector, error_code=error_code, rip=rip0,

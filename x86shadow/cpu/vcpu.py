@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
                      UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
-                     UC_MEM_FETCH, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
+                     UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
                      UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
-                               UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_MSR,
-                               UC_X86_REG_RIP, UC_X86_REG_SS, UC_X86_REG_TR,
+                               UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_LDTR,
+                               UC_X86_REG_RIP, UC_X86_REG_TR,
                                UC_X86_REG_EIP, UC_X86_REG_ESP, UC_X86_REG_RSP)
 
 from .. import layout
@@ -33,10 +33,10 @@ from .. import paging as pg
 from ..emulate.decode import decode
 from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
 from ..mmu.pages import SPTE_D, SPTE_FRAME, SPTE_U, SPTE_W
-from ..mmu.core import (FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
+from ..mmu.core import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
                         ShadowMMU)
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
-from .delivery import VEC_GP, VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
+from .delivery import VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
 from .privileged import Interceptor
 
 EFER = 0xC0000080
@@ -59,6 +59,13 @@ _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
 _uc_reg_read = uclib.uc_reg_read
+_uc_reg_write = uclib.uc_reg_write
+
+
+class _Mmr(ctypes.Structure):
+    """unicorn's uc_x86_mmr"""
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
 
 
 def _reg_id(name):
@@ -88,6 +95,10 @@ class VCPU:
         self._h = uc._uch
         self._rv = ctypes.c_uint64()
         self._rvp = ctypes.byref(self._rv)
+        self._wv = ctypes.c_uint64()
+        self._wvp = ctypes.byref(self._wv)
+        self._mmr = _Mmr()
+        self._mmrp = ctypes.byref(self._mmr)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
         self.mmu = None
         self.stop = None                 # ("exit", status) / ("crash", GuestCrash) / ("halt",)
@@ -156,6 +167,16 @@ class VCPU:
         self._rv.value = 0                  # 16/32-bit registers fill only the low bytes
         uclib.uc_reg_read(self._h, rid, self._rvp)
         return self._rv.value
+
+    def set_reg(self, rid, value) -> None:
+        self._wv.value = value & 0xFFFFFFFFFFFFFFFF
+        _uc_reg_write(self._h, rid, self._wvp)
+
+    def mmr(self, rid):
+        """(selector, base, limit, flags) of GDTR/IDTR/LDTR/TR, read without the binding."""
+        m = self._mmr
+        _uc_reg_read(self._h, rid, self._mmrp)
+        return m.selector, m.base, m.limit, m.flags
 
     def rip(self) -> int:
         return self.reg(self.R_IP)
