@@ -11,7 +11,7 @@
 .set CR4_PAE, 0x20
 .set MSR_EFER, 0xc0000080
 .set EFER_LME, 0x100
-.set PTE_TABLE, 0x07                  # non-leaf entries: present | writable | user (the leaf decides)
+.set PTE_TABLE, 0x07                  # non-leaf: present | writable | user (the leaf decides)
 .set PTE_LARGE, 0x83                  # 2 MiB leaf: present | writable | page size (supervisor)
 .set GDT_ENTRIES, 16
 .set TSS_SIZE, 0x68

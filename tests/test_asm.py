@@ -236,7 +236,8 @@ def test_program_default_modes_and_64(tmp_path):
     prog = assemble_program(p, "64", 256 << 20)
     assert prog.modes == ("32", "pae", "64")
     insns = dis(prog.code, 64, prog.base)
-    assert insns[1].mnemonic in ("mov", "movabs") and int(insns[1].op_str.split(", ")[1], 16) == 256 << 20
+    assert insns[1].mnemonic in ("mov", "movabs")
+    assert int(insns[1].op_str.split(", ")[1], 16) == 256 << 20
 
 
 def test_program_without_main(tmp_path):
@@ -375,7 +376,7 @@ def test_immediate_width_checks():
     assert "does not fit in 32 bits" in err("mov eax, -0x80000001")
     assert "use movabs" in err("mov rax, S\n.set S, 0xffffffff", bits=64)   # would be -1
     assert "does not fit" in err("and rax, S\n.set S, 0xfffff000", bits=64)
-    assert "does not fit" in err("push 0x80000000", bits=64)                  # keystone: 66 68 00 00
+    assert "does not fit" in err("push 0x80000000", bits=64)      # keystone: 66 68 00 00
     code = assemble("mov al, -128\nmov al, 0xff\ncmp ax, 0xffff\nand eax, 0xfffff000\n"
                     "mov eax, -1\nmov al, 'A'\nmov rcx, S\n.set S, -5", bits=64, base=BASE)
     assert len(dis(code, 64)) == 7
@@ -412,7 +413,8 @@ def test_directive_fixes():
 
 
 def test_control_and_system_instructions_encode_as_written():
-    src32 = ("mov cr3, eax\nmov eax, cr0\nmov cr4, ecx\ninvlpg [eax]\nlock cmpxchg8b qword ptr [esi]\n"
+    src32 = ("mov cr3, eax\nmov eax, cr0\nmov cr4, ecx\ninvlpg [eax]\n"
+             "lock cmpxchg8b qword ptr [esi]\n"
              "iretd\nretf\nltr ax\nwrmsr\nrdmsr\nlidt [eax]\nsysenter\nsysexit\nhlt\ncli\nsti")
     want32 = ["mov", "mov", "mov", "invlpg", "lock cmpxchg8b", "iretd", "retf", "ltr", "wrmsr",
               "rdmsr", "lidt", "sysenter", "sysexit", "hlt", "cli", "sti"]

@@ -145,9 +145,11 @@ _ONLY_64_REGS = (set(_GPR64) | {n for n in _GPR32 if n.startswith("r")}
 
 _IDENT = r"[A-Za-z_.$][\w.$]*"
 _LABEL_RE = re.compile(r"\s*([A-Za-z_.][\w.$]*)\s*:(?!:)")     # keystone hangs on '$:'
-_TOKEN_RE = re.compile(r"0[xX][0-9a-fA-F]*|0[bB][01]+|[0-9][0-9a-zA-Z]*|" + _IDENT + r"|'(?:\\.|[^'\\])'|\S")
+_TOKEN_RE = re.compile(r"0[xX][0-9a-fA-F]*|0[bB][01]+|[0-9][0-9a-zA-Z]*|" + _IDENT
+                       + r"|'(?:\\.|[^'\\])'|\S")
 _MEM_RE = re.compile(
-    r"^(?:(?P<size>byte|word|dword|fword|qword|tbyte|tword|xmmword|ymmword|zmmword|oword)\s+ptr\s*)?"
+    r"^(?:(?P<size>byte|word|dword|fword|qword|tbyte|tword|xmmword|ymmword|zmmword|oword)"
+    r"\s+ptr\s*)?"
     r"(?:(?P<seg>[cdefgs]s)\s*:\s*)?\[(?P<inner>[^\[\]]*)\]$", re.I)
 _SAFE_EXPR_RE = re.compile(r"^[\w.$\s+\-*/()<>&|^~%!]+$|^'(?:\\.|[^'\\])'$")
 _FARPTR_RE = re.compile(r"^(?!\s*[cdefgs]s\s*:)([^\[\]:,]+):([^\[\]:,]+)$", re.I)
@@ -357,6 +359,8 @@ class _ExprParser:
             low = val.lower()
             if not self.regs and val.strip("$") == "":      # keystone hangs on '.byte $ - 1'
                 raise _SyntaxProblem("'$' is not supported in a directive: use '.'")
+            if low in _ALL_DIRECTIVES:                       # and on '.align .long, .byte'
+                raise _SyntaxProblem(f"unexpected '{val}'")
             if low in _KEYWORDS:
                 if low == "offset":
                     raise _SyntaxProblem("'offset' is not supported: a label is already an "
@@ -502,7 +506,7 @@ def _check_list(args: str, item, what: str, lo=0, hi=None):
         return
     items = _split_operands(args)
     if len(items) < lo or (hi is not None and len(items) > hi):
-        raise _SyntaxProblem(f"wrong number of arguments")
+        raise _SyntaxProblem("wrong number of arguments")
     for it in items:
         if not it:
             raise _SyntaxProblem(f"empty {what}")
@@ -678,7 +682,8 @@ class _Pre:
                 data = f.read()
         except OSError as e:
             if where:
-                raise AsmError(f"cannot read included file '{display}': {e.strerror}", *where) from None
+                raise AsmError(f"cannot read included file '{display}': {e.strerror}",
+                               *where) from None
             raise AsmError(f"cannot read: {e.strerror}", display) from None
         try:
             text = data.decode("utf-8")
@@ -1036,7 +1041,6 @@ class _Pre:
         return any(k in ("macro", "rept") for k, _ in self.stack)
 
     def _instruction(self, s: str, line: _Line, st: _Stmt) -> str:
-        bits = self.bits
         err = lambda msg: self._err(msg, line)  # noqa: E731
         prefix = ""
         m = re.match(r"^(\S+)\s*(.*)$", s)
