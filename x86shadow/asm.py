@@ -357,8 +357,8 @@ class _ExprParser:
             return
         if kind == "id":
             low = val.lower()
-            if not self.regs and val.strip("$") == "":      # keystone hangs on '.byte $ - 1'
-                raise _SyntaxProblem("'$' is not supported in a directive: use '.'")
+            if val.strip("$") == "":           # keystone hangs on '.byte $ - 1', 'push $ > x'
+                raise _SyntaxProblem("'$' is not supported: use '.' for the current address")
             if low in _ALL_DIRECTIVES:                       # and on '.align .long, .byte'
                 raise _SyntaxProblem(f"unexpected '{val}'")
             if low in _KEYWORDS:

@@ -43,6 +43,10 @@ EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PSE, CR4_PAE, CR4_PGE, CR4_SMEP, CR4_SMAP = 1 << 4, 1 << 5, 1 << 7, 1 << 20, 1 << 21
+# the register bits a paging context depends on
+_CR0_PAGING = CR0_PE | CR0_WP | CR0_PG
+_CR4_PAGING = CR4_PSE | CR4_PAE | CR4_PGE | CR4_SMEP | CR4_SMAP
+_EFER_PAGING = EFER_LME | EFER_LMA | EFER_NXE
 
 _CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall sysenter sysret "
                      "sysexit hlt loop loope loopne jecxz jrcxz ljmp lcall".split()) | frozenset(
@@ -109,6 +113,7 @@ class VCPU:
         self.flips = {}                  # gfn -> code/data transitions so far
         self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
         self._efer = None                # EFER as last read or intercepted (None: read it)
+        self._contexts = {}              # paging-relevant register bits -> PagingContext
         self.serial_out = None           # callable(bytes)
         self.marker = None               # callable(value): the guest wrote to MARKER_PORT
         if self.shadow:
@@ -212,7 +217,14 @@ class VCPU:
         if cache_pdptes and cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
             # Unicorn never #GPs on reserved PDPTE bits (the walk #PFs with RSVD): match it
             pdptes = pg.load_pdptes(self.mem, cr3, strict=False)
-        return pg.PagingContext.from_regs(cr0, cr3, cr4, efer, pdptes)
+        # contexts are immutable: reuse them (a CR3 switch between a few processes is common)
+        key = (cr0 & _CR0_PAGING, cr3, cr4 & _CR4_PAGING, efer & _EFER_PAGING, pdptes)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) > 4096:
+                self._contexts.clear()
+            ctx = self._contexts[key] = pg.PagingContext.from_regs(*key)
+        return ctx
 
     # ------------------------------------------------------------------ guest virtual memory
     def _translate(self, va, access):
