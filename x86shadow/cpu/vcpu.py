@@ -523,6 +523,11 @@ class VCPU:
             self._efer = None                         # a paging switch may toggle EFER.LMA
         elif crn == 3:
             self._set_context(cr3=value)
+            if self.mmu.ctx.mode != pg.Mode.OFF:
+                # Unicorn flushes its whole TLB itself when it executes this mov to CR3 with
+                # paging on, right after this hook: that flush is ours
+                self.mmu.need_flush = False
+                self.counters["tlb_flush"] += 1
         else:
             self._set_context(cr4=value)
         self._finish_privileged(uc)
