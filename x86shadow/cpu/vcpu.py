@@ -82,10 +82,6 @@ def _reg_id(name):
     return rid
 
 
-class StopRun(Exception):
-    pass
-
-
 class VCPU:
     def __init__(self, mode: str, mem, *, mmu_kind: str = "shadow", counters: dict, trace=None,
                  policy=None):
@@ -105,7 +101,8 @@ class VCPU:
         self._mmrp = ctypes.byref(self._mmr)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
         self.mmu = None
-        self.stop = None                 # ("exit", status) / ("crash", GuestCrash) / ("halt",)
+        self.stop = None                 # why emu_start stopped: ("exit", status), ("crash", GuestCrash),
+                                         # ("event", ...) to deliver, ("reexec", rip)
         self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
         self.retry_page = None           # code page whose translations must be dropped
         self.last_reexec = None          # (rip, gpa, exits) of the last unprotect-and-re-execute
@@ -327,14 +324,11 @@ class VCPU:
                 self.pending_fault = (VEC_PF, mmu.pending_error_code, cr2)
                 return False
             # park the access on the hole so that _unmapped learns the exact byte address
-            self._hole_va = va
-            self._hole_ec = mmu.pending_error_code
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
             self.pending_fault = (VEC_PF, mmu.pending_error_code, va)
             return True
         # FILL_NO_MEMORY: let the access reach the hole and report it
-        self._hole_va = None
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
         self.pending_fault = ("nomem", va, gpa)
