@@ -30,7 +30,7 @@ P, W, U, A, D, PS, NX = PTE_P, PTE_W, PTE_U, PTE_A, PTE_D, PTE_PS, PTE_NX
 PWU = P | W | U
 R_, W_, X_ = 0, PFERR_W, PFERR_FETCH            # access kinds
 
-from pagetables import DATA_END, HARN_PA, RAM, TABLES, Tables, fresh_ram  # noqa: E402,F401
+from pagetables import DATA_END, HARN_PA, RAM, Tables  # noqa: E402
 
 # =============================================================================================
 # unit tests: LEGACY

@@ -3,13 +3,8 @@ and required to give the same guest-visible result."""
 import pytest
 
 from x86shadow import layout
-from x86shadow.asm import assemble, assemble_firmware
+from x86shadow.asm import Program, assemble, assemble_firmware
 from x86shadow.machine import Machine
-
-
-class _Program:
-    def __init__(self, code):
-        self.code, self.base, self.entry = code, layout.PROG_BASE, layout.PROG_BASE
 
 
 def run(src, mode, mmu, policy="kvm"):
@@ -17,7 +12,7 @@ def run(src, mode, mmu, policy="kvm"):
     code = assemble("main:\n" + src, bits=bits, base=layout.PROG_BASE,
                     symbols=layout.asm_symbols(mode, 64 << 20), filename="<test>")
     m = Machine(mode, mmu=mmu, policy=policy, ram_mib=64, audit=(mmu == "shadow"))
-    m.load(_Program(code), assemble_firmware(mode, 64 << 20))
+    m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(mode, 64 << 20))
     return m.run(), m
 
 
@@ -30,17 +25,12 @@ def both(src, mode):
     return out
 
 
-IDT32 = """
-    lidt [idtr]
-"""
-
-
 @pytest.mark.parametrize("mode", ["32", "pae"])
 def test_two_native_divide_errors_are_not_a_double_fault(mode):
     # Unicorn never resets QEMU's old_exception: without clearing it, the second #DE raised
     # natively becomes #DF. Our own #DE handler skips the faulting 2-byte div and counts.
-    src = f"""
-    mov eax, offset de_handler
+    src = """
+    mov eax, de_handler
     mov word ptr [idt], ax
     mov word ptr [idt + 2], 0x08
     mov word ptr [idt + 4], 0x8e00
@@ -71,7 +61,7 @@ idtr:
 idt:
     .fill 8 * 32, 1, 0
 """
-    both(src.replace("offset de_handler", "de_handler"), mode)
+    both(src, mode)
 
 
 @pytest.mark.parametrize("mode", ["32", "pae", "64"])
@@ -190,7 +180,7 @@ newcode:
     code = assemble("main:\n" + src, bits=bits, base=layout.PROG_BASE,
                     symbols=layout.asm_symbols(mode, 64 << 20), filename="<test>")
     m = Machine(mode, ram_mib=64, trace=lambda ev, **f: events.append(ev), audit=True)
-    m.load(_Program(code), assemble_firmware(mode, 64 << 20))
+    m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(mode, 64 << 20))
     at = []
     m.vcpu.marker = lambda v: at.append(len(events))
     res = m.run()

@@ -20,18 +20,13 @@ from dataclasses import dataclass, field
 
 from . import layout
 from . import paging as pg
-from .asm import assemble, assemble_firmware
+from .asm import Program, assemble, assemble_firmware
 from .guesttables import PWU, GuestTables
 from .machine import Machine
 
 _MODE = {"32": pg.Mode.LEGACY, "pae": pg.Mode.PAE, "64": pg.Mode.LONG}
 TABLE_AREA = (layout.FREE_BASE, layout.FREE_BASE + (8 << 20))    # 16..24 MiB: the lab's tables
 DATA_BASE = 0x0200_0000                                         # 32 MiB..: frames for tests
-
-
-class _Program:
-    def __init__(self, code):
-        self.code, self.base, self.entry = code, layout.PROG_BASE, layout.PROG_BASE
 
 
 @dataclass
@@ -143,7 +138,7 @@ class FaultLab:
             events.append(fields)
         m = Machine(self.mode, mmu=mmu, policy=self.policy, ram_mib=self.ram_mib,
                     trace=trace if mmu == "shadow" else None, audit=audit and mmu == "shadow")
-        m.load(_Program(code), assemble_firmware(self.mode, self.ram_mib << 20))
+        m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(self.mode, self.ram_mib << 20))
         self._build(m.mem)
         for pa, data in self.pokes:
             m.mem.write(pa, data)
