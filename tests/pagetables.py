@@ -5,7 +5,7 @@ import struct
 
 from x86shadow.guesttables import GuestTables
 from x86shadow.paging import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W, Mode
-from x86shadow.physmem import PhysMem
+from x86shadow.memory.ram import PhysMem
 
 P, W, U, A, D, PS, NX = PTE_P, PTE_W, PTE_U, PTE_A, PTE_D, PTE_PS, PTE_NX
 PWU = P | W | U

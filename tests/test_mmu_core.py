@@ -2,11 +2,13 @@
 the pte-write path, quadrants, large pages, invlpg, roots — with the audit after every step."""
 import pytest
 
+from x86shadow import events as ev
 from x86shadow import paging as pg
 from x86shadow.mmu.audit import AuditError, audit
-from x86shadow.mmu.core import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, PERM_R, PERM_W, PERM_X,
-                                ShadowMMU)
-from x86shadow.mmu.pages import SPTE_W
+from x86shadow.mmu.shadow_walk import shadow_leaf
+from x86shadow.mmu.spte import PERM_R, PERM_W, PERM_X, SPTE_W
+from x86shadow.mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED
+from x86shadow.mmu.vm_mmu import REQ_TLB_FLUSH, VmMmu
 
 from pagetables import PWU, P, Tables
 
@@ -16,9 +18,18 @@ MODES = [pg.Mode.LEGACY, pg.Mode.PAE, pg.Mode.LONG]
 
 def make(mode, **ctxkw):
     t = Tables(mode)
-    mmu = ShadowMMU(t.mem)
-    mmu.after_exit = lambda: audit(mmu)
-    return t, mmu
+    vm = VmMmu(t.mem)
+    vm.events.subscribe(lambda _kind, _fields: audit(vm), (ev.EXIT,))
+    return t, vm.add_vcpu()
+
+
+def fill(mmu, va, access):
+    r = mmu.hw_fill(va, access)
+    return r.addr, r.perms, r.kind
+
+
+def take_flush(mmu):
+    return bool(mmu.take_requests() & REQ_TLB_FLUSH)
 
 
 def start(t, mmu, **kw):
@@ -36,17 +47,17 @@ def test_read_then_write_sets_guest_ad_and_spte_rights(mode):
     t, mmu = make(mode)
     leaf = t.map(0x0040_0000, DATA, PWU)
     start(t, mmu)
-    gpa, perms, kind = mmu.hw_fill(0x0040_0000, R)
+    gpa, perms, kind = fill(mmu, 0x0040_0000, R)
     assert (gpa, kind) == (DATA, FILL_OK)
     assert perms == PERM_R | PERM_X                 # clean pte: read-only until the first write
     assert t.rd(leaf) & pg.PTE_A and not t.rd(leaf) & pg.PTE_D
-    gpa, perms, kind = mmu.hw_fill(0x0040_0000, W)
+    gpa, perms, kind = fill(mmu, 0x0040_0000, W)
     assert kind == FILL_OK and perms & PERM_W
     assert t.rd(leaf) & pg.PTE_D
-    assert mmu.c["pf_fixed"] == 2 and mmu.c["exits"] == 2
+    assert mmu.counters["pf_fixed"] == 2 and mmu.counters["exits"] == 2
     # a second read finds the spte: no exit
-    mmu.hw_fill(0x0040_0000, R)
-    assert mmu.c["exits"] == 2
+    fill(mmu, 0x0040_0000, R)
+    assert mmu.counters["exits"] == 2
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -56,19 +67,19 @@ def test_page_tables_are_write_protected_and_writes_to_them_trapped(mode):
     pt_frame = leaf & ~0xFFF
     t.map(0x0050_0000, pt_frame, PWU | pg.PTE_D)    # a window onto the page table itself
     start(t, mmu)
-    mmu.hw_fill(0x0040_0000, R)
-    assert mmu.is_tracked(pt_frame >> 12)
-    gpa, perms, kind = mmu.hw_fill(0x0050_0000, W)
+    fill(mmu, 0x0040_0000, R)
+    assert mmu.vm.is_tracked(pt_frame >> 12)
+    gpa, perms, kind = fill(mmu, 0x0050_0000, W)
     assert kind == FILL_TRACKED and gpa == pt_frame
     # the write-protect fault is counted by the trapped store that follows, not here
-    assert mmu.c["exits"] == 1 and mmu.c["pf_emulate"] == 0
+    assert mmu.counters["exits"] == 1 and mmu.counters["pf_emulate"] == 0
     # reads of the page table are not trapped, and the spte stays read-only
-    gpa, perms, kind = mmu.hw_fill(0x0050_0000, R)
+    gpa, perms, kind = fill(mmu, 0x0050_0000, R)
     assert kind == FILL_OK and not perms & PERM_W
     # the guest rewrites the pte (emulated store) -> the stale spte is dropped
     t.wr(leaf, 0x0031_0000 | PWU)
     mmu.pte_write(leaf, t.esz)
-    gpa, _, kind = mmu.hw_fill(0x0040_0000, R)
+    gpa, _, kind = fill(mmu, 0x0040_0000, R)
     assert (gpa, kind) == (0x0031_0000, FILL_OK)
 
 
@@ -77,18 +88,18 @@ def test_existing_writable_mapping_is_downgraded_when_frame_becomes_a_page_table
     t, mmu = make(mode)
     t.map(0x0060_0000, 0x0070_0000, PWU | pg.PTE_D)          # a plain data page, written first
     start(t, mmu)
-    _, perms, _ = mmu.hw_fill(0x0060_0000, W)
+    _, perms, _ = fill(mmu, 0x0060_0000, W)
     assert perms & PERM_W
-    mmu.take_flush()
+    take_flush(mmu)
     # now the guest links that frame as a page table and touches an address through it
     slot = t.slot(0x0080_0000, 2) if mode != pg.Mode.LEGACY else t.slot(0x0080_0000, 2)
     t.buf[0x0070_0000:0x0070_1000] = bytes(4096)
     t.wr(slot, 0x0070_0000 | PWU)
     t.wr(0x0070_0000, DATA | PWU)
-    gpa, _, kind = mmu.hw_fill(0x0080_0000, R)
+    gpa, _, kind = fill(mmu, 0x0080_0000, R)
     assert (gpa, kind) == (DATA, FILL_OK)
-    assert mmu.take_flush(), "write-protecting an already mapped frame must flush the TLB"
-    _, _, kind = mmu.hw_fill(0x0060_0000, W)
+    assert take_flush(mmu), "write-protecting an already mapped frame must flush the TLB"
+    _, _, kind = fill(mmu, 0x0060_0000, W)
     assert kind == FILL_TRACKED
 
 
@@ -97,11 +108,11 @@ def test_guest_fault_reports_error_code(mode):
     t, mmu = make(mode)
     t.map(0x0040_0000, DATA, P | pg.PTE_U)                    # read-only user page
     start(t, mmu, wp=True)
-    _, _, kind = mmu.hw_fill(0x0090_0000, R)
-    assert kind == FILL_GUEST_FAULT and mmu.pending_error_code == 0
-    _, _, kind = mmu.hw_fill(0x0040_0000, W | U)
-    assert kind == FILL_GUEST_FAULT and mmu.pending_error_code == pg.PFERR_P | pg.PFERR_W | pg.PFERR_U
-    assert mmu.c["pf_guest"] == 2
+    r = mmu.hw_fill(0x0090_0000, R)
+    assert r.kind == FILL_GUEST_FAULT and (r.vector, r.error_code) == (14, 0)
+    r = mmu.hw_fill(0x0040_0000, W | U)
+    assert r.kind == FILL_GUEST_FAULT and r.error_code == pg.PFERR_P | pg.PFERR_W | pg.PFERR_U
+    assert mmu.counters["pf_guest"] == 2
 
 
 def test_legacy_quadrants_one_guest_table_two_shadow_pages():
@@ -110,17 +121,17 @@ def test_legacy_quadrants_one_guest_table_two_shadow_pages():
     leaf_hi = t.map(0x0060_0000, DATA + 0x1000, PWU)          # same 4 MiB region, pte index 512
     assert leaf_lo & ~0xFFF == leaf_hi & ~0xFFF
     start(t, mmu)
-    mmu.hw_fill(0x0040_0000, R)
-    mmu.hw_fill(0x0060_0000, R)
-    sps = mmu.shadow_pages_of(leaf_lo >> 12)
+    fill(mmu, 0x0040_0000, R)
+    fill(mmu, 0x0060_0000, R)
+    sps = mmu.vm.shadow_pages_of(leaf_lo >> 12)
     assert sorted(sp.role.quadrant for sp in sps) == [0, 1]
     # a write to the upper half touches only quadrant 1
     t.wr(leaf_hi, DATA + 0x2000 | PWU)
     mmu.pte_write(leaf_hi, 4)
-    assert mmu.hw_fill(0x0040_0000, R)[0] == DATA
-    assert mmu.hw_fill(0x0060_0000, R)[0] == DATA + 0x2000
+    assert fill(mmu, 0x0040_0000, R)[0] == DATA
+    assert fill(mmu, 0x0060_0000, R)[0] == DATA + 0x2000
     # the directory is shadowed by four pages (one per GiB), created on demand at CR3 load
-    pd = [sp for sp in mmu.pages() if sp.gfn == t.cr3 >> 12]
+    pd = [sp for sp in mmu.vm.pages() if sp.gfn == t.cr3 >> 12]
     assert sorted(sp.role.quadrant for sp in pd) == [0, 1, 2, 3]
 
 
@@ -131,9 +142,9 @@ def test_large_guest_page_is_shadowed_by_a_direct_page(mode):
     t.map(0x0080_0000, 0x0040_0000, PWU | pg.PTE_D, level=2)
     start(t, mmu, **({"pse": True} if mode == pg.Mode.LEGACY else {}))
     va = 0x0080_0000 + big - 0x1000                            # last 4 KiB page of the large page
-    gpa, perms, kind = mmu.hw_fill(va, W)
+    gpa, perms, kind = fill(mmu, va, W)
     assert (gpa, kind) == (0x0040_0000 + big - 0x1000, FILL_OK)
-    direct = [sp for sp in mmu.pages() if sp.role.direct]
+    direct = [sp for sp in mmu.vm.pages() if sp.role.direct]
     assert len(direct) == 1 and direct[0].role.level == 1
 
 
@@ -143,9 +154,9 @@ def test_invlpg_keeps_synced_sptes(mode):
     t, mmu = make(mode)
     t.map(0x0040_0000, DATA, PWU)
     start(t, mmu)
-    mmu.hw_fill(0x0040_0000, R)
+    fill(mmu, 0x0040_0000, R)
     mmu.invlpg(0x0040_0000)
-    assert mmu._shadow_walk(0x0040_0000) is not None and mmu.c["invlpg"] == 1
+    assert shadow_leaf(mmu.root, mmu.root_level, 0x0040_0000) is not None and mmu.counters["invlpg"] == 1
 
 
 def test_cr3_switch_reuses_cached_root():
@@ -153,29 +164,29 @@ def test_cr3_switch_reuses_cached_root():
     t.map(0x0040_0000, DATA, PWU)
     start(t, mmu)
     root = mmu.root
-    mmu.hw_fill(0x0040_0000, R)
+    fill(mmu, 0x0040_0000, R)
     other = Tables(pg.Mode.LONG, t.buf)
     other.next = t.next + 0x10000
     other.cr3 = other.alloc()
     mmu.set_context(pg.PagingContext(pg.Mode.LONG, other.cr3))
     assert root.root_count == 0 and mmu.root is not root
-    misses = mmu.c["mmu_cache_miss"]
+    misses = mmu.counters["mmu_cache_miss"]
     start(t, mmu)
-    assert mmu.root is root and mmu.c["mmu_cache_miss"] == misses
+    assert mmu.root is root and mmu.counters["mmu_cache_miss"] == misses
 
 
 def test_unprotect_zaps_all_shadows_of_the_frame():
     t, mmu = make(pg.Mode.PAE)
     leaf = t.map(0x0040_0000, DATA, PWU)
     start(t, mmu)
-    mmu.hw_fill(0x0040_0000, R)
-    assert mmu.unprotect(leaf >> 12)
-    assert not mmu.is_tracked(leaf >> 12) and mmu.c["mmu_unprotect"] == 1
-    assert mmu.c["mmu_shadow_zapped"] == 1
-    audit(mmu)
+    fill(mmu, 0x0040_0000, R)
+    assert mmu.vm.unprotect(leaf >> 12)
+    assert not mmu.vm.is_tracked(leaf >> 12) and mmu.counters["mmu_unprotect"] == 1
+    assert mmu.counters["mmu_shadow_zapped"] == 1
+    audit(mmu.vm)
     # the next access re-shadows it
-    mmu.hw_fill(0x0040_0000, R)
-    assert mmu.is_tracked(leaf >> 12)
+    fill(mmu, 0x0040_0000, R)
+    assert mmu.vm.is_tracked(leaf >> 12)
 
 
 def test_audit_catches_a_writable_spte_on_a_shadowed_frame():
@@ -183,9 +194,9 @@ def test_audit_catches_a_writable_spte_on_a_shadowed_frame():
     leaf = t.map(0x0040_0000, DATA, PWU | pg.PTE_D)
     t.map(0x0050_0000, leaf & ~0xFFF, PWU | pg.PTE_D)
     start(t, mmu)
-    mmu.hw_fill(0x0040_0000, R)
-    mmu.hw_fill(0x0050_0000, R)
-    sp, idx = mmu._shadow_walk(0x0050_0000)
+    fill(mmu, 0x0040_0000, R)
+    fill(mmu, 0x0050_0000, R)
+    sp, idx = shadow_leaf(mmu.root, mmu.root_level, 0x0050_0000)
     sp.spt[idx] |= SPTE_W                                      # corrupt it on purpose
     with pytest.raises(AuditError, match="writable"):
-        audit(mmu)
+        audit(mmu.vm)

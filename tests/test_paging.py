@@ -24,7 +24,7 @@ from x86shadow.paging import (
     PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W, Mode, PagingContext, PdpteError, entry_frame, index_bits,
     load_pdptes, pte_size, walk,
 )
-from x86shadow.physmem import PhysMem
+from x86shadow.memory.ram import PhysMem
 
 P, W, U, A, D, PS, NX = PTE_P, PTE_W, PTE_U, PTE_A, PTE_D, PTE_PS, PTE_NX
 PWU = P | W | U

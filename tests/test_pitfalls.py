@@ -3,6 +3,7 @@ and required to give the same guest-visible result."""
 import pytest
 
 from x86shadow import layout
+from x86shadow.events import MARKER
 from x86shadow.asm import Program, assemble, assemble_firmware
 from x86shadow.machine import Machine
 
@@ -179,10 +180,10 @@ newcode:
     bits = 64 if mode == "64" else 32
     code = assemble("main:\n" + src, bits=bits, base=layout.PROG_BASE,
                     symbols=layout.asm_symbols(mode, 64 << 20), filename="<test>")
-    m = Machine(mode, ram_mib=64, trace=lambda ev, **f: events.append(ev), audit=True)
+    m = Machine(mode, ram_mib=64, trace=lambda kind, _f: events.append(kind), audit=True)
     m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(mode, 64 << 20))
     at = []
-    m.vcpu.marker = lambda v: at.append(len(events))
+    m.events.subscribe(lambda _k, _f: at.append(len(events)), (MARKER,))
     res = m.run()
     assert res.status == 0, res.report
     assert "kvm_mmu_new_root" in events[at[0]:], "the mov cr3 written at run time was not intercepted"

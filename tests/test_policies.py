@@ -5,6 +5,7 @@ Unicorn's own MMU leaves them."""
 import pytest
 
 from x86shadow.faultlab import FaultLab
+from x86shadow.mmu.shadow_walk import shadow_leaf
 from x86shadow.policies import POLICY_NAMES
 
 X = 0x4000_0000            # a data page whose page table gets shadowed
@@ -163,11 +164,12 @@ def test_kvm_2008_reinstalls_present_and_accessed_ptes_only():
     lab = make_lab("kvm-2008")
     r = lab.run(snippet(lab, f"mov dword ptr [ebx], {DATA | 0x1000 | 0x27:#x}"), shadow=[X])  # P|W|U|A
     mmu = r.machine.vcpu.mmu
-    leaf = mmu._shadow_walk(X)
+    leaf = shadow_leaf(mmu.root, mmu.root_level, X)
     assert leaf is not None and (leaf[0].spt[leaf[1]] >> 12) == (DATA + 0x1000) >> 12
     assert not leaf[0].spt[leaf[1]] & 2, "re-installed writable although the guest pte is clean"
     r = lab.run(snippet(lab, f"mov dword ptr [ebx], {DATA | 0x1000 | 0x07:#x}"), shadow=[X])  # no A
-    assert r.machine.vcpu.mmu._shadow_walk(X) is None
+    mmu = r.machine.vcpu.mmu
+    assert shadow_leaf(mmu.root, mmu.root_level, X) is None
     assert r.counters["mmu_pte_updated"] == 1
 
 

@@ -41,7 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "guestcode" / "bench"
+from . import resources
+
+BENCH_DIR = resources.guestcode_dir() / "bench"
 MODES = ("32", "pae", "64")
 
 
@@ -193,23 +195,17 @@ def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="
     m.load(prog, fw)
     fills = [0]
     cr3 = [0]
-    if instrument and m.vcpu.mmu is not None:
-        # count TLB fills and CR3 loads by wrapping two instance attributes the vCPU looks up on
-        # every call (untimed runs only: the wrappers cost time)
-        mmu_obj = m.vcpu.mmu
-        hw_fill = mmu_obj.hw_fill
+    if instrument and m.vm_mmu is not None:
+        # count TLB fills and CR3 loads from their events (untimed runs only: observing costs)
+        from .events import CR3_LOAD, TLB_FILL
 
-        def counting_fill(va, access, _f=hw_fill):
+        def count_fill(_kind, _fields):
             fills[0] += 1
-            return _f(va, access)
-        mmu_obj.hw_fill = counting_fill
-        set_context = m.vcpu._set_context
 
-        def counting_set_context(_f=set_context, **regs):
-            if "cr3" in regs:
-                cr3[0] += 1
-            return _f(**regs)
-        m.vcpu._set_context = counting_set_context
+        def count_cr3(_kind, _fields):
+            cr3[0] += 1
+        m.events.subscribe(count_fill, (TLB_FILL,))
+        m.events.subscribe(count_cr3, (CR3_LOAD,))
     gc.collect()
     if profiler is not None:
         profiler.enable()
@@ -225,8 +221,7 @@ def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="
                          f"{res.status}" + (f"; output: {tail!r}" if tail else "")
                          + (f"\n{res.report}" if res.report else ""))
     r = Run(t, dict(res.counters))
-    if instrument and m.vcpu.mmu is not None:
-        # a vCPU that no longer looks these up on each call would leave them at 0: say n/a
+    if instrument and m.vm_mmu is not None:
         r.fills = fills[0] if fills[0] else None
         r.cr3 = cr3[0] if (cr3[0] or not r.counters.get("exits")) else None
     if keep:
@@ -519,8 +514,9 @@ def mmu_memory(mmu) -> dict:
     roles), the (gfn, role) hash, the rmap and the per-gfn indexes."""
     pages = list(mmu.hash.values())
     sp_bytes = _deep_size(pages)
-    total = _deep_size([mmu.hash, mmu.rmap, mmu.shadowed, mmu.sps_by_gfn, mmu.root])
-    rmap_bytes = total - _deep_size([mmu.hash, mmu.shadowed, mmu.sps_by_gfn, mmu.root])
+    roots = [v.root for v in mmu.vcpus]
+    total = _deep_size([mmu.hash, mmu.rmap, mmu.write_track, mmu.sps_by_gfn, roots])
+    rmap_bytes = total - _deep_size([mmu.hash, mmu.write_track, mmu.sps_by_gfn, roots])
     leaf = sum(1 for sp in pages if sp.role.level == 1 for e in sp.spt if e & 1)
     return {"shadow_pages": len(pages), "leaf_sptes": leaf, "bytes": total,
             "shadow_page_bytes": sp_bytes, "rmap_bytes": rmap_bytes,
@@ -569,8 +565,8 @@ def growth(*, mode="64", quick=False, rounds=1, policy="kvm", log=None, tracemal
             create.append(time.perf_counter() - t0 - r.seconds)
             shadow.append(r.seconds)
             if mem is None:
-                mem = mmu_memory(r.machine.vcpu.mmu)
-                mem["max_pages"] = r.machine.vcpu.mmu.max_pages
+                mem = mmu_memory(r.machine.vm_mmu)
+                mem["max_pages"] = r.machine.vm_mmu.max_pages
             counters = r.counters
             r.machine = None
             native.append(run_once(w, mode, "native", pf, ram_mib=ram, policy=policy).seconds)

@@ -88,7 +88,8 @@ def _add_scenario_parser(sub) -> None:
 
 def cmd_run(args) -> int:
     from .asm import AsmError, assemble_firmware, assemble_program
-    from .machine import Machine, Tracer
+    from .events import JsonTrace
+    from .machine import Machine
 
     if args.max_insns < 0:
         raise UsageError("--max-insns must be >= 0")
@@ -117,7 +118,7 @@ def cmd_run(args) -> int:
             out.flush()
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
-                        trace=Tracer(trace_fp) if trace_fp else None, audit=args.audit,
+                        trace=JsonTrace(trace_fp) if trace_fp else None, audit=args.audit,
                         serial_out=serial)
             m.load(program, firmware)
         except ValueError as e:

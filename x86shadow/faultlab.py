@@ -22,6 +22,7 @@ from . import layout
 from . import paging as pg
 from .asm import Program, assemble, assemble_firmware
 from .guesttables import PWU, GuestTables
+from .events import MARKER
 from .machine import Machine
 
 _MODE = {"32": pg.Mode.LEGACY, "pae": pg.Mode.PAE, "64": pg.Mode.LONG}
@@ -108,7 +109,7 @@ class FaultLab:
 
     def tables(self):
         if self._tables is None:
-            from .physmem import PhysMem
+            from .memory.ram import PhysMem
             self._tables = self._build(PhysMem(bytearray(self.ram_mib << 20)))
         return self._tables
 
@@ -133,16 +134,16 @@ class FaultLab:
         events = []
         marks = []
 
-        def trace(event, **fields):
-            fields["event"] = event
-            events.append(fields)
+        def trace(kind, fields):
+            events.append({**fields, "event": kind})
         m = Machine(self.mode, mmu=mmu, policy=self.policy, ram_mib=self.ram_mib,
                     trace=trace if mmu == "shadow" else None, audit=audit and mmu == "shadow")
         m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(self.mode, self.ram_mib << 20))
         self._build(m.mem)
         for pa, data in self.pokes:
             m.mem.write(pa, data)
-        m.vcpu.marker = lambda value: marks.append((value, dict(m.counters), len(events)))
+        m.events.subscribe(lambda _k, f: marks.append((f["value"], dict(m.counters), len(events))),
+                           (MARKER,))
         result = m.run()
         if len(marks) == 2:
             (_, c0, e0), (_, c1, e1) = marks

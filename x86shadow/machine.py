@@ -1,36 +1,23 @@
-"""The machine: guest RAM, firmware + program loading, devices, counters, trace, the run loop."""
+"""The VM: guest RAM, the VM-wide shadow MMU, the port bus and its devices, the event sink, one
+vCPU, and the run loop that turns the vCPU's exits into a run result."""
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 
-from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4,
-                               UC_X86_REG_CS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS,
-                               UC_X86_REG_GDTR, UC_X86_REG_GS,
-                               UC_X86_REG_SS)
+from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS
 
-from . import layout
-from .cpu.delivery import GuestCrash, vector_name
+from . import events as ev
+from .boot.firmware import firmware_boot
+from .counters import new_counters
 from .cpu.vcpu import VCPU
-from .mmu.core import new_counters
-from .physmem import PhysMem
+from .devices.bus import Bus
+from .devices.pc import attach_pc_devices
+from .exits import ExitKind
+from .faults import GuestCrash, vector_name
+from .memory.ram import PhysMem
 
 MODES = ("32", "pae", "64")
 MMUS = ("shadow", "native")
-
-
-class Tracer:
-    """``--trace``: one JSON object per event, KVM tracepoint-style names."""
-
-    def __init__(self, fp):
-        self.fp = fp
-        self.n = 0
-
-    def __call__(self, event, **fields):
-        self.n += 1
-        fields["event"] = event
-        self.fp.write(json.dumps(fields, separators=(",", ":")) + "\n")
 
 
 @dataclass
@@ -40,19 +27,13 @@ class RunResult:
     crash: GuestCrash | None = None
     report: str = ""
     counters: dict = field(default_factory=dict)
-
-
-def _seg_desc(base, limit, access, flags):
-    d = limit & 0xFFFF
-    d |= (base & 0xFFFFFF) << 16
-    d |= (access & 0xFF) << 40
-    d |= ((limit >> 16) & 0xF) << 48
-    d |= (flags & 0xF) << 52
-    d |= ((base >> 24) & 0xFF) << 56
-    return d
+    exit_kind: ExitKind | None = None
 
 
 class Machine:
+    """``trace``: a subscriber ``fn(kind, fields)`` for every tracepoint event (e.g.
+    ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``."""
+
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None):
         if mode not in MODES:
@@ -67,65 +48,60 @@ class Machine:
         self.ram_size = ram_mib << 20
         self.mem = PhysMem(self.ram_size)
         self.counters = new_counters()
-        self.trace = trace
+        self.events = ev.EventBus()
+        if trace is not None:
+            self.events.subscribe(trace)
         self.output = bytearray()
         self._serial_sink = serial_out
-        if policy is not None and mmu == "shadow":
-            from .policies import make_policy
-            policy = make_policy(policy) if isinstance(policy, str) else policy
-        else:
-            policy = None
-        self.policy = policy
-        self.vcpu = VCPU(mode, self.mem, mmu_kind=mmu, counters=self.counters, trace=trace,
-                         policy=policy)
-        self.vcpu.serial_out = self._serial
+        self.ports = Bus("port")
+        attach_pc_devices(self.ports, self.events, self._serial)
         self.markers = []                # [(value, counters at that moment)]: guest writes to 0xf5
-        self.vcpu.marker = lambda value: self.markers.append((value, dict(self.counters)))
-        if audit and self.vcpu.mmu is not None:
-            from .mmu.audit import audit as run_audit
-            mmu_obj = self.vcpu.mmu
-            self.vcpu.mmu.after_exit = lambda: run_audit(mmu_obj)
+        self.events.subscribe(self._on_marker, (ev.MARKER,))
+        self.vm_mmu = None
+        if mmu == "shadow":
+            from .mmu.vm_mmu import VmMmu
+            from .policies import DEFAULT_POLICY, make_policy
+            if policy is None:
+                policy = DEFAULT_POLICY
+            policy = make_policy(policy) if isinstance(policy, str) else policy
+            self.vm_mmu = VmMmu(self.mem, self.counters, self.events, policy=policy)
+            if audit:
+                from .mmu.audit import audit as run_audit
+                vm_mmu = self.vm_mmu
+                self.events.subscribe(lambda _kind, _fields: run_audit(vm_mmu), (ev.EXIT,))
+        self.policy = self.vm_mmu.policy if self.vm_mmu is not None else None
+        self.vcpu = VCPU(mode, self.mem, vm_mmu=self.vm_mmu, counters=self.counters,
+                         events=self.events, bus=self.ports)
         self.program = None
+        self.boot = None
 
     def _serial(self, data: bytes):
         self.output += data
         if self._serial_sink is not None:
             self._serial_sink(data)
 
+    def _on_marker(self, _kind, fields):
+        self.markers.append((fields["value"], dict(self.counters)))
+
     # ------------------------------------------------------------------ loading and boot
     def load(self, program, firmware: bytes) -> None:
-        if program.base + len(program.code) > layout.PROG_LIMIT:
-            raise ValueError(f"program is {len(program.code)} bytes: it must end below 16 MiB")
-        self.mem.write(layout.FW_BASE, firmware)
-        self.mem.write(program.base, program.code)
+        """The firmware boot (boot/firmware.py): images into RAM; the CPU starts at run()."""
+        self.boot = firmware_boot(self.mode, program, firmware)
+        for addr, data in self.boot.images:
+            self.mem.write(addr, data)
+        self.vcpu.delivery.crash_gates = self.boot.crash_gates
         self.program = program
 
-    def _boot_state(self) -> None:
-        uc = self.vcpu.uc
-        if self.mode == "64":
-            gdt = [0, _seg_desc(0, 0xFFFFF, 0x9A, 0xA), _seg_desc(0, 0xFFFFF, 0x92, 0xC)]
-        else:
-            gdt = [0, _seg_desc(0, 0xFFFFF, 0x9A, 0xC), _seg_desc(0, 0xFFFFF, 0x92, 0xC)]
-        self.mem.write(layout.FW_GDT, b"".join(struct.pack("<Q", d) for d in gdt))
-        uc.reg_write(UC_X86_REG_GDTR, (0, layout.FW_GDT, len(gdt) * 8 - 1, 0))
-        if self.mode != "64":
-            uc.reg_write(UC_X86_REG_CR0, 0x11)               # PE | ET, paging off
-        uc.reg_write(UC_X86_REG_CS, layout.SEL_KCODE)
-        for rid in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS):
-            uc.reg_write(rid, layout.SEL_KDATA)
-        uc.reg_write(self.vcpu.R_SP, layout.STACK_TOP)
-        if self.vcpu.mmu is not None:
-            self.vcpu._set_context()
-
     def run(self, max_insns: int = 0) -> RunResult:
-        self._boot_state()
-        stop = self.vcpu.run(layout.FW_BASE, max_insns)
-        if stop[0] == "halt":
-            return RunResult(0, "halt", counters=self.counters)
-        if stop[0] == "exit":
-            return RunResult(stop[1], "exit", counters=self.counters)
-        crash = stop[1]
-        return RunResult(4, "crash", crash, self.crash_report(crash), self.counters)
+        if self.boot is None:
+            raise ValueError("nothing loaded: call load() first")
+        self.vcpu.load_boot_state(self.boot.state)
+        ex = self.vcpu.run_once(max_insns)
+        if ex.kind == ExitKind.HLT:
+            return RunResult(0, "halt", counters=self.counters, exit_kind=ex.kind)
+        if ex.kind == ExitKind.SYSTEM_EVENT:
+            return RunResult(ex.status, "exit", counters=self.counters, exit_kind=ex.kind)
+        return RunResult(4, "crash", ex.crash, self.crash_report(ex.crash), self.counters, ex.kind)
 
     # ------------------------------------------------------------------ reporting
     def crash_report(self, crash: GuestCrash) -> str:

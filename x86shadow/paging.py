@@ -601,3 +601,64 @@ def _walk64(mem, ctx, va, access, set_ad):
     w.pt_access = (pt_rights & 6) | (0 if pt_nx else ACC_X)
     w.dirty = bool(e & PTE_D)
     return w
+
+
+# --------------------------------------------------------------------------------------------
+# one format object per paging mode (Python's answer to KVM's paging_tmpl.h): what the shadow
+# MMU, its audit and the policies need to know about a guest entry, in one place
+
+class GuestFormat:
+    """The guest entry format of one paging mode: entry size, levels, indexing, frames, rights."""
+
+    __slots__ = ("mode", "pte_size", "levels", "frame_mask", "_read")
+
+    def __init__(self, mode: Mode):
+        self.mode = mode
+        self.pte_size = 4 if mode == Mode.LEGACY else 8
+        self.levels = int(mode)
+        self.frame_mask = 0xFFFFF000 if mode == Mode.LEGACY else ADDR_MASK
+
+    def read_pte(self, mem, gpa: int) -> int:
+        """The guest entry at ``gpa`` (4 or 8 bytes)."""
+        return mem.read32(gpa) if self.pte_size == 4 else mem.read64(gpa)
+
+    def pte_base(self, gpa: int) -> int:
+        """Address of the guest entry that holds byte ``gpa``."""
+        return gpa & ~(self.pte_size - 1)
+
+    def index(self, va: int, level: int) -> int:
+        shift, mask = index_bits(self.mode, level)
+        return (va >> shift) & mask
+
+    def frame(self, level: int, pte: int, pse: bool = True) -> int:
+        """Physical address the entry points to (see :func:`entry_frame`)."""
+        return entry_frame(self.mode, level, pte, pse)
+
+    def leaf_frame(self, pte: int) -> int:
+        """Physical address of the 4 KiB page a level-1 entry maps."""
+        return pte & self.frame_mask
+
+    def entry_access(self, pte: int, nxe: bool = True) -> int:
+        """ACC_* rights one entry grants (NX only counts in 8-byte formats with EFER.NXE)."""
+        acc = ACC_X
+        if pte & PTE_W:
+            acc |= ACC_W
+        if pte & PTE_U:
+            acc |= ACC_U
+        if self.pte_size == 8 and nxe and pte & PTE_NX:
+            acc &= ~ACC_X
+        return acc
+
+    def carries_rights(self, level: int) -> bool:
+        """PAE PDPTEs carry no R/W, U/S or NX rights; every other entry does."""
+        return not (self.mode == Mode.PAE and level == 3)
+
+    def __repr__(self):
+        return f"<GuestFormat {self.mode.name}>"
+
+
+FORMATS = {m: GuestFormat(m) for m in (Mode.LEGACY, Mode.PAE, Mode.LONG)}
+
+
+def guest_format(mode) -> GuestFormat:
+    return FORMATS[Mode(mode)]

@@ -10,11 +10,12 @@ the host snapshots the counters.
 What the host measures itself, from what the MMU did:
 
 * ``fixmap_writes_emulated``: stores emulated (EMULATE, and Xen's emulate-ahead) whose guest-physical
-  address lies in the fixmap page-table frame -- counted in the policy's ``after_emulate`` hook,
-  which the write trap calls after every emulated store and never for an unprotect-and-re-execute.
-* ``emulated_writes``: every emulated store, same hook.
+  address lies in the fixmap page-table frame -- counted from the ``emulated_write`` events the
+  write-fault path emits after every emulated store (never for an unprotect-and-re-execute).
+* ``emulated_writes``: every emulated store, same events.
 * ``fixmap_pt_zaps`` / ``user_table_zaps``: shadow pages of the fixmap page table / of the user page
-  tables zapped (for any reason) during the scans -- counted in the policy's ``on_zap`` hook.
+  tables zapped (for any reason) during the scans -- counted from the ``kvm_mmu_prepare_zap_page``
+  events.
 * ``reshadow_faults``: ``mmu_cache_miss`` during the scans. The warm-up (the process's first touch of
   every page) builds every shadow page the scenario needs, so each shadow page created afterwards
   shadows a guest table whose shadow was torn down (flooded, zapped as misaligned, unprotected,
@@ -31,12 +32,12 @@ import resource
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import layout
+from . import events as ev
+from . import layout, resources
 
 MiB = 1 << 20
-PROGRAM = Path(__file__).resolve().parent.parent / "guestcode" / "kmap" / "kscand.asm"
+PROGRAM = resources.guestcode_dir() / "kmap" / "kscand.asm"
 
 VARIANTS = {"rhel3": 0, "2.4": 1, "debug": 2, "2.6": 3}
 ORDERS = {"table": 0, "rmap": 1}
@@ -197,32 +198,27 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
     except ValueError as e:
         raise ScenarioError(str(e)) from None
 
-    # every emulated store, by frame: the write trap calls after_emulate after each store it
-    # completed on the guest's behalf (emulated or emulated-ahead), never for an unprotect
-    emulated = {}
-    inner = policy.after_emulate
-
-    def after_emulate(vcpu, gpa, size, value, insn, rip, ahead=False, _inner=inner, _e=emulated):
-        g = gpa >> 12
-        _e[g] = _e.get(g, 0) + 1
-        return _inner(vcpu, gpa, size, value, insn, rip, ahead=ahead)
-    policy.after_emulate = after_emulate
-    # every shadow page zapped (flooded, misaligned, unprotected, recycled), by guest frame
-    zapped = {}
-    inner_zap = policy.on_zap
-
-    def on_zap(mmu, sp, _inner=inner_zap, _z=zapped):
-        if not sp.role.direct:
-            _z[sp.gfn] = _z.get(sp.gfn, 0) + 1
-        return _inner(mmu, sp)
-    policy.on_zap = on_zap
-
     m = Machine(p.mode, policy=policy, ram_mib=ram)
     m.load(program, firmware)
-    mmu = m.vcpu.mmu
+    vm_mmu = m.vm_mmu
+    # every emulated store (emulated or emulated-ahead; never an unprotect), by frame
+    emulated = {}
+
+    def on_emulated(_kind, f, _e=emulated):
+        g = f["gpa"] >> 12
+        _e[g] = _e.get(g, 0) + 1
+    m.events.subscribe(on_emulated, (ev.EMULATED_WRITE,))
+    # every shadow page zapped (flooded, misaligned, unprotected, recycled), by guest frame
+    zapped = {}
+
+    def on_zap(_kind, f, _z=zapped):
+        if not f["direct"]:
+            _z[f["gfn"]] = _z.get(f["gfn"], 0) + 1
+    m.events.subscribe(on_zap, (ev.PREPARE_ZAP,))
     snaps: list[_Snap] = []
 
-    def marker(value):
+    def marker(_kind, f):
+        value = f["value"]
         s = _Snap()
         s.value = value
         s.counters = dict(m.counters)
@@ -235,12 +231,12 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
         s.t = time.perf_counter()
         t0gfn = g["tables_pa"] >> 12
         s.table_zaps = sum(zapped.get(t0gfn + i, 0) for i in range(p.tables))
-        s.tables_shadowed = sum(1 for i in range(p.tables) if mmu.is_shadowed(t0gfn + i))
-        s.fixmap_shadowed = mmu.is_shadowed(fgfn)
+        s.tables_shadowed = sum(1 for i in range(p.tables) if vm_mmu.is_shadowed(t0gfn + i))
+        s.fixmap_shadowed = vm_mmu.is_shadowed(fgfn)
         snaps.append(s)
         if progress is not None:
             progress(value >> 24, value & 0xFFFFFF)
-    m.vcpu.marker = marker
+    m.events.subscribe(marker, (ev.MARKER,))
 
     result = m.run()
     wall = time.perf_counter() - t0

@@ -12,46 +12,21 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CS, UC
                                UC_X86_REG_GDTR, UC_X86_REG_IDTR,
                                UC_X86_REG_SS, UC_X86_REG_TR)
 
-from .. import layout
-
-VEC_DE, VEC_DB, VEC_NMI, VEC_BP, VEC_OF, VEC_BR, VEC_UD, VEC_NM, VEC_DF = range(9)
-VEC_TS, VEC_NP, VEC_SS, VEC_GP, VEC_PF = 10, 11, 12, 13, 14
-VEC_AC = 17
-HAS_ERROR_CODE = {VEC_DF, VEC_TS, VEC_NP, VEC_SS, VEC_GP, VEC_PF, VEC_AC}
-CONTRIBUTORY = {VEC_DE, VEC_TS, VEC_NP, VEC_SS, VEC_GP}
-NAMES = {0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
-         5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available",
-         8: "#DF double fault", 10: "#TS invalid TSS", 11: "#NP segment not present",
-         12: "#SS stack fault", 13: "#GP general protection", 14: "#PF page fault",
-         16: "#MF x87 error", 17: "#AC alignment check", 18: "#MC machine check", 19: "#XM SIMD"}
+from ..events import INJ_EXCEPTION
+from ..faults import (CONTRIBUTORY, VEC_DF, VEC_GP, VEC_NP, VEC_PF, VEC_SS, VEC_TS, Fault,
+                      GuestCrash, vector_name)
 
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 
 
-class Fault(Exception):
-    """An exception raised while delivering another one (or by the memory accessors)."""
-
-    def __init__(self, vector, error_code=None, cr2=None):
-        super().__init__(vector)
-        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
-
-
-class GuestCrash(Exception):
-    """The guest cannot go on: unhandled exception (firmware IDT), triple fault, ..."""
-
-    def __init__(self, reason, vector=None, error_code=None, rip=None, cr2=None):
-        super().__init__(reason)
-        self.reason, self.vector, self.error_code, self.rip, self.cr2 = reason, vector, error_code, rip, cr2
-
-
-def vector_name(v):
-    return NAMES.get(v, f"vector {v}")
-
-
 class Delivery:
-    def __init__(self, vcpu):
+    """``crash_gates``: gate targets that mean "unhandled exception" (the firmware's IDT points
+    every gate there); delivering through one ends the run with the crash report."""
+
+    def __init__(self, vcpu, crash_gates=frozenset()):
         self.vcpu = vcpu
         self.uc = vcpu.uc
+        self.crash_gates = frozenset(crash_gates)
 
     # --------------------------------------------------------------- descriptors
     def _descriptor(self, sel, vector_ec):
@@ -102,7 +77,7 @@ class Delivery:
         if long_mode:
             offset |= struct.unpack_from("<I", raw, 8)[0] << 32
             ist = hi & 7
-        if offset == layout.FW_UNHANDLED:
+        if offset in self.crash_gates:
             raise GuestCrash(f"unhandled {vector_name(vector)}", vector, error_code)
         csl, csh = self._descriptor(sel, sel & ~3)
         if not (csh >> 15) & 1:
@@ -193,9 +168,9 @@ class Delivery:
             if vector == VEC_PF and cr2 is not None:
                 v.set_reg(UC_X86_REG_CR2, cr2)
             v.counters["irq_injections"] += 1
-            if v.trace:
-                v.trace("kvm_inj_exception", vector=vector, error_code=error_code, rip=rip0,
-                        cr2=cr2 if vector == VEC_PF else None)
+            if v.events.tracing:
+                v.events.emit(INJ_EXCEPTION, vector=vector, error_code=error_code, rip=rip0,
+                              cr2=cr2 if vector == VEC_PF else None)
             try:
                 self.deliver(vector, error_code, soft=soft, ext=ext, return_rip=return_rip)
                 if native:
@@ -213,7 +188,7 @@ class Delivery:
                 if vector == VEC_DF:
                     raise GuestCrash(f"triple fault ({vector_name(second)} while delivering #DF; "
                                      f"first exception {vector_name(first)})",
-                                     first, first_ec, rip0, cr2)
+                                     first, first_ec, rip0, cr2, shutdown=True)
                 df = ((vector in CONTRIBUTORY and second in CONTRIBUTORY) or
                       (vector == VEC_PF and (second in CONTRIBUTORY or second == VEC_PF)))
                 soft = False

@@ -24,19 +24,24 @@ from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
-                               UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_LDTR,
-                               UC_X86_REG_RIP, UC_X86_REG_TR,
+                               UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GDTR,
+                               UC_X86_REG_GS, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_RIP,
+                               UC_X86_REG_SS, UC_X86_REG_TR,
                                UC_X86_REG_EIP, UC_X86_REG_ESP, UC_X86_REG_RSP)
 
+from .. import events as ev
 from .. import layout
 from .. import paging as pg
+from ..devices.bus import StopRequest
 from ..emulate.decode import decode
-from ..policies import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict, make_policy
-from ..mmu.pages import SPTE_D, SPTE_FRAME, SPTE_U, SPTE_W
-from ..mmu.core import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, PERM_W, PERM_X,
-                        ShadowMMU)
+from ..exits import Exit, ExitKind
+from ..faults import VEC_PF, VEC_UD, Fault, GuestCrash
+from ..mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, walk_translate
+from ..mmu.vm_mmu import REQ_TLB_FLUSH
+from ..mmu.spte import PERM_W, PERM_X
+from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
-from .delivery import VEC_PF, VEC_UD, Delivery, Fault, GuestCrash
+from .delivery import Delivery
 from .privileged import Interceptor
 
 EFER = 0xC0000080
@@ -48,9 +53,6 @@ _CR0_PAGING = CR0_PE | CR0_WP | CR0_PG
 _CR4_PAGING = CR4_PSE | CR4_PAE | CR4_PGE | CR4_SMEP | CR4_SMAP
 _EFER_PAGING = EFER_LME | EFER_LMA | EFER_NXE
 
-_CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall sysenter sysret "
-                     "sysexit hlt loop loope loopne jecxz jrcxz ljmp lcall".split()) | frozenset(
-    "jo jno jb jae je jne jbe ja js jns jp jnp jl jge jle jg".split())
 # instruction classes whose stores TCG emits inline: refusing the store leaves no trace, so the
 # instruction can be re-executed natively
 _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add adc sub sbb inc dec "
@@ -83,14 +85,19 @@ def _reg_id(name):
 
 
 class VCPU:
-    def __init__(self, mode: str, mem, *, mmu_kind: str = "shadow", counters: dict, trace=None,
-                 policy=None):
+    """One vCPU. ``vm_mmu`` (shadow mode) is the VM's shadow MMU; this vCPU gets its own per-vCPU
+    MMU state from it. ``bus`` is the VM's port bus; ``crash_gates`` the IDT gate targets that
+    mean "unhandled exception" (the firmware's)."""
+
+    def __init__(self, mode: str, mem, *, vm_mmu=None, counters: dict, events, bus,
+                 crash_gates=frozenset()):
         self.mode = mode
         self.bits = 64 if mode == "64" else 32
         self.mem = mem
-        self.shadow = mmu_kind == "shadow"
+        self.shadow = vm_mmu is not None
         self.counters = counters
-        self.trace = trace
+        self.events = events
+        self.bus = bus
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64 if self.bits == 64 else UC_MODE_32)
         self._h = uc._uch
         self._rv = ctypes.c_uint64()
@@ -105,21 +112,18 @@ class VCPU:
                                          # ("event", ...) to deliver, ("reexec", rip)
         self.pending_fault = None        # (vector, error_code, cr2) to inject after emu_start returns
         self.retry_page = None           # code page whose translations must be dropped
-        self.last_reexec = None          # (rip, gpa, exits) of the last unprotect-and-re-execute
         self.page_kind = {}              # gfn -> _CODE / _MIXED (absent: _DATA)
         self.flips = {}                  # gfn -> code/data transitions so far
         self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
         self._efer = None                # EFER as last read or intercepted (None: read it)
         self._contexts = {}              # paging-relevant register bits -> PagingContext
-        self.serial_out = None           # callable(bytes)
-        self.marker = None               # callable(value): the guest wrote to MARKER_PORT
+        self._rmw_read = self._current_insn_is_rmw
+        self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
-            self.mmu = ShadowMMU(mem, counters, trace)
-            self.policy = policy if policy is not None else make_policy("kvm")
-            self.mmu.policy = self.policy
-            self.mmu.rmw_probe = self._current_insn_is_rmw
+            self.mmu = vm_mmu.add_vcpu()
+            self.policy = vm_mmu.policy
             self._add_raw_fill_hook()
             # memory hooks only over the addresses they are for: a hook whose range covers a
             # store sends every such store down QEMU's slow path (measured: 10x per store)
@@ -145,7 +149,25 @@ class VCPU:
         else:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
-        self.delivery = Delivery(self)
+        self.delivery = Delivery(self, crash_gates)
+        self.pc = None                   # where the next run_once() starts (load_boot_state)
+        self.insns = 0                   # guest instructions counted so far (with max_insns)
+
+    # ------------------------------------------------------------------ boot
+    def load_boot_state(self, state) -> None:
+        """Put the CPU in a boot.firmware.BootState: boot GDT, CR0, segments, stack, entry."""
+        uc = self.uc
+        self.mem.write(state.gdt_base, state.gdt_bytes())
+        uc.reg_write(UC_X86_REG_GDTR, (0, state.gdt_base, len(state.gdt) * 8 - 1, 0))
+        if state.cr0 is not None:
+            uc.reg_write(UC_X86_REG_CR0, state.cr0)
+        uc.reg_write(UC_X86_REG_CS, state.code_sel)
+        for rid in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS):
+            uc.reg_write(rid, state.data_sel)
+        uc.reg_write(self.R_SP, state.sp)
+        if self.shadow:
+            self._set_context()
+        self.pc = state.entry
 
     def _add_raw_fill_hook(self):
         """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss.
@@ -225,22 +247,9 @@ class VCPU:
 
     # ------------------------------------------------------------------ guest virtual memory
     def _translate(self, va, access):
-        if self.shadow and self.mmu.root is not None:
-            # what a TLB hit would use: a present spte with the rights asked for (its guest pte
-            # has its A -- and, if writable, D -- bit set already)
-            leaf = self.mmu._shadow_walk(va)
-            if leaf is not None:
-                spte = leaf[0].spt[leaf[1]]
-                if ((not access & pg.PFERR_W or spte & SPTE_W and spte & SPTE_D)
-                        and (not access & pg.PFERR_U or spte & SPTE_U)):
-                    return (spte & SPTE_FRAME) | (va & 0xFFF)
-        ctx = self.mmu.ctx if self.shadow else self.paging_context()
-        w = pg.walk(self.mem, ctx, va, access)
-        if not w.ok:
-            raise Fault(VEC_PF, w.error_code, va)
-        if not self.mem.contains(w.gpa):
-            raise GuestCrash(f"guest-physical address {w.gpa:#x} is outside RAM")
-        return w.gpa
+        if self.shadow:
+            return self.mmu.translate(va, access)
+        return walk_translate(self.mem, self.paging_context(), va, access)
 
     def read_virt(self, va, n, user=False) -> bytes:
         out = b""
@@ -262,13 +271,21 @@ class VCPU:
             pos += chunk
         for gpa, part in parts:
             self.mem.write(gpa, part)
-            if self.shadow and self.mmu.is_tracked(gpa >> 12):
+            if self.shadow and self.mmu.vm.is_tracked(gpa >> 12):
                 self.mmu.pte_write(gpa, len(part))
 
-    # ------------------------------------------------------------------ TLB
+    # ------------------------------------------------------------------ TLB and MMU requests
     def flush_tlb(self):
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.counters["tlb_flush"] += 1
+
+    def service_requests(self):
+        """Carry out what the MMU asked of the CPU (KVM's vcpu_enter_guest request loop). The
+        MMU_RELOAD request is the MMU's own (the next fill reloads the root)."""
+        mmu = self.mmu
+        if mmu.requests & REQ_TLB_FLUSH:
+            mmu.requests &= ~REQ_TLB_FLUSH
+            self.flush_tlb()
 
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
@@ -279,23 +296,29 @@ class VCPU:
         if rv.value & 3 == 3:
             access |= pg.PFERR_U
         mmu = self.mmu
-        gpa, perms, kind = mmu.hw_fill(va, access)
+        if self._observe_fills:
+            self.events.emit(ev.TLB_FILL, va=va, access=access)
+        r = mmu.hw_fill(va, access, self._rmw_read)
+        kind = r.kind
         if kind == FILL_GUEST_FAULT and access & pg.PFERR_U and self._system_table_page(va):
             # implicit supervisor access (GDT/IDT/TSS read) made at CPL3: it lands in QEMU's
             # kernel TLB, so granting it as supervisor gives user code nothing
             access &= ~pg.PFERR_U
-            gpa, perms, kind = mmu.hw_fill(va, access)
-        if mmu.need_flush:
-            mmu.need_flush = False
+            r = mmu.hw_fill(va, access, self._rmw_read)
+            kind = r.kind
+        if mmu.requests & REQ_TLB_FLUSH:
+            mmu.requests &= ~REQ_TLB_FLUSH
             self.flush_tlb()
         if kind == FILL_OK or kind == FILL_TRACKED:
-            gfn = gpa >> 12
+            hpa = r.addr
+            perms = r.perms
+            gfn = hpa >> 12
             state = self.page_kind.get(gfn, _DATA)
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:
                     self._flip(gfn, _CODE)
                     state = _CODE
-                if self.interceptor.on_exec_fill(va, gfn, self.mem.read(gpa, 4096)):
+                if self.interceptor.on_exec_fill(va, gfn, self.mem.read(hpa, 4096)):
                     self.retry_page = va
                     return False
             elif acc == UC_MEM_WRITE and state == _CODE:
@@ -311,27 +334,27 @@ class VCPU:
                 perms &= ~PERM_W
             elif state == _DATA:
                 perms &= ~PERM_X
-            entry.paddr = gpa if kind == FILL_OK else layout.ALIAS_BASE + gpa
+            entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
             return True
         if kind == FILL_GUEST_FAULT:
-            if mmu.pending_vector != VEC_PF:          # #GP(0): non-canonical address
-                self.pending_fault = (mmu.pending_vector, mmu.pending_error_code, None)
+            if r.vector != VEC_PF:          # #GP(0): non-canonical address
+                self.pending_fault = (r.vector, r.error_code, None)
                 return False
             if acc == UC_MEM_FETCH:
                 rip = self.rip()
                 cr2 = rip if (rip & ~0xFFF) == va else va
-                self.pending_fault = (VEC_PF, mmu.pending_error_code, cr2)
+                self.pending_fault = (VEC_PF, r.error_code, cr2)
                 return False
             # park the access on the hole so that _unmapped learns the exact byte address
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
-            self.pending_fault = (VEC_PF, mmu.pending_error_code, va)
+            self.pending_fault = (VEC_PF, r.error_code, va)
             return True
         # FILL_NO_MEMORY: let the access reach the hole and report it
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
-        self.pending_fault = ("nomem", va, gpa)
+        self.pending_fault = ("nomem", va, r.addr)
         return True
 
     def _flip(self, gfn, state):
@@ -359,109 +382,40 @@ class VCPU:
         return False
 
     def _write_trap(self, uc, acc, addr, size, value, _ud):
-        """A store to a write-protected guest page table (through the read-only alias): the
-        write-protection fault of a shadow-paging hypervisor. The policy decides."""
+        """A store to a write-tracked frame (through the read-only alias): the write-protection
+        fault of a shadow-paging hypervisor. The MMU core decides (mmu/write_fault.py); this
+        reports the store and carries out the outcome."""
         gpa = addr - layout.ALIAS_BASE
-        mmu = self.mmu
-        c = self.counters
         if (gpa & 0xFFF) + size > 0x1000:
             # a store crossing into the next page: QEMU announces it whole, then repeats it byte
             # by byte for this page (measured); the bytes are what we handle
             return True
-        gfn = gpa >> 12
-        if not mmu.is_tracked(gfn):
-            # a stale alias mapping (the frame was unshadowed since the TLB entry was made):
-            # refuse the store and flush, so the instruction and those after it store natively
-            # (without this a loop keeps trapping until the next fill); a store from a QEMU
-            # helper cannot be refused cleanly, so it is completed here
-            rip = self.rip()
-            insn = self._decode_at(rip)
-            if insn is not None and insn.kvm_class in _RESTARTABLE:
-                mmu.need_flush = True
-                self.stop = ("reexec", rip)
-                return False
-            self.mem.write_uint(gpa, size, value)
-            return True
         rip = self.rip()
         insn = self._decode_at(rip)
-        if not mmu.is_shadowed(gfn):
-            verdict = Verdict(EMULATE, "emulate: write to the PAE PDPT in use")
-        else:
-            verdict = self.policy.classify(self, gpa, size, value, insn, self.reg(UC_X86_REG_CS) & 3)
-        # "right after": only the shadow faults of the re-execution itself in between
-        progress = c["exits"] - c["pf_fixed"] - c["pf_guest"]
-        if verdict.action in (UNPROTECT, FAIL) and self.last_reexec == (rip, gpa, progress):
-            # re-executing natively faulted again on the same address: the instruction's own
-            # translation re-shadows the frame (a page table that maps itself). Emulate it.
-            verdict = Verdict(EMULATE, "emulate: re-execution trapped again at the same RIP and "
-                                       "address (loop breaker)")
-        self.last_reexec = None
-        action = verdict.action
-        if action == AHEAD:
-            c["emulate_ahead"] += verdict.ahead
-        else:
-            c["exits"] += 1
-            c["wp_faults"] += 1
-            c["pf_emulate"] += 1
-        if self.trace:
-            self.trace("kvm_mmu_write_protect_fault", rip=rip, gpa=gpa, size=size, value=value,
-                       insn=insn.text if insn else None, decision=verdict.reason)
-        if action in (UNPROTECT, FAIL):
-            if action == FAIL:
-                c["insn_emulation_fail"] += 1
-            mmu.unprotect(gfn, reason=verdict.reason)
-            if insn is None or insn.kvm_class not in _RESTARTABLE:
-                # Stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls ...)
-                # cannot be refused cleanly: the helper's register updates survive (measured).
-                # The frame is unshadowed all the same; the store completes here, which leaves
-                # exactly the state a native re-execution would.
-                self.mem.write_uint(gpa, size, value)
-                mmu.need_flush = True
-                return True
+        # Refusing a store (return False) re-executes the instruction cleanly only for stores TCG
+        # emits inline; stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls)
+        # keep the helper's register updates (measured)
+        restartable = insn is not None and insn.kvm_class in _RESTARTABLE
+        w = TrappedWrite(gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn, restartable,
+                         self.counters["exits"])
+        if handle_trapped_write(self.mmu, w) == REEXECUTE:
             # refuse the store: Unicorn stops with the instruction not done (measured: memory and
             # registers untouched, RIP on it; an emu_stop() here would let the store through and
             # then re-execute the instruction). The run loop flushes the TLB, dropping the alias
-            # mapping, and the guest re-executes the instruction natively.
-            # Unicorn leaves a stale RIP when the refused store came from a helper
-            # (cmpxchg8b: measured), so resume at the RIP read here, on the instruction.
-            mmu.need_flush = True
+            # mapping, and the guest re-executes the instruction natively. Unicorn leaves a stale
+            # RIP when the refused store came from a helper (cmpxchg8b: measured), so resume at
+            # the RIP read here, on the instruction.
             self.stop = ("reexec", rip)
-            self.last_reexec = (rip, gpa, progress + 1)     # + this trap
             return False
-        self.mem.write_uint(gpa, size, value)
-        if action == EMULATE:
-            c["insn_emulation"] += 1
-        mmu.pte_write(gpa, size, insn)
-        self.policy.after_emulate(self, gpa, size, value, insn, rip, ahead=(action == AHEAD))
         return True
 
     def _current_insn_is_rmw(self):
         insn = self._decode_at(self.rip())
         return insn is not None and insn.mem_write and insn.kvm_class in _RMW
 
-    def next_instructions(self, insn, n):
-        """Addresses of up to n instructions after insn in program order (fall-through; a control
-        transfer is the last one taken)."""
-        out = []
-        d = insn
-        for _ in range(n):
-            if d is None or d.mnemonic.split()[-1] in _CONTROL:
-                break
-            d = self._decode_at(d.address + d.size)
-            if d is None:
-                break
-            out.append(d.address)
-        return out
-
     def _decode_at(self, rip):
-        if self.shadow and (rip & 0xFFF) <= 0x1000 - 15:
-            # the instruction was just fetched, so its shadow mapping exists: read it from there
-            # (a Python guest walk costs several times more)
-            leaf = self.mmu._shadow_walk(rip) if self.mmu.root is not None else None
-            if leaf is not None:
-                gpa = (leaf[0].spt[leaf[1]] & SPTE_FRAME) | (rip & 0xFFF)
-                if gpa + 15 <= self.mem.size:
-                    return decode(self.mem.read(gpa, 15), rip, self.bits)
+        if self.shadow:
+            return self.mmu.decode_at(rip, self.bits)
         try:
             code = self.read_virt(rip, 15)
         except (Fault, GuestCrash):
@@ -486,7 +440,7 @@ class VCPU:
             c["exits"] += 1
             va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
             self.mmu.invlpg(va)
-            self.policy.on_other_exit(self.mmu)
+            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":
             if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
@@ -499,7 +453,7 @@ class VCPU:
             self._set_context(efer=new)
             self._efer = None                         # re-read once the CPU has executed it
             if (old ^ new) & EFER_NXE:
-                self.mmu.need_flush = True            # QEMU does not flush on an NXE change
+                self.mmu.request(REQ_TLB_FLUSH)       # QEMU does not flush on an NXE change
             self._finish_privileged(uc)
             return
         dst, src = [s.strip() for s in insn.op_str.split(",")]
@@ -517,30 +471,29 @@ class VCPU:
             self._efer = None                         # a paging switch may toggle EFER.LMA
         elif crn == 3:
             self._set_context(cr3=value)
+            self.events.emit(ev.CR3_LOAD, cr3=value)
             if self.mmu.ctx.mode != pg.Mode.OFF:
                 # Unicorn flushes its whole TLB itself when it executes this mov to CR3 with
                 # paging on, right after this hook: that flush is ours
-                self.mmu.need_flush = False
+                self.mmu.requests &= ~REQ_TLB_FLUSH
                 self.counters["tlb_flush"] += 1
         else:
             self._set_context(cr4=value)
         self._finish_privileged(uc)
 
     def _finish_privileged(self, uc):
-        if self.mmu.need_flush:
-            self.mmu.need_flush = False
-            self.flush_tlb()
+        self.service_requests()
 
     def _read_reg_by_name(self, name):
         return self.reg(_reg_id(name))
 
     def _set_context(self, **regs):
         ctx = self.paging_context(cache_pdptes=True, **regs)
-        if self.trace:
-            self.trace("kvm_mmu_new_root", mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,
-                       smep=ctx.smep)
+        if self.events.tracing:
+            self.events.emit(ev.NEW_ROOT, mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,
+                             smep=ctx.smep)
         self.mmu.set_context(ctx)
-        self.policy.on_other_exit(self.mmu)
+        self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
 
     # ------------------------------------------------------------------ events
     # Events Unicorn raises are delivered from the run loop, never inside the hook: a write of
@@ -579,56 +532,54 @@ class VCPU:
             self._event(uc, VEC_UD)
 
     def _out(self, uc, port, size, value, _ud):
-        if port == layout.MARKER_PORT:
-            # instrumentation, not a device: neither counted nor seen by the policy
-            if self.marker is not None:
-                self.marker(value)
+        dev = self.bus.device_at(port)
+        if dev is not None and dev.instrumentation:
+            dev.write(port, size, value)          # neither counted nor seen by the policy
             return
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
         if self.shadow:
-            self.policy.on_other_exit(self.mmu)
-        if port == layout.SERIAL_PORT:
-            if self.serial_out is not None:
-                self.serial_out(bytes([value & 0xFF]))
-        elif port == layout.EXIT_PORT:
-            self.stop = ("exit", ((value & 0xFFFFFFFF) << 1) | 1)
-            uc.emu_stop()
-
+            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+        if dev is not None:
+            r = dev.write(port, size, value)
+            if isinstance(r, StopRequest):
+                self.stop = ("exit", r.status)
+                uc.emu_stop()
 
     def _in(self, uc, port, size, _ud):
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
         if self.shadow:
-            self.policy.on_other_exit(self.mmu)
-        if port == layout.SERIAL_PORT + 5:
-            return 0x60                     # line status: transmitter empty
-        return 0xFF if size == 1 else (0xFFFF if size == 2 else 0xFFFFFFFF)
+            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+        return self.bus.read(port, size)
 
     # ------------------------------------------------------------------ run loop
-    def run(self, entry: int, max_insns: int = 0):
-        """Run until the guest exits, halts or crashes. Returns self.stop.
+    def run_once(self, max_insns: int = 0) -> Exit:
+        """Run the guest until something the VM must see happens; return it as a typed Exit.
+        Faults the MMU fixes, guest exceptions (delivered through the guest IDT), re-executions
+        after an unprotect and code-page rescans are handled here, as KVM handles them inside
+        KVM_RUN.
 
         ``max_insns`` > 0: count guest instructions (Unicorn's ``count``: every translated block
         then calls a counting hook, several times slower) and stop a guest that runs past it."""
-        pc = entry
+        pc = self.pc
         uc = self.uc
         counter_off = probe_insn_counter_offset() if max_insns else None
-        total = 0
+        self._observe_fills = self.events.wants(ev.TLB_FILL)
         while True:
             self.stop = None
             self.pending_fault = None
             self.retry_page = None
             try:
                 if max_insns:
-                    left = max_insns - total
+                    left = max_insns - self.insns
                     try:
                         uc.emu_start(pc, 0, count=left)
                     finally:
-                        total += min(read_insn_counter(uc, counter_off), left)
-                        self.counters["guest_insns"] = total
+                        self.insns += min(read_insn_counter(uc, counter_off), left)
+                        self.counters["guest_insns"] = self.insns
                 else:
                     uc.emu_start(pc, 0)
                 err = None
@@ -639,8 +590,9 @@ class VCPU:
                     raise uc._hook_exception from None
                 err = e
             stop = self.stop
-            if stop is not None and stop[0] in ("exit", "crash"):
-                return stop
+            if stop is not None and stop[0] == "exit":
+                self.pc = self.rip()
+                return Exit(ExitKind.SYSTEM_EVENT, status=stop[1])
             if self.retry_page is not None:
                 self.invalidating = True
                 try:
@@ -652,7 +604,7 @@ class VCPU:
             pf = self.pending_fault
             if pf is not None:
                 if pf[0] == "nomem":
-                    return ("crash", GuestCrash(
+                    return Exit(ExitKind.MMIO, crash=GuestCrash(
                         f"access to guest-physical address {pf[2]:#x}, outside RAM"
                         if pf[1] is None else
                         f"virtual address {pf[1]:#x} maps guest-physical {pf[2]:#x}, outside RAM",
@@ -662,7 +614,7 @@ class VCPU:
                 try:
                     self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2], native=not self.shadow)
                 except GuestCrash as crash:
-                    return ("crash", crash)
+                    return self._crash_exit(crash)
                 pc = self.rip()
                 continue
             if stop is not None and stop[0] == "event":
@@ -671,28 +623,33 @@ class VCPU:
                 try:
                     self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft, return_rip=rip)
                 except GuestCrash as crash:
-                    return ("crash", crash)
+                    return self._crash_exit(crash)
                 if self.shadow:
-                    self.policy.on_other_exit(self.mmu)
+                    self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
                 pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":
-                if self.mmu.need_flush:
-                    self.mmu.need_flush = False
-                    self.flush_tlb()
+                self.service_requests()
                 pc = stop[1]
                 uc.reg_write(self.R_IP, pc)
                 continue
             if err is not None:
-                return ("crash", GuestCrash(f"CPU error: {err}", rip=self.rip()))
+                return Exit(ExitKind.INTERNAL_ERROR, crash=GuestCrash(f"CPU error: {err}",
+                                                                      rip=self.rip()))
             rip = self.rip()
-            if max_insns and total >= max_insns:
-                return ("crash", GuestCrash(f"runaway: still running after --max-insns {max_insns} "
-                                            "instructions", rip=rip))
+            if max_insns and self.insns >= max_insns:
+                return Exit(ExitKind.RUNAWAY, crash=GuestCrash(
+                    f"runaway: still running after --max-insns {max_insns} instructions", rip=rip))
             # emu_start returned by itself: hlt
             self.counters["halt_exits"] += 1
             self.counters["exits"] += 1
             if self.reg(UC_X86_REG_EFLAGS) & (1 << 9):
-                return ("crash", GuestCrash("hlt with interrupts enabled: no interrupt source exists, "
-                                            "the guest would wait forever", rip=rip))
-            return ("halt",)
+                return Exit(ExitKind.GUEST_CRASH, crash=GuestCrash(
+                    "hlt with interrupts enabled: no interrupt source exists, the guest would "
+                    "wait forever", rip=rip))
+            self.pc = rip
+            return Exit(ExitKind.HLT)
+
+    @staticmethod
+    def _crash_exit(crash) -> Exit:
+        return Exit(ExitKind.SHUTDOWN if crash.shutdown else ExitKind.GUEST_CRASH, crash=crash)

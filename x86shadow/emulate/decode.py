@@ -75,6 +75,7 @@ __all__ = [
     "decode",
     "decode_cache_clear",
     "decode_cache_info",
+    "is_control_transfer",
     "is_zero_write",
     "misaligned_kvm",
     "misaligned_kvm2008",
@@ -636,6 +637,19 @@ def decode_cache_info():
 def decode_cache_clear() -> None:
     _decode_at.cache_clear()
     _decode_core.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# control transfers (Xen's emulate-ahead window follows program order and stops after one)
+
+_CONTROL = frozenset("jmp call ret retf iret iretd iretq int int3 into syscall sysenter sysret "
+                     "sysexit hlt loop loope loopne jecxz jrcxz ljmp lcall".split()) | frozenset(
+    "jo jno jb jae je jne jbe ja js jns jp jnp jl jge jle jg".split())
+
+
+def is_control_transfer(d: Decoded) -> bool:
+    """The instruction may transfer control (a jump, call, return, interrupt, hlt ...)."""
+    return d.mnemonic.split()[-1] in _CONTROL
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,34 +5,43 @@ Checks, after an exit:
   (U, W, X), writable only if the guest pte is dirty and the frame is not write-protected;
 * every shadowed guest page-table frame is mapped read-only by every spte that maps it (rmap);
 * rmap entries point at present sptes of live pages, and every present leaf spte is in the rmap;
-* parent/child links agree both ways, and root counts match the roots in use.
+* every leaf spte holds the host pfn the memslots give for the gfn it records;
+* parent/child links agree both ways, and root counts match the roots of every vCPU;
+* write tracking counts exactly the shadow pages of each frame plus the PAE PDPTs in use;
+* no zapped page is left uncommitted on the invalid list.
 """
 from __future__ import annotations
 
 from .. import paging as pg
-from .pages import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W, PaeRoot
+from .pages import PaeRoot
+from .spte import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W, spte_pfn
 
 
 class AuditError(AssertionError):
     pass
 
 
-def audit(mmu) -> None:
+def audit(vm) -> None:
+    """Check every invariant of the VM's shadow MMU (all vCPUs' roots); raise AuditError."""
+    from .vm_mmu import REQ_MMU_RELOAD
     problems = []
     p = problems.append
-    mem = mmu.mem
+    mem = vm.mem
     # roots in use
     expected_roots = {}
-    root = mmu.root
-    if isinstance(root, PaeRoot):
-        for i, child in enumerate(root.children):
-            if child is not None:
-                expected_roots[child] = expected_roots.get(child, 0) + 1
-                if (root, i) not in child.parents:
-                    p(f"pae_root[{i}] -> {child} has no back link")
-    elif root is not None and not mmu.root_invalid:
-        expected_roots[root] = 1
-    for (gfn, role), sp in mmu.hash.items():
+    for v in vm.vcpus:
+        root = v.root
+        if isinstance(root, PaeRoot):
+            for i, child in enumerate(root.children):
+                if child is not None:
+                    expected_roots[child] = expected_roots.get(child, 0) + 1
+                    if (root, i) not in child.parents:
+                        p(f"vcpu{v.id} pae_root[{i}] -> {child} has no back link")
+        elif root is not None and not v.requests & REQ_MMU_RELOAD:
+            expected_roots[root] = expected_roots.get(root, 0) + 1
+    if vm.invalid_list:
+        p(f"{len(vm.invalid_list)} zapped pages not committed after the exit")
+    for (gfn, role), sp in vm.hash.items():
         if sp.zapped:
             p(f"{sp} zapped but still hashed")
         if sp.gfn != gfn or sp.role != role:
@@ -59,11 +68,19 @@ def audit(mmu) -> None:
         gsize = sp.role.gpte_size
         for idx, spte in enumerate(sp.spt):
             if not spte & SPTE_P:
+                if sp.gfns[idx] is not None:
+                    p(f"{sp}[{idx}] not present but records gfn {sp.gfns[idx]:#x}")
                 continue
-            gfn_mapped = (spte & SPTE_FRAME) >> 12
-            if (sp, idx) not in mmu.rmap.get(gfn_mapped, ()):
+            gfn_mapped = sp.gfns[idx]
+            if gfn_mapped is None:
+                p(f"{sp}[{idx}] present spte {spte:#x} without its gfn")
+                continue
+            if spte_pfn(spte) != vm.memslots.gfn_to_pfn(gfn_mapped):
+                p(f"{sp}[{idx}] holds pfn {spte_pfn(spte):#x} but gfn {gfn_mapped:#x} is backed by "
+                  f"pfn {vm.memslots.gfn_to_pfn(gfn_mapped)}")
+            if (sp, idx) not in vm.rmap.get(gfn_mapped, ()):
                 p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but is not in its rmap")
-            if spte & SPTE_W and mmu.is_tracked(gfn_mapped):
+            if spte & SPTE_W and vm.is_tracked(gfn_mapped):
                 p(f"{sp}[{idx}] maps write-tracked gfn {gfn_mapped:#x} (page table or PDPT) writable")
             acc = sp.role.access
             if spte & SPTE_U and not acc & pg.ACC_U:
@@ -76,13 +93,14 @@ def audit(mmu) -> None:
                 if gfn_mapped != sp.gfn + idx:
                     p(f"{sp}[{idx}] direct spte maps gfn {gfn_mapped:#x}, expected {sp.gfn + idx:#x}")
                 continue
+            fmt = pg.FORMATS[pg.Mode.LEGACY if gsize == 4 else pg.Mode.LONG]
             gi = idx + (sp.role.quadrant << 9 if gsize == 4 else 0)
             gpa = (sp.gfn << 12) + gi * gsize
-            gpte = mem.read32(gpa) if gsize == 4 else mem.read64(gpa)
+            gpte = fmt.read_pte(mem, gpa)
             if not gpte & pg.PTE_P:
                 p(f"{sp}[{idx}] present but guest pte {gpte:#x} at {gpa:#x} is not")
                 continue
-            gframe = (gpte & (0xFFFFF000 if gsize == 4 else 0x000FFFFFFFFFF000)) >> 12
+            gframe = fmt.leaf_frame(gpte) >> 12
             if gframe != gfn_mapped:
                 p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but guest pte {gpte:#x} maps {gframe:#x}")
             if spte & SPTE_U and not gpte & pg.PTE_U:
@@ -94,16 +112,25 @@ def audit(mmu) -> None:
                     p(f"{sp}[{idx}] writable spte for read-only guest pte {gpte:#x}")
             if not spte & SPTE_NX and gsize == 8 and sp.role.nxe and gpte & pg.PTE_NX:
                 p(f"{sp}[{idx}] executable spte for NX guest pte {gpte:#x}")
-    for gfn, entries in mmu.rmap.items():
+    for gfn, entries in vm.rmap.items():
         for sp, idx in entries:
             if sp.zapped:
                 p(f"rmap[{gfn:#x}] holds zapped {sp}")
-            elif (sp.spt[idx] & SPTE_FRAME) >> 12 != gfn or not sp.spt[idx] & SPTE_P:
+            elif sp.gfns[idx] != gfn or not sp.spt[idx] & SPTE_P:
                 p(f"rmap[{gfn:#x}] holds {sp}[{idx}] = {sp.spt[idx]:#x}")
-    for gfn, n in mmu.shadowed.items():
-        live = [sp for sp in mmu.sps_by_gfn.get(gfn, ()) if not sp.zapped]
-        if len(live) != n:
-            p(f"gfn {gfn:#x}: shadowed count {n} but {len(live)} live shadow pages")
+    # write tracking: one user per non-direct shadow page of the frame, one per vCPU using it as
+    # its PAE PDPT
+    want = {}
+    for gfn, sps in vm.sps_by_gfn.items():
+        live = [sp for sp in sps if not sp.zapped]
+        if len(live) != len(sps) or not sps:
+            p(f"gfn {gfn:#x}: {len(sps) - len(live)} zapped pages among its shadows")
+        want[gfn] = len(live)
+    for v in vm.vcpus:
+        if v.pdpt_gfn is not None:
+            want[v.pdpt_gfn] = want.get(v.pdpt_gfn, 0) + 1
+    if dict(vm.write_track) != want:
+        p(f"write tracking {dict(vm.write_track)} but shadows and PDPTs need {want}")
     if problems:
         raise AuditError("shadow MMU audit failed:\n  " + "\n  ".join(problems[:20]) +
                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))

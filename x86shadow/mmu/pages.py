@@ -8,15 +8,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# spte bits (x86 64-bit format; the frame field of a non-leaf spte holds the child's id)
-SPTE_P = 1 << 0
-SPTE_W = 1 << 1
-SPTE_U = 1 << 2
-SPTE_A = 1 << 5
-SPTE_D = 1 << 6
-SPTE_NX = 1 << 63
-SPTE_FRAME = 0x000F_FFFF_FFFF_F000
-SPTE_NONLEAF = SPTE_P | SPTE_W | SPTE_U | SPTE_A   # non-leaf sptes are fully permissive (KVM)
 
 ENTRIES = 512
 
@@ -36,20 +27,23 @@ class Role(NamedTuple):
 class ShadowPage:
     """One shadow page table: 512 sptes, children for non-leaf entries, parent back links."""
 
-    __slots__ = ("id", "gfn", "role", "spt", "children", "parents", "root_count",
-                 "write_flooding_count", "unsync", "zapped")
+    __slots__ = ("id", "gfn", "role", "spt", "gfns", "children", "parents", "root_count",
+                 "write_flooding_count", "unsync", "zapped", "freed")
 
     def __init__(self, sp_id: int, gfn: int, role: Role):
         self.id = sp_id
         self.gfn = gfn
         self.role = role
         self.spt = [0] * ENTRIES
+        # leaf pages: the gfn each present spte translates (sptes hold host pfns; KVM's sp->gfns)
+        self.gfns = [None] * ENTRIES if role.level == 1 else None
         self.children = [None] * ENTRIES if role.level > 1 else None
         self.parents: set = set()          # {(parent ShadowPage or PaeRoot, index)}
         self.root_count = 0
         self.write_flooding_count = 0      # for the modern-KVM flood rule (DESIGN.md 3)
         self.unsync = False                # room for out-of-sync pages (DESIGN.md 5)
-        self.zapped = False
+        self.zapped = False                # prepared for zapping: unlinked, on the invalid list
+        self.freed = False                 # committed: the TLB was flushed, then it was freed
 
     def __repr__(self):
         r = self.role

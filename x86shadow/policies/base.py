@@ -1,11 +1,16 @@
-"""What a policy is: the decisions of DESIGN.md 3, called from the write trap and the MMU.
+"""What a policy is: the decisions of DESIGN.md 3, called from the write-fault path and the MMU.
 
-A trapped store arrives in ``classify`` *before* it reaches memory. The policy answers with a
-``Verdict``: emulate it (the store completes and goes through the pte-write path), unprotect the
-frame and let the guest re-execute the instruction natively, or (Xen) count it as one of the
-instructions emulated ahead of the previous exit. After an emulated store the MMU calls
-``pte_write`` (how the shadow pages of the frame are brought up to date). The remaining hooks
-let a policy keep the state its heuristics need (flood counters, last_pte_updated, ...).
+A policy is a set of rules, shared by the VM; what its heuristics remember (flood counters,
+last_pte_updated, the emulate-ahead window ...) lives in a per-vCPU state object that
+``new_state()`` makes and the vCPU's MMU owns and hands back to every hook.
+
+A trapped store arrives in ``classify(mmu, state, write)`` *before* it reaches memory, as a
+``write_fault.TrappedWrite`` (address, size, value, RIP, CPL, decoded instruction). The policy
+answers with a ``Verdict``: emulate it (the store completes and goes through the pte-write path),
+unprotect the frame and let the guest re-execute the instruction natively, or (Xen) count it as
+one of the instructions emulated ahead of the previous exit. After an emulated store the MMU calls
+``pte_write`` (how the shadow pages of the frame are brought up to date). ``mmu`` is always the
+sans-CPU ``VcpuMmu`` of the vCPU (its ``vm`` holds the shadow pages), never a CPU.
 
 Every verdict carries the name of the rule that fired; it is put in the trace.
 """
@@ -23,6 +28,8 @@ class Verdict(NamedTuple):
     action: str
     reason: str
     ahead: int = 0           # AHEAD: how many extra instructions this store accounts for
+    retry: bool = False      # UNPROTECT: KVM's retry_instruction (the loop breaker compares
+                             # RIP and address only)
 
 
 class Policy:
@@ -32,28 +39,31 @@ class Policy:
     # 2.6.25's guest walker updates D with a cmpxchg and calls kvm_mmu_pte_write itself
     walker_dirty_is_pte_write = False
 
-    def classify(self, vcpu, gpa, size, value, insn, cpl) -> Verdict:
+    def new_state(self):
+        """The per-vCPU state of this policy's heuristics (None: it keeps none)."""
+        return None
+
+    def classify(self, mmu, st, w) -> Verdict:
         return Verdict(EMULATE, "emulate: every write")
 
-    def pte_write(self, mmu, gpa, size, insn) -> None:
-        mmu.drop_written_sptes(gpa, size)
+    def pte_write(self, mmu, st, gpa, size, insn) -> None:
+        mmu.vm.drop_written_sptes(gpa, size)
 
-    def after_emulate(self, vcpu, gpa, size, value, insn, rip, ahead=False) -> None:
+    def after_emulate(self, mmu, st, w, ahead=False) -> None:
         pass
 
     # --- hooks from the MMU
-    def on_guest_fault(self, mmu) -> None:
+    def on_guest_fault(self, mmu, st) -> None:
         pass
 
-    def on_fault_fixed(self, mmu) -> None:
+    def on_fault_fixed(self, mmu, st) -> None:
         pass
 
-    def on_spte_installed(self, mmu, sp, idx, gfn, speculative, ptwrite) -> None:
+    def on_spte_installed(self, mmu, st, sp, idx, gfn, speculative, ptwrite) -> None:
         pass
 
-    def on_zap(self, mmu, sp) -> None:
+    def on_zap(self, mmu, st, sp) -> None:
         pass
 
-    def on_other_exit(self, mmu) -> None:
+    def on_other_exit(self, mmu, st) -> None:
         pass
-

@@ -9,7 +9,7 @@ class EmulateAll(Policy):
 
     name = "emulate-all"
 
-    def classify(self, vcpu, gpa, size, value, insn, cpl) -> Verdict:
+    def classify(self, mmu, st, w) -> Verdict:
         return Verdict(EMULATE, "emulate: every write (emulate-all)")
 
 
@@ -18,5 +18,5 @@ class UnshadowAll(Policy):
 
     name = "unshadow-all"
 
-    def classify(self, vcpu, gpa, size, value, insn, cpl) -> Verdict:
+    def classify(self, mmu, st, w) -> Verdict:
         return Verdict(UNPROTECT, "unprotect: every write (unshadow-all)")

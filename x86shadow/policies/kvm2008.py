@@ -6,10 +6,23 @@ K26  torvalds/linux arch/x86/kvm/mmu.c at 1b7fcd3263e5 (Avi Kivity's access fix)
 """
 from __future__ import annotations
 
+from .. import events as ev
 from .. import paging as pg
 from ..emulate.decode import misaligned_kvm2008
-from ..mmu.pages import SPTE_A, SPTE_FRAME, SPTE_P
+from ..mmu.spte import SPTE_A, SPTE_P
 from .base import EMULATE, FAIL, UNPROTECT, Policy, Verdict
+
+
+class Kvm2008State:
+    """Per-vCPU flood state (K25 kvm_vcpu_arch): last_pt_write_gfn/count, last_pte_updated."""
+
+    __slots__ = ("last_pt_write_gfn", "last_pt_write_count", "last_pte_updated", "last_pte_gfn")
+
+    def __init__(self):
+        self.last_pt_write_gfn = None
+        self.last_pt_write_count = 0
+        self.last_pte_updated = None      # (sp, idx) of the spte most recently installed
+        self.last_pte_gfn = None          # K26: the gfn that spte maps
 
 
 class Kvm2008(Policy):
@@ -17,16 +30,13 @@ class Kvm2008(Policy):
     walker_dirty_is_pte_write = True      # K25 FNAME(walk_addr): D set by cmpxchg -> pte write
     access_fix = False
 
-    def __init__(self):
-        # per-vCPU flood state (K25 kvm_vcpu_arch): last_pt_write_gfn/count, last_pte_updated
-        self.last_pt_write_gfn = None
-        self.last_pt_write_count = 0
-        self.last_pte_updated = None      # (sp, idx) of the spte most recently installed
-        self.last_pte_gfn = None          # K26: the gfn that spte maps
+    def new_state(self):
+        return Kvm2008State()
 
     # ------------------------------------------------------------------ the trap
-    def classify(self, vcpu, gpa, size, value, insn, cpl) -> Verdict:
-        if cpl == 3:
+    def classify(self, mmu, st, w) -> Verdict:
+        insn = w.insn
+        if w.cpl == 3:
             # K25 mmu_set_spte: a user write fault to a shadowed gfn -> mmu_unshadow(gfn)
             return Verdict(UNPROTECT, "unprotect: user-mode (CPL3) write to a shadowed page table")
         if insn is None:
@@ -35,26 +45,28 @@ class Kvm2008(Policy):
         return Verdict(EMULATE, f"emulate: {insn.kvm_class} (kvm-2008 emulates every write)")
 
     # ------------------------------------------------------------------ the pte-write path
-    def _last_updated_pte_accessed(self):
-        lpu = self.last_pte_updated
+    @staticmethod
+    def _last_updated_pte_accessed(st):
+        lpu = st.last_pte_updated
         return lpu is not None and bool(lpu[0].spt[lpu[1]] & SPTE_A)
 
-    def pte_write(self, mmu, gpa, size, insn) -> None:
+    def pte_write(self, mmu, st, gpa, size, insn) -> None:
         """K25 kvm_mmu_pte_write (plus K26 kvm_mmu_access_page when access_fix)."""
+        vm = mmu.vm
         gfn, offset = gpa >> 12, gpa & 0xFFF
-        trace = mmu.trace
+        events = mmu.events
         if self.access_fix:
-            self._access_page(mmu, gfn)
+            self._access_page(mmu, st, gfn)
         # flood detector (per vCPU): the 3rd write in a row to a frame whose last installed spte
         # has not been accessed floods
-        if gfn == self.last_pt_write_gfn and not self._last_updated_pte_accessed():
-            self.last_pt_write_count += 1
+        if gfn == st.last_pt_write_gfn and not self._last_updated_pte_accessed(st):
+            st.last_pt_write_count += 1
         else:
-            self.last_pt_write_gfn = gfn
-            self.last_pt_write_count = 1
-            self.last_pte_updated = None
-        flooded = self.last_pt_write_count >= 3
-        for sp in mmu.shadow_pages_of(gfn):
+            st.last_pt_write_gfn = gfn
+            st.last_pt_write_count = 1
+            st.last_pte_updated = None
+        flooded = st.last_pt_write_count >= 3
+        for sp in vm.shadow_pages_of(gfn):
             if sp.zapped:
                 continue
             gsize = sp.role.gpte_size
@@ -62,70 +74,65 @@ class Kvm2008(Policy):
             if misaligned or flooded:
                 # K25: same counter for both; the test runs before the quadrant filter, so every
                 # shadow page of the frame goes
-                mmu.c["mmu_flooded"] += 1
+                mmu.counters["mmu_flooded"] += 1
                 reason = (f"zap: misaligned {size}-byte write at offset {offset:#x}" if misaligned
-                          else f"zap: flooded ({self.last_pt_write_count}th write in a row, "
+                          else f"zap: flooded ({st.last_pt_write_count}th write in a row, "
                                "last pte not accessed)")
-                if trace:
-                    trace("kvm_mmu_policy", policy=self.name, gfn=gfn, sp=sp.id, decision=reason)
-                mmu.zap_page(sp, reason=reason)
+                if events.tracing:
+                    events.emit(ev.POLICY, policy=self.name, gfn=gfn, sp=sp.id, decision=reason)
+                vm.prepare_zap_page(sp, reason=reason)
                 continue
-            idxs = mmu.affected_sptes(sp, offset, size)
+            idxs = vm.affected_sptes(sp, offset, size)
             if not idxs:
                 continue
             # the whole guest pte, as written (K25 re-reads it from guest memory, already updated;
             # for a PAE guest a 4-byte half is thereby overlaid on the 8-byte pte)
-            pte_gpa = (gfn << 12) | (offset & ~(gsize - 1))
-            gpte = mmu.mem.read32(pte_gpa) if gsize == 4 else mmu.mem.read64(pte_gpa)
+            gpte = mmu.mem.read_uint(gpa & ~(gsize - 1), gsize)
             for idx in idxs:
-                mmu.drop_spte(sp, idx)
+                vm.drop_spte(sp, idx)
                 if sp.role.level > 1:
-                    mmu.c["mmu_pde_zapped"] += 1          # a directory never re-installs
+                    mmu.counters["mmu_pde_zapped"] += 1   # a directory never re-installs
                     continue
-                mmu.c["mmu_pte_updated"] += 1             # counted per update attempt (K25)
+                mmu.counters["mmu_pte_updated"] += 1      # counted per update attempt (K25)
                 self._update_pte(mmu, sp, idx, gpte)
-            if trace:
-                trace("kvm_mmu_policy", policy=self.name, gfn=gfn, sp=sp.id,
-                      decision=f"update: {len(idxs)} spte(s) from guest pte {gpte:#x}")
+            if events.tracing:
+                events.emit(ev.POLICY, policy=self.name, gfn=gfn, sp=sp.id,
+                            decision=f"update: {len(idxs)} spte(s) from guest pte {gpte:#x}")
 
     def _update_pte(self, mmu, sp, idx, gpte):
         """FNAME(update_pte): re-install only a Present AND Accessed guest pte, speculatively
         (no A bit in the spte), writable only if the guest pte is Dirty."""
         if (gpte & (pg.PTE_P | pg.PTE_A)) != (pg.PTE_P | pg.PTE_A):
             return
-        mode = mmu.ctx.mode
-        gfn = pg.entry_frame(mode, 1, gpte) >> 12
-        if gfn >= mmu.ram_frames:
+        fmt = mmu.fmt
+        if fmt is None:                   # paging is off: nothing maps through guest tables
             return
-        acc = pg.ACC_X
-        if gpte & pg.PTE_W:
-            acc |= pg.ACC_W
-        if gpte & pg.PTE_U:
-            acc |= pg.ACC_U
-        if mode != pg.Mode.LEGACY and mmu.ctx.nxe and gpte & pg.PTE_NX:
-            acc &= ~pg.ACC_X
-        mmu.set_spte(sp, idx, gfn, acc & sp.role.access, bool(gpte & pg.PTE_D), False, False,
-                     speculative=True)
+        gfn = fmt.leaf_frame(gpte) >> 12
+        if mmu.vm.memslots.gfn_to_pfn(gfn) is None:
+            return
+        acc = fmt.entry_access(gpte, mmu.ctx.nxe)
+        mmu.vm.set_spte(mmu, sp, idx, gfn, acc & sp.role.access, bool(gpte & pg.PTE_D), False,
+                        False, speculative=True)
 
-    def _access_page(self, mmu, gfn):
+    def _access_page(self, mmu, st, gfn):
         pass
 
     # ------------------------------------------------------------------ heuristics state
-    def on_spte_installed(self, mmu, sp, idx, gfn, speculative, ptwrite) -> None:
+    def on_spte_installed(self, mmu, st, sp, idx, gfn, speculative, ptwrite) -> None:
         # K25 mmu_set_spte: every install that is not itself a page-table write
         if not ptwrite:
-            self.last_pte_updated = (sp, idx)
-            self.last_pte_gfn = gfn
+            st.last_pte_updated = (sp, idx)
+            st.last_pte_gfn = gfn
 
-    def on_zap(self, mmu, sp) -> None:
+    def on_zap(self, mmu, st, sp) -> None:
         # K25 kvm_mmu_zap_page -> kvm_mmu_reset_last_pte_updated (all vCPUs)
-        self.last_pte_updated = None
+        st.last_pte_updated = None
 
-    def on_guest_fault(self, mmu) -> None:
-        self.last_pt_write_count = 0          # K25 FNAME(page_fault): "reset fork detector"
+    def on_guest_fault(self, mmu, st) -> None:
+        st.last_pt_write_count = 0            # K25 FNAME(page_fault): "reset fork detector"
 
-    def on_fault_fixed(self, mmu) -> None:
-        self.last_pt_write_count = 0          # ... and after a fault that was not a pt write
+    def on_fault_fixed(self, mmu, st) -> None:
+        st.last_pt_write_count = 0            # ... and after a fault that was not a pt write
 
 
 class Kvm2008AccessFix(Kvm2008):
@@ -137,22 +144,23 @@ class Kvm2008AccessFix(Kvm2008):
     name = "kvm-2008-accessfix"
     access_fix = True
 
-    def _access_page(self, mmu, gfn):
-        lpu = self.last_pte_updated
-        if lpu is None or self.last_pte_gfn != gfn:
+    def _access_page(self, mmu, st, gfn):
+        lpu = st.last_pte_updated
+        if lpu is None or st.last_pte_gfn != gfn:
             return
         sp, idx = lpu
         spte = sp.spt[idx]
-        if spte & SPTE_P and not spte & SPTE_A and (spte & SPTE_FRAME) >> 12 == gfn:
-            sp.spt[idx] = spte | SPTE_A
-            if mmu.trace:
-                mmu.trace("kvm_mmu_policy", policy=self.name, gfn=gfn, sp=sp.id,
-                          decision="access fix: last installed pte maps this page table; marked accessed")
+        if spte & SPTE_P and not spte & SPTE_A and sp.gfns[idx] == gfn:
+            mmu.vm.mark_accessed(sp, idx)
+            if mmu.events.tracing:
+                mmu.events.emit(ev.POLICY, policy=self.name, gfn=gfn, sp=sp.id,
+                                decision="access fix: last installed pte maps this page table; "
+                                         "marked accessed")
 
-    def on_spte_installed(self, mmu, sp, idx, gfn, speculative, ptwrite) -> None:
+    def on_spte_installed(self, mmu, st, sp, idx, gfn, speculative, ptwrite) -> None:
         if speculative:
-            self.last_pte_updated = (sp, idx)
-            self.last_pte_gfn = gfn
+            st.last_pte_updated = (sp, idx)
+            st.last_pte_gfn = gfn
 
 
 class Andrea(Kvm2008AccessFix):
@@ -162,7 +170,8 @@ class Andrea(Kvm2008AccessFix):
 
     name = "andrea"
 
-    def classify(self, vcpu, gpa, size, value, insn, cpl) -> Verdict:
-        if cpl != 3 and insn is not None and insn.clears_accessed_bit:
+    def classify(self, mmu, st, w) -> Verdict:
+        insn = w.insn
+        if w.cpl != 3 and insn is not None and insn.clears_accessed_bit:
             return Verdict(UNPROTECT, f"unprotect: {insn.kvm_class} clears a pte accessed bit (andrea)")
-        return super().classify(vcpu, gpa, size, value, insn, cpl)
+        return super().classify(mmu, st, w)

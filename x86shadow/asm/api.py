@@ -1,0 +1,188 @@
+"""The public API: assemble text or a file, a guest program (mode header, layout symbols, ``jmp
+main`` prologue) or the firmware (cached)."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import layout, resources
+from .diagnose import _diagnose
+from .errors import AsmError
+from .keystone_runner import _keystone
+from .preprocess import _Pre
+from .verify import _verify
+
+MODES = ("32", "pae", "64")
+_BITS = {"32": 32, "pae": 32, "64": 64}
+
+
+@dataclass(frozen=True)
+class Program:
+    """An assembled guest program: ``code`` is loaded at ``base`` and entered at ``entry``."""
+    code: bytes
+    base: int
+    entry: int
+    modes: tuple = MODES
+    path: str = ""
+    mode: str = ""
+
+
+def _assemble_pre(pre: _Pre, base: int) -> bytes:
+    pre.finish()
+    ks = _keystone(pre.bits)
+    body = "\n".join(l.text for l in pre.lines)
+    table = pre.table_text()
+    out, e = ks.run(ks.plain, body + ("\n" + table if table else ""), base)
+    if out is None:
+        _diagnose(pre, base, e)
+    if pre.checks:
+        n = 16 * len(pre.checks)
+        code, tab = out[:-n], out[-n:]
+        _verify(pre, base, code, tab)
+        return code
+    return out
+
+
+def _check_bits(bits):
+    if bits not in (32, 64):
+        raise ValueError(f"bits must be 32 or 64, not {bits!r}")
+
+
+def assemble(text: str, *, bits: int, base: int, symbols: dict | None = None,
+             filename: str = "<input>") -> bytes:
+    """Assemble Intel-syntax ``text`` for ``bits`` (32/64) at address ``base``.
+
+    ``symbols`` are predefined with ``.set``; ``.include`` paths are relative to ``filename``'s
+    directory (the current directory for ``<...>`` names). Raises :class:`AsmError`."""
+    _check_bits(bits)
+    pre = _Pre(bits)
+    pre.program_file = filename
+    pre.add_symbols(symbols)
+    basedir = "." if filename.startswith("<") else os.path.dirname(filename)
+    chain = () if filename.startswith("<") else (os.path.realpath(filename),)
+    pre.add_text(text, filename, basedir, chain)
+    return _assemble_pre(pre, base)
+
+
+def assemble_file(path, *, bits: int, base: int, symbols: dict | None = None) -> bytes:
+    """Assemble the file at ``path`` (see :func:`assemble`)."""
+    _check_bits(bits)
+    path = os.fspath(path)
+    pre = _Pre(bits)
+    pre.program_file = path
+    pre.add_symbols(symbols)
+    pre.add_file(path, path)
+    return _assemble_pre(pre, base)
+
+
+_HEADER_RE = re.compile(r"^\s*#\s*x86shadow\s*:\s*(.*)$", re.I)
+
+
+def _read_header(path: str, text: str):
+    """The modes a program declares with ``# x86shadow: modes=32,pae,64`` -> (modes, lineno)."""
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        m = _HEADER_RE.match(raw)
+        if not m:
+            continue
+        mm = re.search(r"\bmodes\s*=\s*(\w*(?:\s*,\s*\w+)*)", m.group(1), re.I)
+        if mm:
+            val = mm.group(1).strip()
+            modes = tuple(v.strip().lower() for v in val.split(",") if v.strip())
+            bad = [v for v in modes if v not in MODES]
+            if bad or not modes:
+                raise AsmError(f"bad mode list '{val}' (modes are 32, pae, 64)", path, lineno)
+            return modes, lineno
+    return MODES, None
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise AsmError(f"cannot read: {e.strerror}", path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def program_modes(path) -> tuple:
+    """The modes the program at ``path`` supports (its ``# x86shadow: modes=...`` header)."""
+    path = os.fspath(path)
+    return _read_header(path, _read_text(path))[0]
+
+
+def _norm_mode(mode) -> str:
+    m = str(mode).lower()
+    if m not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return m
+
+
+def assemble_program(path, mode, ram_size: int, symbols: dict | None = None) -> Program:
+    """Assemble a guest program for ``mode`` at PROG_BASE with the layout symbols (plus
+    ``symbols``, e.g. scenario parameters), behind a ``jmp main``. Raises :class:`AsmError` (bad
+    source, no ``main``, mode not in its header, image too large)."""
+    path = os.fspath(path)
+    mode = _norm_mode(mode)
+    text = _read_text(path)
+    modes, hline = _read_header(path, text)
+    if mode not in modes:
+        raise AsmError(f"program supports modes {', '.join(modes)}, not {mode}", path, hline)
+    pre = _Pre(_BITS[mode])
+    pre.program_file = path
+    pre.add_symbols({**layout.asm_symbols(mode, ram_size), **(symbols or {})})
+    pre.add_synthetic("jmp main", "<prologue>")
+    pre.add_text(text, path, os.path.dirname(path), (os.path.realpath(path),))
+    code = _assemble_pre(pre, layout.PROG_BASE)
+    if layout.PROG_BASE + len(code) > layout.PROG_LIMIT:
+        raise AsmError(f"program image is {len(code):#x} bytes; it must end below "
+                       f"{layout.PROG_LIMIT:#x}", path)
+    return Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE, modes=modes,
+                   path=path, mode=mode)
+
+
+def firmware_path(mode) -> Path:
+    """The firmware source for ``mode`` (firmware/boot32.asm or firmware/boot64.asm)."""
+    mode = _norm_mode(mode)
+    d = resources.firmware_dir()
+    return d / ("boot64.asm" if mode == "64" else "boot32.asm")
+
+
+_fw_cache: dict = {}
+_fw_lock = threading.Lock()
+
+
+def assemble_firmware(mode, ram_size: int) -> bytes:
+    """The firmware image for ``mode``/``ram_size``, assembled at FW_BASE with the layout symbols
+    and ``MAIN = PROG_BASE``. Results are cached (same inputs and source -> same bytes)."""
+    mode = _norm_mode(mode)
+    ram_size = int(ram_size)
+    path = firmware_path(mode)
+    try:
+        st = path.stat()
+    except OSError:
+        raise AsmError(f"firmware source {path} not found (x86shadow expects its repository "
+                       f"layout: firmware/ next to the x86shadow package)") from None
+    if ram_size <= 0 or ram_size % (1 << 20):
+        raise AsmError(f"RAM size {ram_size:#x} must be a positive multiple of 1 MiB")
+    if mode != "64" and ram_size > 1 << 32:
+        raise AsmError(f"RAM size {ram_size:#x}: modes 32 and pae address at most 4 GiB")
+    if ram_size < layout.MIN_IDENTITY:
+        raise AsmError(f"RAM size {ram_size:#x}: at least {layout.MIN_IDENTITY >> 20} MiB needed")
+    key = (mode, ram_size, str(path), st.st_mtime_ns, st.st_size)
+    with _fw_lock:
+        code = _fw_cache.get(key)
+    if code is None:
+        symbols = dict(layout.asm_symbols(mode, ram_size))
+        symbols["MAIN"] = layout.PROG_BASE
+        code = assemble_file(str(path), bits=_BITS[mode], base=layout.FW_BASE, symbols=symbols)
+        if layout.FW_BASE + len(code) > layout.FW_DATA:
+            raise AsmError(f"firmware image too large ({len(code):#x} bytes)", str(path))
+        with _fw_lock:
+            _fw_cache[key] = code
+    return code

@@ -1,0 +1,1 @@
+"""Booting a guest: the firmware loader (and the coming multiboot loader)."""

@@ -1,0 +1,72 @@
+"""Typed events with one sink: the trace, the counters' observers (scenario, bench, fault lab)
+subscribe here; nothing is observed by wrapping or monkey-patching the MMU or the vCPU.
+
+Every event has a kind. Tracepoint kinds (KVM's tracepoint names) go to ``--trace``; observer kinds
+are for in-process subscribers only and never appear in a trace, so adding one changes no output.
+Emitting is cheap when nobody listens: ``wants(kind)`` is one set lookup, and hot paths (the TLB
+fill) test it before building the fields.
+"""
+from __future__ import annotations
+
+import json
+
+# tracepoint kinds (written by --trace)
+PAGE_FAULT = "kvm_page_fault"
+GET_PAGE = "kvm_mmu_get_page"
+PREPARE_ZAP = "kvm_mmu_prepare_zap_page"
+WRITE_PROTECT_FAULT = "kvm_mmu_write_protect_fault"
+POLICY = "kvm_mmu_policy"
+UNPROTECT = "kvm_mmu_unprotect"
+INVLPG = "kvm_mmu_invlpg"
+NEW_ROOT = "kvm_mmu_new_root"
+RELOAD_PDPTES = "kvm_mmu_reload_pdptes"
+INJ_EXCEPTION = "kvm_inj_exception"
+TRACEPOINTS = frozenset({PAGE_FAULT, GET_PAGE, PREPARE_ZAP, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
+                         INVLPG, NEW_ROOT, RELOAD_PDPTES, INJ_EXCEPTION})
+
+# observer kinds (in-process only)
+TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)
+CR3_LOAD = "cr3_load"                  # cr3: the guest executed mov to CR3
+EMULATED_WRITE = "emulated_write"      # gpa, size, ahead: a trapped store completed for the guest
+MARKER = "marker"                      # value: the guest wrote MARKER_PORT
+EXIT = "exit"                          # the MMU finished handling an exit (the audit runs here)
+OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, MARKER, EXIT})
+
+
+class EventBus:
+    """One sink per VM. ``subscribe(fn, kinds)``: fn(kind, fields) for those kinds (all
+    tracepoints when kinds is None)."""
+
+    def __init__(self):
+        self._subs = {}                 # kind -> [fn]
+        self.tracing = False            # any tracepoint subscriber
+
+    def subscribe(self, fn, kinds=None) -> None:
+        for kind in (TRACEPOINTS if kinds is None else kinds):
+            if kind not in TRACEPOINTS and kind not in OBSERVER_KINDS:
+                raise ValueError(f"unknown event kind {kind!r}")
+            self._subs.setdefault(kind, []).append(fn)
+        self.tracing = any(k in self._subs for k in TRACEPOINTS)
+
+    def wants(self, kind) -> bool:
+        return kind in self._subs
+
+    def emit(self, kind, **fields) -> None:
+        subs = self._subs.get(kind)
+        if subs:
+            for fn in subs:
+                fn(kind, fields)
+
+
+class JsonTrace:
+    """``--trace``: one JSON object per tracepoint event, ``{"...fields", "event": kind}``."""
+
+    def __init__(self, fp):
+        self.fp = fp
+        self.n = 0
+
+    def __call__(self, kind, fields):
+        self.n += 1
+        rec = dict(fields)
+        rec["event"] = kind
+        self.fp.write(json.dumps(rec, separators=(",", ":")) + "\n")

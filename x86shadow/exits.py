@@ -1,0 +1,26 @@
+"""What a vCPU's ``run_once()`` returns to the VM: a typed exit (KVM_RUN's exit reasons)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .faults import GuestCrash
+
+
+class ExitKind(enum.Enum):
+    HLT = "hlt"                        # hlt with interrupts off: the guest is done
+    SYSTEM_EVENT = "system-event"      # a device asked the VM to stop (isa-debug-exit): status
+    SHUTDOWN = "shutdown"              # triple fault
+    GUEST_CRASH = "guest-crash"        # an exception reached the firmware's crash gate, or the
+                                       # guest cannot go on (hlt with interrupts on, task gate ...)
+    MMIO = "mmio"                      # an access to a guest-physical address no memslot or
+                                       # device backs
+    RUNAWAY = "runaway"                # still running after --max-insns
+    INTERNAL_ERROR = "internal-error"  # the CPU emulator failed
+
+
+@dataclass
+class Exit:
+    kind: ExitKind
+    status: int | None = None          # SYSTEM_EVENT
+    crash: GuestCrash | None = None    # every other kind but HLT

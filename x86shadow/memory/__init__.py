@@ -1,0 +1,1 @@
+"""Guest memory: guest RAM (one host buffer) and the memslots that map guest frames to host pfns."""

@@ -1,0 +1,400 @@
+"""Per-vCPU shadow-MMU state and entry points (KVM's ``struct kvm_mmu`` + ``vcpu->arch``): the
+paging context, the root, requests (``KVM_REQ_*``), the policy's per-vCPU state, and the calls a
+CPU adapter (or a test with a bytearray) makes:
+
+* ``set_context(ctx)`` whenever CR0/CR3/CR4/EFER change (root switch, like KVM's mmu reload);
+* ``hw_fill(va, access)`` where the hardware would walk the (shadow) page tables on a TLB miss: it
+  walks our shadow tables and, on a miss or missing right, runs the shadow page-fault handler
+  (``page_fault``) -- which walks the guest tables, sets guest A/D bits, builds shadow pages and
+  write-protects the guest tables it shadows -- exactly the round trip of a KVM shadow #PF exit.
+  It returns a ``Fill`` value; work the CPU must do (flush its TLB) is left in ``requests``;
+* ``write_fault.handle_trapped_write`` for a store that hit a write-tracked frame;
+* ``invlpg(va)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from .. import events as ev
+from .. import paging as pg
+from ..emulate.decode import decode, is_control_transfer
+from ..faults import VEC_PF, Fault, GuestCrash
+from .pages import PaeRoot
+from .shadow_walk import shadow_leaf, shadow_walk
+from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
+from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
+
+# kinds of Fill
+FILL_OK = 0            # map addr (host address of the page) with perms
+FILL_TRACKED = 1       # a write to a write-tracked frame: route the store to the write trap
+FILL_GUEST_FAULT = 2   # inject vector / error_code into the guest
+FILL_NO_MEMORY = 3     # the translation points outside guest RAM (addr: the guest-physical address)
+
+ACC_ALL = pg.ACC_X | pg.ACC_W | pg.ACC_U
+_RWX = PERM_R | PERM_W | PERM_X
+
+
+class Fill(NamedTuple):
+    """What a TLB fill produced."""
+    kind: int
+    addr: int = 0
+    perms: int = 0
+    vector: int = 0
+    error_code: int = 0
+
+
+_FIXED = Fill(FILL_OK)        # page_fault: the shadow mapping was built; walk it again
+_TRACKED = Fill(FILL_TRACKED)
+
+
+def walk_translate(mem, ctx, va, access) -> int:
+    """Guest-physical address of va through the guest tables, as the CPU would translate it for
+    an access made on the guest's behalf (exception delivery, decoding); raises Fault (#PF)."""
+    w = pg.walk(mem, ctx, va, access)
+    if not w.ok:
+        raise Fault(VEC_PF, w.error_code, va)
+    if not mem.contains(w.gpa):
+        raise GuestCrash(f"guest-physical address {w.gpa:#x} is outside RAM")
+    return w.gpa
+
+
+class VcpuMmu:
+    def __init__(self, vm, vcpu_id: int = 0):
+        self.vm = vm
+        self.id = vcpu_id
+        self.mem = vm.mem
+        self.counters = vm.counters
+        self.events = vm.events
+        self.policy = vm.policy
+        self.policy_state = vm.policy.new_state()        # flood counters, last_pte_updated, ...
+        from .write_fault import WriteFaultState
+        self.write_fault_state = WriteFaultState()       # the loop breaker's memory
+        self.ctx = pg.PagingContext(pg.Mode.OFF, 0)
+        self.fmt = None                                  # guest format of ctx (None: paging off)
+        self.root = None                                 # ShadowPage (4-level) / PaeRoot / None
+        self.root_level = 0
+        self.pdpt_gfn = None                             # PAE: frame of the PDPT in use (tracked)
+        self.requests = 0                                # REQ_* bits
+
+    # ------------------------------------------------------------------ requests
+    def take_requests(self) -> int:
+        r = self.requests
+        self.requests = 0
+        return r
+
+    def request(self, req: int) -> None:
+        self.requests |= req
+
+    # ------------------------------------------------------------------ context and roots
+    def set_context(self, ctx: pg.PagingContext) -> None:
+        """New CR0/CR3/CR4/EFER state: drop the old root, load (or reuse) the new one."""
+        self._free_root()
+        self.ctx = ctx
+        self.fmt = pg.guest_format(ctx.mode) if ctx.mode != pg.Mode.OFF else None
+        self._alloc_root()
+        self.requests |= REQ_TLB_FLUSH
+        self.events.emit(ev.EXIT)
+
+    def _alloc_root(self) -> None:
+        ctx = self.ctx
+        vm = self.vm
+        self.requests &= ~REQ_MMU_RELOAD
+        if ctx.mode == pg.Mode.OFF:
+            self.root, self.root_level = None, 0
+            return
+        if ctx.mode == pg.Mode.PAE:
+            self.pdpt_gfn = (ctx.cr3 & 0xFFFFFFE0) >> 12
+            vm.track_add(self.pdpt_gfn)
+        if ctx.mode == pg.Mode.LONG:
+            sp = vm.get_page(ctx, ctx.cr3 >> 12 & 0xFFFFFFFFFF, 0, 4, False, ACC_ALL)
+            sp.root_count += 1
+            self.root, self.root_level = sp, 4
+            return
+        root = PaeRoot()
+        for i in range(4):
+            if ctx.mode == pg.Mode.PAE:
+                pdpte = ctx.pdptes[i]
+                if not pdpte & pg.PTE_P:
+                    continue
+                gfn = (pdpte & 0x000F_FFFF_FFFF_F000) >> 12
+            else:
+                gfn = (ctx.cr3 & 0xFFFFF000) >> 12
+            sp = vm.get_page(ctx, gfn, i << 30, 2, False, ACC_ALL)
+            sp.root_count += 1
+            vm.link(root, i, sp)
+        self.root, self.root_level = root, 3
+
+    def _free_root(self) -> None:
+        if self.pdpt_gfn is not None:
+            self.vm.track_remove(self.pdpt_gfn)
+            self.pdpt_gfn = None
+        root = self.root
+        if root is None:
+            return
+        if isinstance(root, PaeRoot):
+            for i in range(4):
+                sp = root.children[i]
+                if sp is not None:
+                    sp.root_count -= 1
+                    sp.parents.discard((root, i))
+                    root.children[i] = None
+                    root.spt[i] = 0
+        else:
+            root.root_count -= 1
+        self.root = None
+
+    def reload_root(self) -> None:
+        """KVM_REQ_MMU_RELOAD: a page of the root was zapped; build the root again."""
+        self._free_root()
+        self._alloc_root()
+        self.requests |= REQ_TLB_FLUSH
+
+    def _refresh_pdptes(self) -> bool:
+        """The guest wrote its PDPT. Real CPUs (and KVM) keep using the PDPTEs cached at the last
+        CR3 load, but Unicorn's own walker -- our guest-visible reference, --mmu native -- reads
+        them from memory at every TLB miss. To give the same guest-visible result the PDPT frame
+        is write-tracked while it is in use, and a change reloads the root as a CR3 load would."""
+        fresh = pg.load_pdptes(self.mem, self.ctx.cr3, strict=False)
+        if fresh == tuple(self.ctx.pdptes):
+            return False
+        self._free_root()
+        self.ctx = dataclasses.replace(self.ctx, pdptes=fresh)
+        self._alloc_root()
+        self.requests |= REQ_TLB_FLUSH
+        if self.events.tracing:
+            self.events.emit(ev.RELOAD_PDPTES, cr3=self.ctx.cr3, pdptes=list(fresh))
+        return True
+
+    # ------------------------------------------------------------------ the "hardware" walk
+    def hw_fill(self, va: int, access: int, rmw_read=None) -> Fill:
+        """TLB miss at va with access (PFERR_W/U/FETCH bits): walk the shadow tables as the MMU
+        hardware would, setting spte A/D; on a miss run the shadow page-fault handler.
+
+        ``rmw_read``: a callable the CPU adapter passes; called (rarely) for a read that hits a
+        shadowed guest page table, it answers whether the read is the first half of a
+        read-modify-write (``lock btr``...). Hardware translates such an access once, for
+        writing, so it faults as a write without setting the spte's A bit -- and so do we."""
+        if self.requests & REQ_MMU_RELOAD:
+            self.reload_root()
+        root = self.root
+        if root is None:
+            gpa = va & 0xFFFFFFFF_FFFFF000
+            pfn = self.vm.memslots.gfn_to_pfn(gpa >> 12)
+            if pfn is None:
+                return Fill(FILL_NO_MEMORY, gpa)
+            return Fill(FILL_OK, pfn << 12, _RWX)
+        for _attempt in range(4):
+            leaf = shadow_leaf(root, self.root_level, va)
+            if leaf is not None:
+                sp, idx = leaf
+                spte = sp.spt[idx]
+                ok = True
+                if access & pg.PFERR_U and not spte & SPTE_U:
+                    ok = False
+                elif access & pg.PFERR_W and not spte & SPTE_W:
+                    ok = False
+                elif access & pg.PFERR_FETCH and spte & SPTE_NX:
+                    ok = False
+                elif (not access & (pg.PFERR_W | pg.PFERR_FETCH) and rmw_read is not None
+                      and sp.gfns[idx] in self.vm.sps_by_gfn and rmw_read()):
+                    access |= pg.PFERR_W
+                    ok = False
+                if ok:
+                    spte |= SPTE_A
+                    if access & pg.PFERR_W:
+                        spte |= SPTE_D
+                    sp.spt[idx] = spte
+                    perms = PERM_R
+                    if spte & SPTE_W and spte & SPTE_D:
+                        perms |= PERM_W
+                    if not spte & SPTE_NX:
+                        perms |= PERM_X
+                    return Fill(FILL_OK, spte & SPTE_FRAME, perms)
+            r = self.page_fault(va, access)
+            kind = r.kind
+            if kind == FILL_TRACKED:
+                sp, idx = shadow_leaf(self.root, self.root_level, va)
+                spte = sp.spt[idx]
+                return Fill(FILL_TRACKED, spte & SPTE_FRAME,
+                            PERM_R | PERM_W | (0 if spte & SPTE_NX else PERM_X))
+            if kind != FILL_OK:
+                return r
+            root = self.root
+        raise MMUError(f"shadow fault at {va:#x} (access {access:#x}) not fixed after 4 attempts")
+
+    # ------------------------------------------------------------------ the shadow page fault
+    def page_fault(self, va: int, access: int) -> Fill:
+        """FNAME(page_fault): walk the guest tables; inject, or build the shadow mapping.
+
+        A fault that ends in FILL_TRACKED (a write to a write-protected guest page table) is not
+        counted here: the trapped store that follows is the exit (DESIGN.md 2.3 wp_faults)."""
+        policy = self.policy
+        vm = self.vm
+        c = self.counters
+        events = self.events
+        for _ in range(3):
+            w = pg.walk(self.mem, self.ctx, va, access)
+            if w.ok and w.set_dirty and policy.walker_dirty_is_pte_write:
+                pte_gpa = w.pte_gpa[w.level]
+                if pte_gpa >> 12 in vm.sps_by_gfn:
+                    # 2.6.25's walker sets D with a cmpxchg and calls kvm_mmu_pte_write itself
+                    self.pte_write(pte_gpa, self.fmt.pte_size)
+            if not w.ok:
+                c["exits"] += 1
+                c["pf_guest"] += 1
+                if events.tracing:
+                    events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="inject",
+                                guest_error_code=w.error_code, vector=w.vector)
+                policy.on_guest_fault(self, self.policy_state)
+                return Fill(FILL_GUEST_FAULT, 0, 0, w.vector, w.error_code)
+            if vm.memslots.gfn_to_pfn(w.gpa >> 12) is None:
+                return Fill(FILL_NO_MEMORY, w.gpa)
+            r = self._fetch(va, w, access)
+            if r is not None:
+                break
+            # a guest pte changed while we write-protected its table (FNAME(fetch) returned NULL)
+        else:
+            raise MMUError(f"guest page tables keep changing under the fault at {va:#x}")
+        if r is _TRACKED:
+            if events.tracing:
+                events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="write-protected",
+                            gpa=w.gpa)
+            return r
+        c["exits"] += 1
+        c["pf_fixed"] += 1
+        policy.on_fault_fixed(self, self.policy_state)
+        if events.tracing:
+            events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa)
+        events.emit(ev.EXIT)
+        return r
+
+    def _fetch(self, va, w, access):
+        """FNAME(fetch): link shadow pages down to the leaf and install the leaf spte."""
+        if self.requests & REQ_MMU_RELOAD:
+            self.reload_root()        # a root was zapped on the way here (flood)
+        vm = self.vm
+        fmt = self.fmt
+        glevel = w.level                 # guest leaf level (1, 2 = 2M/4M, 3 = 1G)
+        acc = ACC_ALL
+        pae_root = self.root_level == 3
+        node = idx = None
+        for level, node, idx in shadow_walk(self.root, self.root_level, va):
+            if pae_root and level == 3:
+                # PAE root: entries were linked at CR3 load; a 2-level guest's directory is always there
+                if node.children[idx] is None:
+                    raise MMUError(f"no shadow for PDPTE {idx} although the guest walk succeeded")
+                continue
+            node.write_flooding_count = 0     # modern KVM: a guest fault walked through this page
+            if level == 1:
+                break
+            if node.children[idx] is None:
+                if level - 1 < glevel:
+                    # guest large page: a direct shadow page of 4 KiB sptes
+                    span = 1 << (9 * (level - 1))
+                    gfn = (w.gpa >> 12) & ~(span - 1)
+                    child = vm.get_page(self.ctx, gfn, va, level - 1, True, w.pte_access)
+                else:
+                    gl = level        # the guest entry at this level points to the table we shadow
+                    for L in range(w.root_level, gl - 1, -1):   # rights of the entries above it
+                        if fmt.carries_rights(L):
+                            acc &= fmt.entry_access(w.ptes[L])
+                    table_gfn = fmt.frame(gl, w.ptes[gl]) >> 12
+                    child = vm.get_page(self.ctx, table_gfn, va, level - 1, False, acc)
+                    # the guest pte may have changed while we write-protected the table
+                    cur = fmt.read_pte(self.mem, w.pte_gpa[gl])
+                    if (cur | pg.PTE_A | pg.PTE_D) != (w.ptes[gl] | pg.PTE_A | pg.PTE_D):
+                        return None
+                vm.link(node, idx, child)
+        else:
+            raise MMUError(f"the shadow walk for {va:#x} did not reach a leaf table")
+        emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
+                              w.pte_access & node.role.access if not node.role.direct
+                              else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
+                              bool(access & pg.PFERR_U))
+        return _TRACKED if emulate else _FIXED
+
+    # ------------------------------------------------------------------ invlpg and pte writes
+    def invlpg(self, va: int) -> None:
+        """The guest invalidated va. Every write to a shadowed guest table is trapped and applied
+        to the shadow at once, so the sptes are already in sync: like KVM before out-of-sync
+        pages (2.6.25 had no invlpg hook at all; later FNAME(invlpg) only syncs unsync pages) and
+        Xen 3.3 without OOS, nothing is dropped. (The CPU's TLB entry goes: the CPU executes the
+        invlpg itself.) Out-of-sync pages (DESIGN.md 5) will resync here."""
+        self.counters["invlpg"] += 1
+        if self.events.tracing:
+            self.events.emit(ev.INVLPG, address=va)
+        self.events.emit(ev.EXIT)
+
+    def pte_write(self, gpa: int, size: int, insn=None) -> None:
+        """The one pte-write path: the store [gpa, gpa+size) to a write-tracked frame has been
+        completed in guest RAM; bring the shadow pages of that frame up to date. How (drop the
+        affected sptes, re-install them, zap the whole page as misaligned or flooded) is the
+        policy's (x86shadow.policies)."""
+        gfn, offset = gpa >> 12, gpa & 0xFFF
+        for v in self.vm.vcpus:
+            if gfn == v.pdpt_gfn:
+                base = v.ctx.cr3 & 0xFE0
+                if offset < base + 32 and offset + size > base:
+                    v._refresh_pdptes()
+        if gfn not in self.vm.sps_by_gfn:
+            return
+        self.counters["mmu_pte_write"] += 1
+        self.policy.pte_write(self, self.policy_state, gpa, size, insn)
+        self.vm.commit_zap()
+        self.events.emit(ev.EXIT)
+
+    # ------------------------------------------------------------------ guest memory, sans CPU
+    def translate(self, va, access) -> int:
+        """Host address of va for an access made on the guest's behalf: what a TLB hit would use
+        (a present spte with the rights asked for), else the guest walk."""
+        if self.root is not None:
+            leaf = shadow_leaf(self.root, self.root_level, va)
+            if leaf is not None:
+                spte = leaf[0].spt[leaf[1]]
+                if ((not access & pg.PFERR_W or spte & SPTE_W and spte & SPTE_D)
+                        and (not access & pg.PFERR_U or spte & SPTE_U)):
+                    return (spte & SPTE_FRAME) | (va & 0xFFF)
+        gpa = walk_translate(self.mem, self.ctx, va, access)
+        return (self.vm.memslots.gfn_to_pfn(gpa >> 12) << 12) | (gpa & 0xFFF)
+
+    def read_virt(self, va, n, user=False) -> bytes:
+        out = b""
+        while n:
+            chunk = min(n, 0x1000 - (va & 0xFFF))
+            out += self.mem.read(self.translate(va, pg.PFERR_U if user else 0), chunk)
+            va, n = va + chunk, n - chunk
+        return out
+
+    def decode_at(self, rip, bits):
+        """The instruction at rip (None if it cannot be read or decoded)."""
+        if (rip & 0xFFF) <= 0x1000 - 15 and self.root is not None:
+            # the instruction was just fetched, so its shadow mapping exists: read it from there
+            # (a Python guest walk costs several times more)
+            leaf = shadow_leaf(self.root, self.root_level, rip)
+            if leaf is not None:
+                hpa = (leaf[0].spt[leaf[1]] & SPTE_FRAME) | (rip & 0xFFF)
+                if hpa + 15 <= self.mem.size:
+                    return decode(self.mem.read(hpa, 15), rip, bits)
+        try:
+            code = self.read_virt(rip, 15)
+        except (Fault, GuestCrash):
+            try:
+                code = self.read_virt(rip, 0x1000 - (rip & 0xFFF))
+            except (Fault, GuestCrash):
+                return None
+        return decode(code, rip, bits)
+
+    def next_instructions(self, insn, n):
+        """Addresses of up to n instructions after insn in program order (fall-through; a control
+        transfer is the last one taken)."""
+        out = []
+        d = insn
+        for _ in range(n):
+            if d is None or is_control_transfer(d):
+                break
+            d = self.decode_at(d.address + d.size, d.bits)
+            if d is None:
+                break
+            out.append(d.address)
+        return out

@@ -1,0 +1,321 @@
+"""VM-wide shadow-MMU state (KVM's ``struct kvm_arch`` MMU part): shadow pages hashed by (gfn,
+role), the rmap, write tracking of guest page tables, memslots, and the two-step zap.
+
+Structure follows KVM's pre-unsync shadow MMU (arch/x86/kvm/mmu.c, 2.6.25-2.6.27):
+``kvm_mmu_get_page`` write-protects every frame it starts shadowing, ``mmu_set_spte`` refuses W on
+write-tracked frames and on clean (D=0) guest ptes, ``kvm_mmu_zap_page`` unlinks children and
+parents. Zapping is two steps, as in later KVM (``kvm_mmu_prepare_zap_page`` puts the page on an
+invalid list, ``kvm_mmu_commit_zap_page`` flushes every vCPU's TLB, then frees): the place where
+deferred and lockless freeing plug in.
+
+Per-vCPU state (paging context, roots, requests, policy state) lives in ``vcpu_mmu.VcpuMmu``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .. import events as ev
+from .. import paging as pg
+from ..counters import new_counters
+from ..memory.memslots import Memslots
+from .pages import ENTRIES, Role, ShadowPage
+from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_nonleaf, make_spte
+
+# KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
+REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
+REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
+REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for DESIGN.md 5)
+
+
+class MMUError(Exception):
+    """An internal inconsistency (reported, never silently ignored)."""
+
+
+class VmMmu:
+    def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None):
+        self.mem = mem
+        self.counters = counters if counters is not None else new_counters()
+        self.events = events if events is not None else ev.EventBus()
+        if policy is None:
+            from ..policies.base import Policy
+            policy = Policy()
+        self.policy = policy
+        self.ram_frames = mem.size >> 12
+        self.memslots = Memslots(self.ram_frames)
+        self.hash: dict = {}                    # (gfn, role) -> ShadowPage, in creation order
+        # insertion-ordered (dicts used as sets), so that every walk over them -- and the trace --
+        # is the same from run to run
+        self.sps_by_gfn = defaultdict(dict)     # gfn -> {ShadowPage: None}: the non-direct shadows
+        self.rmap = defaultdict(dict)           # gfn -> {(ShadowPage, index): None}: leaf sptes
+        self.write_track = defaultdict(int)     # gfn -> users that need its writes trapped (shadow
+                                                # pages of it, a PAE PDPT in use): KVM's page track
+        self.invalid_list: list = []            # prepared zaps waiting for commit
+        self.vcpus: list = []
+        self.next_id = 0
+        # KVM: 2% of RAM pages (KVM_PERMILLE_MMU_PAGES 20), at least 64
+        self.max_pages = max_pages or max(64, (self.ram_frames * 20) // 1000)
+
+    def add_vcpu(self):
+        from .vcpu_mmu import VcpuMmu
+        v = VcpuMmu(self, len(self.vcpus))
+        self.vcpus.append(v)
+        return v
+
+    # ------------------------------------------------------------------ requests
+    def request_all(self, req: int) -> None:
+        """kvm_make_all_cpus_request."""
+        for v in self.vcpus:
+            v.requests |= req
+
+    # ------------------------------------------------------------------ write tracking
+    def track_add(self, gfn) -> None:
+        """kvm_slot_page_track_add_page: from now on writes to gfn trap."""
+        self.write_track[gfn] += 1
+        if self.write_track[gfn] == 1:
+            self.write_protect(gfn)
+
+    def track_remove(self, gfn) -> None:
+        n = self.write_track[gfn] - 1
+        if n < 0:
+            raise MMUError(f"write tracking of gfn {gfn:#x} removed more often than added")
+        if n:
+            self.write_track[gfn] = n
+        else:
+            del self.write_track[gfn]
+
+    def is_tracked(self, gfn) -> bool:
+        """Writes to gfn must be trapped: it is a shadowed guest page table (or a PDPT in use)."""
+        return gfn in self.write_track
+
+    def is_shadowed(self, gfn) -> bool:
+        return gfn in self.sps_by_gfn
+
+    def shadow_pages_of(self, gfn):
+        return list(self.sps_by_gfn.get(gfn, ()))
+
+    def write_protect(self, gfn) -> None:
+        """rmap_write_protect: make every spte that maps gfn read-only."""
+        changed = False
+        for sp, idx in self.rmap.get(gfn, ()):
+            spte = sp.spt[idx]
+            if spte & SPTE_W:
+                sp.spt[idx] = spte & ~SPTE_W
+                changed = True
+        if changed:
+            self.request_all(REQ_TLB_FLUSH)
+
+    # ------------------------------------------------------------------ shadow pages
+    @staticmethod
+    def role(ctx, level, direct, access, va=0) -> Role:
+        gsize = pg.guest_format(ctx.mode).pte_size
+        quadrant = 0
+        if not direct and gsize == 4:
+            # kvm_mmu_get_page: which part of the 1024-entry guest table this 512-entry page shadows
+            quadrant = (va >> (12 + 9 * level)) & ((1 << level) - 1)
+        return Role(level, direct, access, gsize, quadrant, ctx.wp, ctx.smep, ctx.nxe)
+
+    def get_page(self, ctx, gfn, va, level, direct, access) -> ShadowPage:
+        """kvm_mmu_get_page: find or create the shadow page for (gfn, role)."""
+        role = self.role(ctx, level, direct, access, va)
+        key = (gfn, role)
+        sp = self.hash.get(key)
+        if sp is not None:
+            return sp
+        self.counters["mmu_cache_miss"] += 1
+        if len(self.hash) >= self.max_pages:
+            self._recycle()
+        sp = ShadowPage(self.next_id, gfn, role)
+        self.next_id += 1
+        self.hash[key] = sp
+        if not direct:
+            self.sps_by_gfn[gfn][sp] = None
+            self.track_add(gfn)
+        if self.events.tracing:
+            self.events.emit(ev.GET_PAGE, gfn=gfn, level=level, direct=direct, quadrant=role.quadrant,
+                             access=access, created=True, sp=sp.id)
+        return sp
+
+    def _recycle(self) -> None:
+        """KVM's kvm_mmu_free_some_pages: zap the oldest page that is not a root."""
+        for sp in list(self.hash.values()):
+            if not sp.root_count:
+                self.counters["mmu_recycled"] += 1
+                self.zap_page(sp, reason="recycled")
+                return
+
+    @staticmethod
+    def link(parent, idx, child) -> None:
+        parent.spt[idx] = make_nonleaf(child.id)
+        parent.children[idx] = child
+        child.parents.add((parent, idx))
+
+    def prepare_zap_page(self, sp: ShadowPage, reason: str = "") -> None:
+        """kvm_mmu_prepare_zap_page: unlink children and parents, drop from the hash and put the
+        page on the invalid list. Walks no longer reach it; it is freed by commit_zap()."""
+        if sp.zapped:
+            return
+        self.counters["mmu_shadow_zapped"] += 1
+        if self.events.tracing:
+            self.events.emit(ev.PREPARE_ZAP, sp=sp.id, gfn=sp.gfn, level=sp.role.level,
+                             direct=sp.role.direct, quadrant=sp.role.quadrant, reason=reason)
+        spt = sp.spt
+        if sp.role.level == 1:
+            gfns = sp.gfns
+            for idx in range(ENTRIES):
+                if spt[idx] & SPTE_P:
+                    self._rmap_remove(gfns[idx], sp, idx)
+                    spt[idx] = 0
+                    gfns[idx] = None
+        else:
+            children = sp.children
+            for idx in range(ENTRIES):
+                child = children[idx]
+                if child is not None:
+                    child.parents.discard((sp, idx))
+                    children[idx] = None
+                    spt[idx] = 0
+        for parent, idx in sp.parents:
+            parent.spt[idx] = 0
+            parent.children[idx] = None
+        sp.parents.clear()
+        del self.hash[(sp.gfn, sp.role)]
+        if not sp.role.direct:
+            peers = self.sps_by_gfn[sp.gfn]
+            peers.pop(sp, None)
+            if not peers:
+                del self.sps_by_gfn[sp.gfn]
+            self.track_remove(sp.gfn)
+        sp.zapped = True
+        policy = self.policy
+        for v in self.vcpus:
+            policy.on_zap(v, v.policy_state, sp)
+        if sp.root_count:
+            self.request_all(REQ_MMU_RELOAD)
+        self.invalid_list.append(sp)
+
+    def commit_zap(self) -> None:
+        """kvm_mmu_commit_zap_page: every vCPU's TLB is flushed before the pages are freed."""
+        if not self.invalid_list:
+            return
+        self.request_all(REQ_TLB_FLUSH)
+        for sp in self.invalid_list:
+            sp.freed = True
+        self.invalid_list.clear()
+
+    def zap_page(self, sp: ShadowPage, reason: str = "") -> None:
+        self.prepare_zap_page(sp, reason)
+        self.commit_zap()
+
+    def unprotect(self, gfn, reason: str = "") -> bool:
+        """kvm_mmu_unprotect_page: zap every shadow of the guest table at gfn; the guest then writes
+        the frame natively until a fault shadows it again."""
+        sps = list(self.sps_by_gfn.get(gfn, ()))
+        if not sps:
+            return False
+        self.counters["mmu_unprotect"] += 1
+        if self.events.tracing:
+            self.events.emit(ev.UNPROTECT, gfn=gfn, pages=len(sps), reason=reason)
+        for sp in sps:
+            self.prepare_zap_page(sp, reason="unprotect")
+        self.commit_zap()
+        return True
+
+    # ------------------------------------------------------------------ sptes and the rmap
+    def _rmap_remove(self, gfn, sp, idx) -> None:
+        s = self.rmap.get(gfn)
+        if s is not None:
+            s.pop((sp, idx), None)
+            if not s:
+                del self.rmap[gfn]
+
+    def drop_spte(self, sp, idx) -> None:
+        """mmu_page_zap_pte: clear one spte (leaf: rmap_remove; non-leaf: unlink the child)."""
+        spte = sp.spt[idx]
+        if not spte & SPTE_P:
+            return
+        if sp.role.level == 1:
+            self._rmap_remove(sp.gfns[idx], sp, idx)
+            sp.gfns[idx] = None
+        else:
+            child = sp.children[idx]
+            child.parents.discard((sp, idx))
+            sp.children[idx] = None
+        sp.spt[idx] = 0
+        self.request_all(REQ_TLB_FLUSH)
+
+    def mark_accessed(self, sp, idx) -> None:
+        sp.spt[idx] |= SPTE_A
+
+    def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
+                 speculative=False) -> bool:
+        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns True
+        if the faulting write must be emulated (the frame is write-tracked)."""
+        user = bool(pte_access & pg.ACC_U)
+        writable = bool(pte_access & pg.ACC_W)
+        if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
+            # CR0.WP=0: a supervisor write to a read-only page is allowed; KVM makes the spte
+            # writable and supervisor-only so that a later user access faults and is re-checked.
+            writable = True
+            user = False
+        if writable and not dirty:
+            writable = False                      # dirty tracking: read-only until the first write
+        emulate = False
+        if writable and gfn in self.write_track:
+            writable = False
+            emulate = write_fault
+        pfn = self.memslots.gfn_to_pfn(gfn)
+        if pfn is None:
+            raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
+        spte = make_spte(pfn, writable, user, bool(pte_access & pg.ACC_X), dirty=write_fault)
+        old = sp.spt[idx]
+        if old & SPTE_P:
+            if sp.gfns[idx] != gfn:
+                self._rmap_remove(sp.gfns[idx], sp, idx)
+                self.rmap[gfn][(sp, idx)] = None
+                self.request_all(REQ_TLB_FLUSH)
+            elif (old & SPTE_FRAME) != (spte & SPTE_FRAME) or (old & SPTE_W and not spte & SPTE_W):
+                self.request_all(REQ_TLB_FLUSH)
+        else:
+            self.rmap[gfn][(sp, idx)] = None
+        sp.spt[idx] = spte
+        sp.gfns[idx] = gfn
+        self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative, emulate)
+        return emulate
+
+    # ------------------------------------------------------------------ the pte-write path helpers
+    @staticmethod
+    def affected_sptes(sp, offset, size):
+        """The shadow entries of sp that shadow guest bytes [offset, offset+size) of its page,
+        honouring quadrants and 2-level directories (one 4 MiB guest PDE = two shadow PDEs)."""
+        gsize = sp.role.gpte_size
+        out = []
+        for gi in range(offset // gsize, (offset + size - 1) // gsize + 1):
+            if gi * gsize >= 4096:
+                break
+            if gsize == 4:
+                if sp.role.level == 1:
+                    quadrant, sidx, n = gi >> 9, gi & 511, 1
+                else:
+                    quadrant, sidx, n = gi >> 8, (gi & 255) * 2, 2
+                if quadrant != sp.role.quadrant:
+                    continue
+                out.extend(range(sidx, sidx + n))
+            else:
+                out.append(gi)
+        return out
+
+    def drop_written_sptes(self, gpa, size, sps=None):
+        """Drop every spte that shadows the written guest bytes (counting mmu_pde_zapped for
+        non-leaf ones); the next access through them faults and re-reads the guest pte."""
+        offset = gpa & 0xFFF
+        for sp in (self.shadow_pages_of(gpa >> 12) if sps is None else sps):
+            if sp.zapped:
+                continue
+            for idx in self.affected_sptes(sp, offset, size):
+                if sp.role.level > 1:
+                    self.counters["mmu_pde_zapped"] += 1
+                self.drop_spte(sp, idx)
+
+    # ------------------------------------------------------------------ helpers for tests/audit
+    def pages(self):
+        return list(self.hash.values())
