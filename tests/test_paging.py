@@ -378,7 +378,7 @@ _err_off = []
 
 def _error_code_offset():
     """offsetof(CPUX86State, error_code) in a saved context, found empirically from two #GPs with
-    known selector error codes (as in shared/unicorn-probes/p3_exceptions.py)."""
+    known selector error codes (as a probe of Unicorn measured them)."""
     if _err_off:
         return _err_off[0]
     cands = None

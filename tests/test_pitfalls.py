@@ -1,4 +1,4 @@
-"""One test per Unicorn pitfall we work around (../shared/UNICORN.md), each run under both MMUs
+"""One test per Unicorn pitfall we work around (README "Pitfalls"), each run under both MMUs
 and required to give the same guest-visible result."""
 import pytest
 

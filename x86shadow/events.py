@@ -38,21 +38,21 @@ class EventBus:
     tracepoints when kinds is None)."""
 
     def __init__(self):
-        self._subs = {}                 # kind -> [fn]
+        self.subs = {}                  # kind -> [fn]; `kind in bus.subs` is the cheapest test
         self.tracing = False            # any tracepoint subscriber
 
     def subscribe(self, fn, kinds=None) -> None:
         for kind in (TRACEPOINTS if kinds is None else kinds):
             if kind not in TRACEPOINTS and kind not in OBSERVER_KINDS:
                 raise ValueError(f"unknown event kind {kind!r}")
-            self._subs.setdefault(kind, []).append(fn)
-        self.tracing = any(k in self._subs for k in TRACEPOINTS)
+            self.subs.setdefault(kind, []).append(fn)
+        self.tracing = any(k in self.subs for k in TRACEPOINTS)
 
     def wants(self, kind) -> bool:
-        return kind in self._subs
+        return kind in self.subs
 
     def emit(self, kind, **fields) -> None:
-        subs = self._subs.get(kind)
+        subs = self.subs.get(kind)
         if subs:
             for fn in subs:
                 fn(kind, fields)

@@ -661,4 +661,7 @@ FORMATS = {m: GuestFormat(m) for m in (Mode.LEGACY, Mode.PAE, Mode.LONG)}
 
 
 def guest_format(mode) -> GuestFormat:
-    return FORMATS[Mode(mode)]
+    fmt = FORMATS.get(mode)            # a Mode (IntEnum) or its int: same hash, no enum call
+    if fmt is None:
+        raise ValueError(f"no guest entry format for paging mode {mode!r}")
+    return fmt

@@ -176,8 +176,8 @@ def _images(p: KmapParams):
     except AsmError as e:
         raise ScenarioError(f"cannot assemble the kmap guest: {e}", 70) from None
     except OSError as e:
-        raise ScenarioError(f"cannot read the kmap guest {e.filename}: {e.strerror} (the scenario "
-                            "runs from a source checkout: guestcode/ beside x86shadow/)") from None
+        raise ScenarioError(f"cannot read the kmap guest {e.filename}: {e.strerror} (a broken "
+                            "install? reinstall x86shadow)") from None
     if len(_image_cache) >= 16:
         _image_cache.clear()
     _image_cache[key] = (program, firmware)

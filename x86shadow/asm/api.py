@@ -166,8 +166,9 @@ def assemble_firmware(mode, ram_size: int) -> bytes:
     try:
         st = path.stat()
     except OSError:
-        raise AsmError(f"firmware source {path} not found (x86shadow expects its repository "
-                       f"layout: firmware/ next to the x86shadow package)") from None
+        raise AsmError(f"firmware source {path} not found (installed with the package as "
+                       f"x86shadow/_data/firmware, or firmware/ beside it in a checkout; "
+                       f"reinstall x86shadow)") from None
     if ram_size <= 0 or ram_size % (1 << 20):
         raise AsmError(f"RAM size {ram_size:#x} must be a positive multiple of 1 MiB")
     if mode != "64" and ram_size > 1 << 32:

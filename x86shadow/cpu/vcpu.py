@@ -298,20 +298,17 @@ class VCPU:
         mmu = self.mmu
         if self._observe_fills:
             self.events.emit(ev.TLB_FILL, va=va, access=access)
-        r = mmu.hw_fill(va, access, self._rmw_read)
-        kind = r.kind
+        kind, addr, perms, vector, error_code = mmu.hw_fill(va, access, self._rmw_read)
         if kind == FILL_GUEST_FAULT and access & pg.PFERR_U and self._system_table_page(va):
             # implicit supervisor access (GDT/IDT/TSS read) made at CPL3: it lands in QEMU's
             # kernel TLB, so granting it as supervisor gives user code nothing
             access &= ~pg.PFERR_U
-            r = mmu.hw_fill(va, access, self._rmw_read)
-            kind = r.kind
+            kind, addr, perms, vector, error_code = mmu.hw_fill(va, access, self._rmw_read)
         if mmu.requests & REQ_TLB_FLUSH:
             mmu.requests &= ~REQ_TLB_FLUSH
             self.flush_tlb()
         if kind == FILL_OK or kind == FILL_TRACKED:
-            hpa = r.addr
-            perms = r.perms
+            hpa = addr
             gfn = hpa >> 12
             state = self.page_kind.get(gfn, _DATA)
             if acc == UC_MEM_FETCH:
@@ -338,23 +335,23 @@ class VCPU:
             entry.perms = perms
             return True
         if kind == FILL_GUEST_FAULT:
-            if r.vector != VEC_PF:          # #GP(0): non-canonical address
-                self.pending_fault = (r.vector, r.error_code, None)
+            if vector != VEC_PF:            # #GP(0): non-canonical address
+                self.pending_fault = (vector, error_code, None)
                 return False
             if acc == UC_MEM_FETCH:
                 rip = self.rip()
                 cr2 = rip if (rip & ~0xFFF) == va else va
-                self.pending_fault = (VEC_PF, r.error_code, cr2)
+                self.pending_fault = (VEC_PF, error_code, cr2)
                 return False
             # park the access on the hole so that _unmapped learns the exact byte address
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
-            self.pending_fault = (VEC_PF, r.error_code, va)
+            self.pending_fault = (VEC_PF, error_code, va)
             return True
         # FILL_NO_MEMORY: let the access reach the hole and report it
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
-        self.pending_fault = ("nomem", va, r.addr)
+        self.pending_fault = ("nomem", va, addr)
         return True
 
     def _flip(self, gfn, state):

@@ -25,8 +25,11 @@ class Memslots:
     def __init__(self, ram_frames: int):
         self.slots = [Memslot(0, ram_frames, 0)]
         self.ram_frames = ram_frames
+        self.identity = True           # one slot, pfn == gfn: the fast path below
 
     def gfn_to_pfn(self, gfn: int):
+        if self.identity:
+            return gfn if 0 <= gfn < self.ram_frames else None
         for s in self.slots:
             if s.contains(gfn):
                 return s.base_pfn + (gfn - s.base_gfn)

@@ -21,9 +21,9 @@ from .. import paging as pg
 from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
 from .pages import PaeRoot
-from .shadow_walk import shadow_leaf, shadow_walk
+from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
-from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
+from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, SPTE_EMULATE, SPTE_SAME, MMUError
 
 # kinds of Fill
 FILL_OK = 0            # map addr (host address of the page) with perms
@@ -44,7 +44,9 @@ class Fill(NamedTuple):
     error_code: int = 0
 
 
+_new_fill = tuple.__new__        # Fill without the NamedTuple constructor (the fill's hot path)
 _FIXED = Fill(FILL_OK)        # page_fault: the shadow mapping was built; walk it again
+_SPURIOUS = Fill(FILL_OK, 1)  # page_fault: the spte already allowed the access (a stale TLB)
 _TRACKED = Fill(FILL_TRACKED)
 
 
@@ -94,7 +96,8 @@ class VcpuMmu:
         self.fmt = pg.guest_format(ctx.mode) if ctx.mode != pg.Mode.OFF else None
         self._alloc_root()
         self.requests |= REQ_TLB_FLUSH
-        self.events.emit(ev.EXIT)
+        if ev.EXIT in self.events.subs:
+            self.events.emit(ev.EXIT)
 
     def _alloc_root(self) -> None:
         ctx = self.ctx
@@ -210,8 +213,11 @@ class VcpuMmu:
                         perms |= PERM_W
                     if not spte & SPTE_NX:
                         perms |= PERM_X
-                    return Fill(FILL_OK, spte & SPTE_FRAME, perms)
+                    return _new_fill(Fill, (FILL_OK, spte & SPTE_FRAME, perms, 0, 0))
             r = self.page_fault(va, access)
+            if r is _FIXED:
+                root = self.root
+                continue
             kind = r.kind
             if kind == FILL_TRACKED:
                 sp, idx = shadow_leaf(self.root, self.root_level, va)
@@ -248,9 +254,12 @@ class VcpuMmu:
                                 guest_error_code=w.error_code, vector=w.vector)
                 policy.on_guest_fault(self, self.policy_state)
                 return Fill(FILL_GUEST_FAULT, 0, 0, w.vector, w.error_code)
-            if vm.memslots.gfn_to_pfn(w.gpa >> 12) is None:
+            gfn = w.gpa >> 12
+            ms = vm.memslots
+            pfn = gfn if ms.identity and gfn < ms.ram_frames else ms.gfn_to_pfn(gfn)
+            if pfn is None:
                 return Fill(FILL_NO_MEMORY, w.gpa)
-            r = self._fetch(va, w, access)
+            r = self._fetch(va, w, access, pfn)
             if r is not None:
                 break
             # a guest pte changed while we write-protected its table (FNAME(fetch) returned NULL)
@@ -262,14 +271,18 @@ class VcpuMmu:
                             gpa=w.gpa)
             return r
         c["exits"] += 1
-        c["pf_fixed"] += 1
+        # kvm_mmu_do_page_fault (Linux 6.x mmu_internal.h): RET_PF_FIXED -> pf_fixed,
+        # RET_PF_SPURIOUS -> pf_spurious
+        c["pf_spurious" if r is _SPURIOUS else "pf_fixed"] += 1
         policy.on_fault_fixed(self, self.policy_state)
         if events.tracing:
-            events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa)
-        events.emit(ev.EXIT)
+            events.emit(ev.PAGE_FAULT, address=va, error_code=access,
+                        result="spurious" if r is _SPURIOUS else "fixed", gpa=w.gpa)
+        if ev.EXIT in events.subs:
+            events.emit(ev.EXIT)
         return r
 
-    def _fetch(self, va, w, access):
+    def _fetch(self, va, w, access, pfn):
         """FNAME(fetch): link shadow pages down to the leaf and install the leaf spte."""
         if self.requests & REQ_MMU_RELOAD:
             self.reload_root()        # a root was zapped on the way here (flood)
@@ -277,18 +290,24 @@ class VcpuMmu:
         fmt = self.fmt
         glevel = w.level                 # guest leaf level (1, 2 = 2M/4M, 3 = 1G)
         acc = ACC_ALL
-        pae_root = self.root_level == 3
-        node = idx = None
-        for level, node, idx in shadow_walk(self.root, self.root_level, va):
-            if pae_root and level == 3:
-                # PAE root: entries were linked at CR3 load; a 2-level guest's directory is always there
-                if node.children[idx] is None:
-                    raise MMUError(f"no shadow for PDPTE {idx} although the guest walk succeeded")
-                continue
+        node = self.root
+        level = self.root_level
+        if level == 3:
+            # PAE root: entries were linked at CR3 load; a 2-level guest's directory is always there
+            i = (va >> 30) & 3
+            node = node.children[i]
+            if node is None:
+                raise MMUError(f"no shadow for PDPTE {i} although the guest walk succeeded")
+            level = 2
+        # the walk of shadow_walk.shadow_leaf, creating what is missing on the way (for speed
+        # written out here, as the fill's walk is: this runs on every shadow fault)
+        while True:
             node.write_flooding_count = 0     # modern KVM: a guest fault walked through this page
+            idx = (va >> (12 + 9 * (level - 1))) & 511
             if level == 1:
                 break
-            if node.children[idx] is None:
+            child = node.children[idx]
+            if child is None:
                 if level - 1 < glevel:
                     # guest large page: a direct shadow page of 4 KiB sptes
                     span = 1 << (9 * (level - 1))
@@ -306,13 +325,15 @@ class VcpuMmu:
                     if (cur | pg.PTE_A | pg.PTE_D) != (w.ptes[gl] | pg.PTE_A | pg.PTE_D):
                         return None
                 vm.link(node, idx, child)
-        else:
-            raise MMUError(f"the shadow walk for {va:#x} did not reach a leaf table")
-        emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
-                              w.pte_access & node.role.access if not node.role.direct
-                              else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
-                              bool(access & pg.PFERR_U))
-        return _TRACKED if emulate else _FIXED
+            node = child
+            level -= 1
+        done = vm.set_spte(self, node, idx, w.gpa >> 12,
+                           w.pte_access & node.role.access if not node.role.direct
+                           else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
+                           bool(access & pg.PFERR_U), pfn=pfn)
+        if done == SPTE_EMULATE:
+            return _TRACKED
+        return _SPURIOUS if done == SPTE_SAME else _FIXED
 
     # ------------------------------------------------------------------ invlpg and pte writes
     def invlpg(self, va: int) -> None:
@@ -324,7 +345,8 @@ class VcpuMmu:
         self.counters["invlpg"] += 1
         if self.events.tracing:
             self.events.emit(ev.INVLPG, address=va)
-        self.events.emit(ev.EXIT)
+        if ev.EXIT in self.events.subs:
+            self.events.emit(ev.EXIT)
 
     def pte_write(self, gpa: int, size: int, insn=None) -> None:
         """The one pte-write path: the store [gpa, gpa+size) to a write-tracked frame has been
@@ -342,7 +364,8 @@ class VcpuMmu:
         self.counters["mmu_pte_write"] += 1
         self.policy.pte_write(self, self.policy_state, gpa, size, insn)
         self.vm.commit_zap()
-        self.events.emit(ev.EXIT)
+        if ev.EXIT in self.events.subs:
+            self.events.emit(ev.EXIT)
 
     # ------------------------------------------------------------------ guest memory, sans CPU
     def translate(self, va, access) -> int:

@@ -19,12 +19,17 @@ from .. import paging as pg
 from ..counters import new_counters
 from ..memory.memslots import Memslots
 from .pages import ENTRIES, Role, ShadowPage
-from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_nonleaf, make_spte
+from .spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_P, SPTE_W, make_nonleaf, make_spte
 
 # KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
 REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
 REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
 REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for DESIGN.md 5)
+
+# what set_spte did (KVM's RET_PF_* of mmu_set_spte)
+SPTE_NEW = 0               # installed or changed the spte (RET_PF_FIXED)
+SPTE_SAME = 1              # the spte already said exactly this (RET_PF_SPURIOUS)
+SPTE_EMULATE = 2           # the frame is write-tracked: the faulting write must be emulated
 
 
 class MMUError(Exception):
@@ -107,7 +112,7 @@ class VmMmu:
     # ------------------------------------------------------------------ shadow pages
     @staticmethod
     def role(ctx, level, direct, access, va=0) -> Role:
-        gsize = pg.guest_format(ctx.mode).pte_size
+        gsize = 4 if ctx.mode == pg.Mode.LEGACY else 8
         quadrant = 0
         if not direct and gsize == 4:
             # kvm_mmu_get_page: which part of the 1024-entry guest table this 512-entry page shadows
@@ -247,9 +252,12 @@ class VmMmu:
         sp.spt[idx] |= SPTE_A
 
     def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
-                 speculative=False) -> bool:
-        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns True
-        if the faulting write must be emulated (the frame is write-tracked)."""
+                 speculative=False, pfn=None) -> int:
+        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns
+        SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked),
+        SPTE_SAME if the present spte already grants exactly this (Linux 6.x mmu_set_spte:
+        ``if (*sptep == spte) ret = RET_PF_SPURIOUS``; our sptes get A/D only from the fill, so
+        A and D are left out of the comparison and kept), else SPTE_NEW."""
         user = bool(pte_access & pg.ACC_U)
         writable = bool(pte_access & pg.ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
@@ -263,11 +271,15 @@ class VmMmu:
         if writable and gfn in self.write_track:
             writable = False
             emulate = write_fault
-        pfn = self.memslots.gfn_to_pfn(gfn)
+        if pfn is None:                           # (the fault path looked it up already)
+            pfn = self.memslots.gfn_to_pfn(gfn)
         if pfn is None:
             raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
         spte = make_spte(pfn, writable, user, bool(pte_access & pg.ACC_X), dirty=write_fault)
         old = sp.spt[idx]
+        if (old & SPTE_P and not emulate and sp.gfns[idx] == gfn
+                and old & ~(SPTE_A | SPTE_D) == spte & ~(SPTE_A | SPTE_D)):
+            return SPTE_SAME
         if old & SPTE_P:
             if sp.gfns[idx] != gfn:
                 self._rmap_remove(sp.gfns[idx], sp, idx)
@@ -280,7 +292,7 @@ class VmMmu:
         sp.spt[idx] = spte
         sp.gfns[idx] = gfn
         self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative, emulate)
-        return emulate
+        return SPTE_EMULATE if emulate else SPTE_NEW
 
     # ------------------------------------------------------------------ the pte-write path helpers
     @staticmethod
