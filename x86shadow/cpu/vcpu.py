@@ -468,7 +468,8 @@ class VCPU:
             self._efer = None                         # a paging switch may toggle EFER.LMA
         elif crn == 3:
             self._set_context(cr3=value)
-            self.events.emit(ev.CR3_LOAD, cr3=value)
+            if ev.CR3_LOAD in self.events.subs:
+                self.events.emit(ev.CR3_LOAD, cr3=value)
             if self.mmu.ctx.mode != pg.Mode.OFF:
                 # Unicorn flushes its whole TLB itself when it executes this mov to CR3 with
                 # paging on, right after this hook: that flush is ours

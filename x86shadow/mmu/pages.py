@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .spte import make_nonleaf
+
 
 ENTRIES = 512
 
@@ -28,10 +30,11 @@ class ShadowPage:
     """One shadow page table: 512 sptes, children for non-leaf entries, parent back links."""
 
     __slots__ = ("id", "gfn", "role", "spt", "gfns", "children", "parents", "root_count",
-                 "write_flooding_count", "unsync", "zapped", "freed")
+                 "write_flooding_count", "unsync", "zapped", "freed", "nonleaf_spte")
 
     def __init__(self, sp_id: int, gfn: int, role: Role):
         self.id = sp_id
+        self.nonleaf_spte = make_nonleaf(sp_id)   # what a parent's spte pointing here holds
         self.gfn = gfn
         self.role = role
         self.spt = [0] * ENTRIES

@@ -93,7 +93,7 @@ class VcpuMmu:
         """New CR0/CR3/CR4/EFER state: drop the old root, load (or reuse) the new one."""
         self._free_root()
         self.ctx = ctx
-        self.fmt = pg.guest_format(ctx.mode) if ctx.mode != pg.Mode.OFF else None
+        self.fmt = pg.FORMATS.get(ctx.mode)             # None with paging off
         self._alloc_root()
         self.requests |= REQ_TLB_FLUSH
         if ev.EXIT in self.events.subs:

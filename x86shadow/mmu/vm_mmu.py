@@ -19,7 +19,7 @@ from .. import paging as pg
 from ..counters import new_counters
 from ..memory.memslots import Memslots
 from .pages import ENTRIES, Role, ShadowPage
-from .spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_P, SPTE_W, make_nonleaf, make_spte
+from .spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 
 # KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
 REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
@@ -52,7 +52,7 @@ class VmMmu:
         # is the same from run to run
         self.sps_by_gfn = defaultdict(dict)     # gfn -> {ShadowPage: None}: the non-direct shadows
         self.rmap = defaultdict(dict)           # gfn -> {(ShadowPage, index): None}: leaf sptes
-        self.write_track = defaultdict(int)     # gfn -> users that need its writes trapped (shadow
+        self.write_track: dict = {}             # gfn -> users that need its writes trapped (shadow
                                                 # pages of it, a PAE PDPT in use): KVM's page track
         self.invalid_list: list = []            # prepared zaps waiting for commit
         self.vcpus: list = []
@@ -75,12 +75,14 @@ class VmMmu:
     # ------------------------------------------------------------------ write tracking
     def track_add(self, gfn) -> None:
         """kvm_slot_page_track_add_page: from now on writes to gfn trap."""
-        self.write_track[gfn] += 1
-        if self.write_track[gfn] == 1:
+        wt = self.write_track
+        n = wt.get(gfn, 0) + 1
+        wt[gfn] = n
+        if n == 1:
             self.write_protect(gfn)
 
     def track_remove(self, gfn) -> None:
-        n = self.write_track[gfn] - 1
+        n = self.write_track.get(gfn, 0) - 1
         if n < 0:
             raise MMUError(f"write tracking of gfn {gfn:#x} removed more often than added")
         if n:
@@ -150,7 +152,7 @@ class VmMmu:
 
     @staticmethod
     def link(parent, idx, child) -> None:
-        parent.spt[idx] = make_nonleaf(child.id)
+        parent.spt[idx] = child.nonleaf_spte
         parent.children[idx] = child
         child.parents.add((parent, idx))
 
