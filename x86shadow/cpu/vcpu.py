@@ -1,12 +1,14 @@
-"""The Unicorn adapter: one vCPU whose memory accesses go through the shadow MMU (or, as the
-reference, through Unicorn's own page walker), with the exits of a KVM vCPU run loop.
+"""The Unicorn adapter: one vCPU whose memory accesses go through the shadow MMU core (or, as the
+reference, through Unicorn's own page walker); ``run_once()`` returns the exits a VM must see.
 
 Shadow mode (``UC_TLB_VIRTUAL``): every softmmu TLB miss calls ``_fill``, the hardware walker over
-our shadow tables (``ShadowMMU.hw_fill``). Guest RAM is mapped twice; a write to a write-protected
-guest page table is pointed at the read-only alias, so the store arrives in ``_write_trap`` with its
-exact address, size and value (no exit from ``emu_start``), where the policy emulates it or
-unprotects the frame and re-executes the instruction. A guest #PF is parked on an unmapped "hole"
-page so that the exact faulting address is known, then injected through the guest IDT.
+our shadow tables (``VcpuMmu.hw_fill``). Guest RAM is mapped twice; a write to a write-tracked
+frame is pointed at the read-only alias, so the store arrives in ``_write_trap`` with its exact
+address, size and value (no exit from ``emu_start``); the core's write-fault path
+(``mmu/write_fault.py``) decides, and this carries out the outcome: continue, or refuse the store
+and re-execute the instruction. A guest #PF is parked on an unmapped "hole" page so that the exact
+faulting address is known, then injected through the guest IDT. What the MMU asks of the CPU
+(a TLB flush) comes back as requests, serviced here.
 
 Native mode (``UC_TLB_CPU``): Unicorn walks the guest tables itself; we only deliver exceptions and
 run the devices. Guest-visible behaviour must be identical in both modes.
