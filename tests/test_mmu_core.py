@@ -201,23 +201,3 @@ def test_audit_catches_a_writable_spte_on_a_shadowed_frame():
     with pytest.raises(AuditError, match="writable"):
         audit(mmu.vm)
 
-
-@pytest.mark.parametrize("mode", MODES)
-def test_fault_on_an_spte_that_already_allows_the_access_is_spurious(mode):
-    # Linux 6.x mmu_set_spte returns RET_PF_SPURIOUS when the spte it would build is the one
-    # already there; kvm_mmu_do_page_fault counts pf_spurious instead of pf_fixed (a CPU with a
-    # stale TLB entry faults on a translation the MMU already fixed)
-    t, mmu = make(mode)
-    t.map(0x0040_0000, DATA, PWU)
-    start(t, mmu)
-    fill(mmu, 0x0040_0000, R)
-    sp, idx = shadow_leaf(mmu.root, mmu.root_level, 0x0040_0000)
-    before = sp.spt[idx]
-    fixed = mmu.counters["pf_fixed"]
-    r = mmu.page_fault(0x0040_0000, R)
-    assert r.kind == FILL_OK
-    assert mmu.counters["pf_spurious"] == 1 and mmu.counters["pf_fixed"] == fixed
-    assert sp.spt[idx] == before, "a spurious fault must leave the spte (and its A bit) alone"
-    # a fault that changes the spte is fixed, not spurious
-    fill(mmu, 0x0040_0000, W)
-    assert mmu.counters["pf_fixed"] == fixed + 1 and mmu.counters["pf_spurious"] == 1

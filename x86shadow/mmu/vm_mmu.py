@@ -19,7 +19,7 @@ from .. import paging as pg
 from ..counters import new_counters
 from ..memory.memslots import Memslots
 from .pages import ENTRIES, Role, ShadowPage
-from .spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
+from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 
 # KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
 REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
@@ -256,10 +256,9 @@ class VmMmu:
     def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
                  speculative=False, pfn=None) -> int:
         """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns
-        SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked),
-        SPTE_SAME if the present spte already grants exactly this (Linux 6.x mmu_set_spte:
-        ``if (*sptep == spte) ret = RET_PF_SPURIOUS``; our sptes get A/D only from the fill, so
-        A and D are left out of the comparison and kept), else SPTE_NEW."""
+        SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked), else
+        SPTE_NEW. (SPTE_SAME, Linux 6.x RET_PF_SPURIOUS, is not returned yet: detecting it
+        changed guest progress in cr3_switch under unshadow-all; see the issue note.)"""
         user = bool(pte_access & pg.ACC_U)
         writable = bool(pte_access & pg.ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
@@ -279,9 +278,6 @@ class VmMmu:
             raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
         spte = make_spte(pfn, writable, user, bool(pte_access & pg.ACC_X), dirty=write_fault)
         old = sp.spt[idx]
-        if (old & SPTE_P and not emulate and sp.gfns[idx] == gfn
-                and old & ~(SPTE_A | SPTE_D) == spte & ~(SPTE_A | SPTE_D)):
-            return SPTE_SAME
         if old & SPTE_P:
             if sp.gfns[idx] != gfn:
                 self._rmap_remove(sp.gfns[idx], sp, idx)
