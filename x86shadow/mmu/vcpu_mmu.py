@@ -23,7 +23,7 @@ from ..faults import VEC_PF, Fault, GuestCrash
 from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
-from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, SPTE_EMULATE, SPTE_SAME, MMUError
+from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, SPTE_EMULATE, MMUError
 
 # kinds of Fill
 FILL_OK = 0            # map addr (host address of the page) with perms
@@ -46,7 +46,6 @@ class Fill(NamedTuple):
 
 _new_fill = tuple.__new__        # Fill without the NamedTuple constructor (the fill's hot path)
 _FIXED = Fill(FILL_OK)        # page_fault: the shadow mapping was built; walk it again
-_SPURIOUS = Fill(FILL_OK, 1)  # page_fault: the spte already allowed the access (a stale TLB)
 _TRACKED = Fill(FILL_TRACKED)
 
 
@@ -271,13 +270,10 @@ class VcpuMmu:
                             gpa=w.gpa)
             return r
         c["exits"] += 1
-        # kvm_mmu_do_page_fault (Linux 6.x mmu_internal.h): RET_PF_FIXED -> pf_fixed,
-        # RET_PF_SPURIOUS -> pf_spurious
-        c["pf_spurious" if r is _SPURIOUS else "pf_fixed"] += 1
+        c["pf_fixed"] += 1
         policy.on_fault_fixed(self, self.policy_state)
         if events.tracing:
-            events.emit(ev.PAGE_FAULT, address=va, error_code=access,
-                        result="spurious" if r is _SPURIOUS else "fixed", gpa=w.gpa)
+            events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa)
         if ev.EXIT in events.subs:
             events.emit(ev.EXIT)
         return r
@@ -331,9 +327,7 @@ class VcpuMmu:
                            w.pte_access & node.role.access if not node.role.direct
                            else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
                            bool(access & pg.PFERR_U), pfn=pfn)
-        if done == SPTE_EMULATE:
-            return _TRACKED
-        return _SPURIOUS if done == SPTE_SAME else _FIXED
+        return _TRACKED if done == SPTE_EMULATE else _FIXED
 
     # ------------------------------------------------------------------ invlpg and pte writes
     def invlpg(self, va: int) -> None:

@@ -28,7 +28,6 @@ REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for DESIG
 
 # what set_spte did (KVM's RET_PF_* of mmu_set_spte)
 SPTE_NEW = 0               # installed or changed the spte (RET_PF_FIXED)
-SPTE_SAME = 1              # the spte already said exactly this (RET_PF_SPURIOUS)
 SPTE_EMULATE = 2           # the frame is write-tracked: the faulting write must be emulated
 
 
@@ -257,8 +256,7 @@ class VmMmu:
                  speculative=False, pfn=None) -> int:
         """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns
         SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked), else
-        SPTE_NEW. (SPTE_SAME, Linux 6.x RET_PF_SPURIOUS, is not returned yet: detecting it
-        changed guest progress in cr3_switch under unshadow-all; see the issue note.)"""
+        SPTE_NEW. (Linux 6.x also returns RET_PF_SPURIOUS for an unchanged spte: not modelled.)"""
         user = bool(pte_access & pg.ACC_U)
         writable = bool(pte_access & pg.ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
