@@ -6,48 +6,18 @@
 # identity-maps all of RAM with large pages (4 MiB PSE pages for PAGING == 2, 2 MiB PAE pages
 # for PAGING == 3), turns paging on and calls MAIN at CPL0 with interrupts off.
 
-.set CR0_WP, 0x00010000
-.set CR0_PG, 0x80000000
 .set CR4_PSE, 0x10
-.set CR4_PAE, 0x20
-.set PTE_LARGE, 0x83                  # present | writable | page size (supervisor)
-.set GDT_ENTRIES, 16
-.set TSS_SIZE, 0x68
 
 .if RAM_SIZE > 0x100000000
 .error "modes 32 and pae identity-map at most 4 GiB of RAM"
 .endif
-.if FW_UNHANDLED != FW_BASE + 0x10
-.error "FW_UNHANDLED must be FW_BASE + 0x10"
-.endif
 
-# ---- FW_BASE: a jump to the start, padded with nops to 16 bytes
-fw_entry:
-    .byte 0xe9
-    .long fw_start - fw_entry - 5
-    .fill 11, 1, 0x90
+# ---- FW_BASE: the entry stub, fw_unhandled at FW_BASE + 0x10, fw_start (cli; cld)
+.include "common.inc"
 
-# ---- FW_BASE + 0x10: the target of every firmware IDT gate (the machine reports a crash)
-fw_unhandled:
-    cli
-    hlt
-    jmp fw_unhandled
-
-fw_start:
-    cli
-    cld
-
-    # -- clear the GDT, IDT and TSS pages
-    mov edi, FW_GDT                             # FW_DATA: GDT, IDT, TSS pages
-    xor eax, eax
-    mov ecx, 0x3000 / 4
-    rep stosd
-
-    # -- GDT: null, kernel code, kernel data, user code, user data, TSS (DESIGN.md 2.2)
-    mov esi, fw_gdt_template
-    mov edi, FW_GDT
-    mov ecx, FW_GDT_TEMPLATE_DWORDS
-    rep movsd
+    # -- clear the GDT, IDT and TSS pages; GDT: null, kernel code, kernel data, user code, user
+    #    data, TSS (DESIGN.md 2.2)
+    FW_GDT_SETUP
 
     # -- TSS: ESP0/SS0 for CPL3 -> CPL0 transitions; no I/O bitmap
     mov dword ptr [FW_TSS + 4], TSS_STACK_TOP
@@ -68,15 +38,7 @@ fw_idt_loop:
     lgdt [fw_gdtr]
     ljmp SEL_KCODE:fw_cs_loaded
 fw_cs_loaded:
-    mov eax, SEL_KDATA
-    mov ds, eax
-    mov es, eax
-    mov ss, eax
-    mov fs, eax
-    mov gs, eax
-    mov eax, SEL_TSS
-    ltr ax
-    lidt [fw_idtr]
+    FW_LOAD_SEGMENTS
 
 .if PAGING == 2
     # -- 2-level paging: one page directory of 4 MiB pages
@@ -136,24 +98,8 @@ fw_pd_loop:
     jmp fw_paging_on
 fw_paging_on:
 
-    # -- main's environment: its stack, clean EFLAGS (IF = DF = 0), clean registers
-    mov esp, STACK_TOP
-    push 2
-    popfd
-    xor eax, eax
-    xor ebx, ebx
-    xor ecx, ecx
-    xor edx, edx
-    xor esi, esi
-    xor edi, edi
-    xor ebp, ebp
-    call MAIN
-
-    # -- main returned: stop (exit status 0)
-fw_done:
-    cli
-    hlt
-    jmp fw_done
+    # -- main's environment (stack, EFLAGS, registers), call MAIN; main returned: stop (status 0)
+    FW_CALL_MAIN
 
 # ---- data kept in the image
     .balign 8

@@ -6,15 +6,9 @@
 # 2 MiB pages (4-level paging), turns paging on, builds the GDT/TSS/IDT in FW_DATA, reloads
 # every segment register and calls MAIN at CPL0 with interrupts off.
 
-.set CR0_WP, 0x00010000
-.set CR0_PG, 0x80000000
-.set CR4_PAE, 0x20
 .set MSR_EFER, 0xc0000080
 .set EFER_LME, 0x100
 .set PTE_TABLE, 0x07                  # non-leaf: present | writable | user (the leaf decides)
-.set PTE_LARGE, 0x83                  # 2 MiB leaf: present | writable | page size (supervisor)
-.set GDT_ENTRIES, 16
-.set TSS_SIZE, 0x68
 .set FW_N2M, (RAM_SIZE + 0x1fffff) >> 21          # 2 MiB pages to map
 .set FW_NPD, (FW_N2M + 511) >> 9                  # page directories (one per GiB)
 .set FW_PML4, FW_PT_BASE
@@ -24,25 +18,9 @@
 .if (2 + FW_NPD) * 0x1000 > FW_PT_END - FW_PT_BASE
 .error "RAM too large for the firmware page-table area"
 .endif
-.if FW_UNHANDLED != FW_BASE + 0x10
-.error "FW_UNHANDLED must be FW_BASE + 0x10"
-.endif
 
-# ---- FW_BASE: a jump to the start, padded with nops to 16 bytes
-fw_entry:
-    .byte 0xe9
-    .long fw_start - fw_entry - 5
-    .fill 11, 1, 0x90
-
-# ---- FW_BASE + 0x10: the target of every firmware IDT gate (the machine reports a crash)
-fw_unhandled:
-    cli
-    hlt
-    jmp fw_unhandled
-
-fw_start:
-    cli
-    cld
+# ---- FW_BASE: the entry stub, fw_unhandled at FW_BASE + 0x10, fw_start (cli; cld)
+.include "common.inc"
 
     # -- 4-level identity map of all of RAM: PML4 -> PDPT -> FW_NPD page directories
     mov edi, FW_PT_BASE
@@ -84,17 +62,9 @@ fw_pd_loop:
     or rax, rcx
     mov cr0, rax
 
-    # -- clear the GDT, IDT and TSS pages (FW_DATA)
-    mov edi, FW_GDT
-    xor eax, eax
-    mov ecx, 0x3000 / 4
-    rep stosd
-
-    # -- GDT: null, kernel code (64-bit), kernel data, user code (64-bit), user data, TSS (16 bytes)
-    mov esi, fw_gdt_template
-    mov edi, FW_GDT
-    mov ecx, FW_GDT_TEMPLATE_DWORDS
-    rep movsd
+    # -- clear the GDT, IDT and TSS pages (FW_DATA); GDT: null, kernel code (64-bit), kernel data,
+    #    user code (64-bit), user data, TSS (16 bytes)
+    FW_GDT_SETUP
 
     # -- TSS: RSP0 for CPL3 -> CPL0 transitions; no I/O bitmap
     mov dword ptr [FW_TSS + 4], TSS_STACK_TOP
@@ -119,34 +89,10 @@ fw_idt_loop:
     push fw_cs_loaded
     retfq
 fw_cs_loaded:
-    mov eax, SEL_KDATA
-    mov ds, eax
-    mov es, eax
-    mov ss, eax
-    mov fs, eax
-    mov gs, eax
-    mov eax, SEL_TSS
-    ltr ax
-    lidt [fw_idtr]
+    FW_LOAD_SEGMENTS
 
-    # -- main's environment: its stack, clean RFLAGS (IF = DF = 0), clean registers
-    mov rsp, STACK_TOP
-    push 2
-    popfq
-    xor eax, eax
-    xor ebx, ebx
-    xor ecx, ecx
-    xor edx, edx
-    xor esi, esi
-    xor edi, edi
-    xor ebp, ebp
-    call MAIN
-
-    # -- main returned: stop (exit status 0)
-fw_done:
-    cli
-    hlt
-    jmp fw_done
+    # -- main's environment (stack, RFLAGS, registers), call MAIN; main returned: stop (status 0)
+    FW_CALL_MAIN
 
 # ---- data kept in the image
     .balign 8

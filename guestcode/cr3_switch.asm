@@ -26,6 +26,7 @@
 .include "lib/console.inc"
 .include "lib/paging.inc"
 .include "lib/idt.inc"
+.include "lib/main.inc"
 
 .if BITS == 64
 .set WIN, 0x0000008000000000           # PML4 index 1
@@ -366,15 +367,7 @@ sweep_where:
 
 # ------------------------------------------------------------------ main
 main:
-.if BITS == 64
-    push rbx
-    push rbp
-.else
-    push ebx
-    push esi
-    push edi
-    push ebp
-.endif
+    MAIN_PROLOGUE
     call pt_init
     mov dword ptr [pf_count], 0
     mov dword ptr [exp_faults], 0
@@ -597,13 +590,7 @@ step2:
     mov edx, dword ptr [eax]           # A's PDE value
     mov eax, dword ptr [v_pde_priv + 16]
     mov dword ptr [eax], edx           # (upper half of an 8-byte PDE is 0 in both)
-.if BITS == 64
-    mov rax, cr3
-    mov cr3, rax
-.else
-    mov eax, cr3
-    mov cr3, eax
-.endif
+    RELOAD_CR3
     mov eax, dword ptr [exp_priv]
     mov dword ptr [exp_priv + 16], eax
     mov eax, dword ptr [exp_priv + 4]
@@ -665,13 +652,7 @@ step2:
     mov edx, dword ptr [eax]
     mov eax, dword ptr [v_l3_bc]
     mov dword ptr [eax], edx
-.if BITS == 64
-    mov rax, cr3
-    mov cr3, rax
-.else
-    mov eax, cr3
-    mov cr3, eax
-.endif
+    RELOAD_CR3
     mov ecx, O_BC
     call win_read
     CHECK_EQ eax, M_BC, 7, "step 8: A does not see the shared PD after its PDPTE changed"
@@ -703,16 +684,7 @@ step2:
     call sweep
 
     PASS
-.if BITS == 64
-    pop rbp
-    pop rbx
-.else
-    pop ebp
-    pop edi
-    pop esi
-    pop ebx
-.endif
-    ret
+    MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ #PF handler: only win_read may fault
 pf_handler:

@@ -97,18 +97,7 @@ main:
     mov dword ptr [pf_flags], PTE_P | PTE_W
 
     # NX: turn EFER.NXE on when the CPU has it
-    mov eax, 0x80000000
-    cpuid
-    cmp eax, 0x80000001
-    jb no_nx
-    mov eax, 0x80000001
-    cpuid
-    bt edx, 20
-    jnc no_nx
-    mov ecx, 0xc0000080
-    rdmsr
-    or eax, 0x800
-    wrmsr
+    NX_ENABLE no_nx
     mov dword ptr [have_nx], 1
 .if PAGING >= 3
     mov dword ptr [fetch_err], PF_I

@@ -25,6 +25,7 @@
 .include "lib/console.inc"
 .include "lib/paging.inc"
 .include "lib/idt.inc"
+.include "lib/main.inc"
 
 .set WIN, 0x40000000
 .if BITS == 64
@@ -287,15 +288,7 @@ cad_next:
 
 # ------------------------------------------------------------------ main
 main:
-.if BITS == 64
-    push rbx
-    push rbp
-.else
-    push ebx
-    push esi
-    push edi
-    push ebp
-.endif
+    MAIN_PROLOGUE
     call pt_init
     mov dword ptr [pf_count], 0
     mov dword ptr [pf_resume], 0
@@ -303,18 +296,7 @@ main:
     mov dword ptr [have_nx], 0
 
 .if PAGING >= 3
-    mov eax, 0x80000000
-    cpuid
-    cmp eax, 0x80000001
-    jb no_nx
-    mov eax, 0x80000001
-    cpuid
-    bt edx, 20
-    jnc no_nx
-    mov ecx, 0xc0000080
-    rdmsr
-    or eax, 0x800
-    wrmsr
+    NX_ENABLE no_nx
     mov dword ptr [have_nx], 1
 no_nx:
 .endif
@@ -370,31 +352,13 @@ mk_frames:
     mov ebx, eax
     mov ecx, 1
     call fval
-.if PAGING == 2
-    mov dword ptr [ebx], eax
-.endif
-.if PAGING == 3
-    mov dword ptr [ebx + 4], 0
-    mov dword ptr [ebx], eax
-.endif
-.if PAGING == 4
-    mov qword ptr [rbx], rax
-.endif
+    PTE_SET ebx, eax, rbx, rax
     xor ecx, ecx
     call flush_page
     PROBE 0, 1, 3, "mov: not-present -> present"
     mov ecx, 2
     call fval
-.if PAGING == 2
-    mov dword ptr [ebx], eax
-.endif
-.if PAGING == 3
-    mov dword ptr [ebx + 4], 0
-    mov dword ptr [ebx], eax
-.endif
-.if PAGING == 4
-    mov qword ptr [rbx], rax
-.endif
+    PTE_SET ebx, eax, rbx, rax
     xor ecx, ecx
     call flush_page
     PROBE 0, 2, 4, "mov: re-pointed"
@@ -682,13 +646,7 @@ bts_ok:
     rep stosq qword ptr [rdi], rax
 .endif
 .if PAGING != 3
-.if BITS == 64
-    mov rax, cr3
-    mov cr3, rax
-.else
-    mov eax, cr3
-    mov cr3, eax
-.endif
+    RELOAD_CR3
     mov ebp, 8
 stos_fill_check:
     mov ecx, ebp
@@ -702,12 +660,7 @@ stos_fill_check:
     xor ecx, ecx
 mk_array:
     call fval
-.if PAGING == 2
-    mov dword ptr [pte_array + ecx * 4], eax
-.else
-    mov dword ptr [pte_array + ecx * 8], eax
-    mov dword ptr [pte_array + ecx * 8 + 4], 0
-.endif
+    PTE_INIT pte_array, ecx, eax
     inc ecx
     cmp ecx, 8
     jb mk_array
@@ -721,13 +674,10 @@ mk_array:
     cld
 .if BITS == 64
     rep movsd dword ptr [rdi], dword ptr [rsi]
-    mov rax, cr3
-    mov cr3, rax
 .else
     rep movsd dword ptr es:[edi], dword ptr [esi]
-    mov eax, cr3
-    mov cr3, eax
 .endif
+    RELOAD_CR3
     mov ebp, 8
 movs_check:
     mov ecx, ebp
@@ -748,13 +698,10 @@ movs_check:
     cld
 .if BITS == 64
     rep stosd dword ptr [rdi], eax
-    mov rax, cr3
-    mov cr3, rax
 .else
     rep stosd dword ptr es:[edi], eax
-    mov eax, cr3
-    mov cr3, eax
 .endif
+    RELOAD_CR3
     mov esi, dword ptr [pf_count]
     mov ebp, 8
 clear_check:
@@ -853,16 +800,7 @@ clear_check:
     call check_ad
 
     PASS
-.if BITS == 64
-    pop rbp
-    pop rbx
-.else
-    pop ebp
-    pop edi
-    pop esi
-    pop ebx
-.endif
-    ret
+    MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ #PF handler: probes only
 pf_handler:

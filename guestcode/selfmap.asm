@@ -19,6 +19,7 @@
 
 .include "lib/console.inc"
 .include "lib/paging.inc"
+.include "lib/main.inc"
 
 .set WIN, 0x40000000                   # PT_W maps WIN .. WIN + 2/4 MiB
 .set WIN3, 0x41000000                  # mode 32 / PAE: the chain built in step 4 (a PDE with no PT)
@@ -95,10 +96,7 @@ rec_write:
 .else
     push eax
     call rec_addr
-.if PAGING == 3
-    mov dword ptr [eax + 4], 0
-.endif
-    mov dword ptr [eax], ecx
+    PTE_SET eax, ecx
     pop eax
 .endif
     ret
@@ -230,15 +228,7 @@ zero_through_window:
     ret
 
 main:
-.if BITS == 64
-    push rbx
-    push rbp
-.else
-    push ebx
-    push esi
-    push edi
-    push ebp
-.endif
+    MAIN_PROLOGUE
     call pt_init
 
     # marker frames 0..7
@@ -465,13 +455,4 @@ chain:
     CHECK_EQ eax, 0x4d000002, 22, "step 5: WIN lost"
 
     PASS
-.if BITS == 64
-    pop rbp
-    pop rbx
-.else
-    pop ebp
-    pop edi
-    pop esi
-    pop ebx
-.endif
-    ret
+    MAIN_EPILOGUE

@@ -19,6 +19,7 @@
 .include "lib/console.inc"
 .include "lib/paging.inc"
 .include "lib/idt.inc"
+.include "lib/main.inc"
 
 .if BITS == 64
 .set USER_BASE, 0x00007f0000000000     # PML4 index 254
@@ -93,19 +94,7 @@
 .endm
 
 main:
-.if BITS == 64
-    push rbx
-    push rbp
-    push r12
-    push r13
-    push r14
-    push r15
-.else
-    push ebx
-    push esi
-    push edi
-    push ebp
-.endif
+    MAIN_PROLOGUE r12_15=1
     call pt_init
     mov dword ptr [pf_count], 0
     mov dword ptr [int80_count], 0
@@ -245,41 +234,16 @@ fill_array:
 .if BITS == 64
     mov rbx, rax
     mov qword ptr [v_ksp], rsp
-    mov eax, SEL_UDATA
-    push rax
-    mov rax, USTACK_TOP
-    push rax
-    push 0x2
-    mov eax, SEL_UCODE
-    push rax
-    push rbx
-    iretq
 .else
     mov ebx, eax
     mov dword ptr [v_ksp], esp
-    mov ax, SEL_UDATA                  # data selectors of DPL0 would be nulled by the iret
-    mov ds, ax
-    mov es, ax
-    mov fs, ax
-    mov gs, ax
-    mov eax, SEL_UDATA                 # (keystone encodes `push SYMBOL` < 0x80 as a 16-bit push)
-    push eax
-    push USTACK_TOP
-    push 0x2
-    mov eax, SEL_UCODE
-    push eax
-    push ebx
-    iretd
 .endif
+    IRET_TO_CPL3
 
 back_in_kernel:
     # the int 0x80 handler switched back to the stack saved above
 .if BITS == 32
-    mov ax, SEL_KDATA
-    mov ds, ax
-    mov es, ax
-    mov fs, ax
-    mov gs, ax
+    LOAD_DATA_SEGS SEL_KDATA
 .else
     mov ax, SEL_KDATA
     mov ss, ax
@@ -319,20 +283,7 @@ back_in_kernel:
     CHECK_EQ eax, 0x5ec7e700, 10, "supervisor page changed"
 
     PASS
-.if BITS == 64
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-.else
-    pop ebp
-    pop edi
-    pop esi
-    pop ebx
-.endif
-    ret
+    MAIN_EPILOGUE r12_15=1
 
 # ------------------------------------------------------------------ #PF handler (from CPL3)
 pf_handler:

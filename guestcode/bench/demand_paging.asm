@@ -38,14 +38,7 @@ main:
     PUSHA_
     call pt_init
     mov dword ptr [pf_count], 0
-    xor ebx, ebx
-dp_frames:
-    call pt_alloc
-    mov dword ptr [eax], ebx
-    mov dword ptr [v_frames + ebx * 4], eax
-    inc ebx
-    cmp ebx, 64
-    jb dp_frames
+    MARKED_FRAMES v_frames, 64
     call idt_init
     mov ecx, 14
     mov eax, pf_handler

@@ -47,14 +47,7 @@ fi_touch_\@:
 main:
     PUSHA_
     call pt_init
-    xor ebx, ebx
-fi_frames:
-    call pt_alloc
-    mov dword ptr [eax], ebx
-    mov dword ptr [v_frames + ebx * 4], eax
-    inc ebx
-    cmp ebx, 64
-    jb fi_frames
+    MARKED_FRAMES v_frames, 64
     call new_root
     mov dword ptr [v_root], eax
     mov dword ptr [v_root + 4], 0

@@ -199,16 +199,7 @@ fk_child:
 fk_clear:
     ROOT_TO_DI v_child
     call pte_of
-.if PAGING == 4
-    mov qword ptr [rax], 0
-.endif
-.if PAGING == 3
-    mov dword ptr [eax], 0
-    mov dword ptr [eax + 4], 0
-.endif
-.if PAGING == 2
-    mov dword ptr [eax], 0
-.endif
+    PTE_CLEAR eax, rax
     inc ebx
     cmp ebx, M
     jb fk_clear

@@ -21,7 +21,7 @@
 .set v_fa, PROG_VARS + 0x10            # frame A | P | W
 .set v_fb, PROG_VARS + 0x14            # frame B | P | W
 
-.macro LOOP si, bx
+.macro LOOP si
     mov esi, BENCH_WIN
     mov ebx, dword ptr [v_pte]
     xor ecx, ecx
@@ -34,16 +34,7 @@ pw_loop_\@:
     mov eax, dword ptr [v_fb]
     mov edx, 0xb
 pw_even_\@:
-.if PAGING == 2
-    mov dword ptr [\bx], eax
-.endif
-.if PAGING == 3
-    mov dword ptr [\bx + 4], 0
-    mov dword ptr [\bx], eax
-.endif
-.if PAGING == 4
-    mov qword ptr [\bx], rax
-.endif
+    PTE_SET ebx, eax, rbx, rax
 .else
     mov edx, 0xa
 .endif
@@ -84,9 +75,9 @@ main:
     SET_CR3
 .if BITS == 64
     xor eax, eax
-    LOOP rsi, rbx
+    LOOP rsi
 .else
-    LOOP esi, ebx
+    LOOP esi
 .endif
     POPA_
     PASS

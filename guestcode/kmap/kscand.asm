@@ -52,6 +52,7 @@
 .include "../lib/console.inc"
 .include "../lib/paging.inc"
 .include "../lib/idt.inc"
+.include "../lib/main.inc"
 
 .ifndef NTABLES
 .set NTABLES, 8
@@ -155,6 +156,15 @@
 .set v_entry, PROG_VARS + 0x30         # user VA of user_entry
 .set v_scan, PROG_VARS + 0x34
 
+# S_FIXW += the 4-byte stores of one write of the fixmap pte: two in PAE (its halves), else one
+.macro COUNT_FIXW
+.if PAGING == 3
+    add dword ptr [S_FIXW], 2
+.else
+    inc dword ptr [S_FIXW]
+.endif
+.endm
+
 .macro MARK phase, scanreg
     push eax
     push edx
@@ -167,10 +177,7 @@
 .endm
 
 main:
-    push ebx
-    push esi
-    push edi
-    push ebp
+    MAIN_PROLOGUE
     call pt_init
     mov dword ptr [S_KMAPS], 0
     mov dword ptr [S_FIXW], 0
@@ -193,12 +200,7 @@ main:
 build_table:
     xor ecx, ecx
 build_pte:
-.if PAGING == 2
-    mov dword ptr [edi + ecx * 4], eax
-.else
-    mov dword ptr [edi + ecx * 8], eax
-    mov dword ptr [edi + ecx * 8 + 4], 0
-.endif
+    PTE_INIT edi, ecx, eax
     add eax, PAGE
     inc ecx
     cmp ecx, NPTES
@@ -234,10 +236,7 @@ direct_map:
     mov ecx, 1
     call pt_entry                      # the pde (allocates the pmd in PAE)
     or ebx, KPDE_FLAGS
-.if PAGING == 3
-    mov dword ptr [eax + 4], 0
-.endif
-    mov dword ptr [eax], ebx
+    PTE_SET eax, ebx
 
     # the user's pdes -> the highmem tables
     mov esi, USER_BASE
@@ -247,10 +246,7 @@ user_pdes:
     mov edx, 2
     mov ecx, 1
     call pt_entry
-.if PAGING == 3
-    mov dword ptr [eax + 4], 0
-.endif
-    mov dword ptr [eax], ebx
+    PTE_SET eax, ebx
     add ebx, PAGE
     add esi, TABLE_SPAN
     dec ebp
@@ -338,11 +334,7 @@ scan_loop:
     mov eax, dword ptr [S_BTRS]
     CHECK_EQ eax, NSCANS * NTABLES * NPTES, 2, "kscand: wrong number of ptes tested"
     PASS
-    pop ebp
-    pop edi
-    pop esi
-    pop ebx
-    ret
+    MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ kmap_atomic / kunmap_atomic
 # kmap_atomic: eax = the page (a highmem frame) -> the slot maps it. Preserves every register.
@@ -372,14 +364,8 @@ kmap_none:
 .endif
 kmap_store:
     # set_pte: PAE = high half, smp_wmb(), low half; 2-level = one store
-.if PAGING == 3
-    mov dword ptr [edx + 4], 0
-    mov dword ptr [edx], eax
-    add dword ptr [S_FIXW], 2
-.else
-    mov dword ptr [edx], eax
-    inc dword ptr [S_FIXW]
-.endif
+    PTE_SET edx, eax
+    COUNT_FIXW
     invlpg byte ptr [KMAP_VADDR]       # __flush_tlb_one(vaddr)
 kmap_done:
     pop edx
@@ -388,32 +374,16 @@ kmap_done:
 
 kunmap_atomic:
     inc dword ptr [S_KUNMAPS]
+.if VARIANT == V_DEBUG || VARIANT == V_26
+    push edx
+    mov edx, dword ptr [v_kpte]
 .if VARIANT == V_DEBUG
-    push edx
-    mov edx, dword ptr [v_kpte]
-.if PAGING == 3
-    mov dword ptr [edx + 4], 0         # 2.4 pte_clear = set_pte(0): high half, then low half
-    mov dword ptr [edx], 0
-    add dword ptr [S_FIXW], 2
+    PTE_SET edx, 0                     # 2.4 pte_clear = set_pte(0): high half, then low half
 .else
-    mov dword ptr [edx], 0
-    inc dword ptr [S_FIXW]
+    PTE_CLEAR edx                      # 2.6 PAE pte_clear: low half, smp_wmb(), high half
 .endif
-    invlpg byte ptr [KMAP_VADDR]
-    pop edx
-.endif
-.if VARIANT == V_26
-    push edx
-    mov edx, dword ptr [v_kpte]
-.if PAGING == 3
-    mov dword ptr [edx], 0             # 2.6 PAE pte_clear: low half, smp_wmb(), high half
-    mov dword ptr [edx + 4], 0
-    add dword ptr [S_FIXW], 2
-.else
-    mov dword ptr [edx], 0
-    inc dword ptr [S_FIXW]
-.endif
-    invlpg byte ptr [KMAP_VADDR]       # kpte_clear_flush
+    COUNT_FIXW
+    invlpg byte ptr [KMAP_VADDR]       # (2.6: kpte_clear_flush)
     pop edx
 .endif
     ret
@@ -554,25 +524,9 @@ run_user:
     mov dword ptr [v_ksp], esp
     add dword ptr [S_TOUCHES], NTABLES * NPTES
     mov ebx, dword ptr [v_entry]
-    mov ax, SEL_UDATA                  # data selectors of DPL0 would be nulled by the iret
-    mov ds, ax
-    mov es, ax
-    mov fs, ax
-    mov gs, ax
-    mov eax, SEL_UDATA                 # (keystone encodes `push SYMBOL` < 0x80 as a 16-bit push)
-    push eax
-    push USTACK_TOP
-    push 0x2
-    mov eax, SEL_UCODE
-    push eax
-    push ebx
-    iretd
+    IRET_TO_CPL3
 user_back:
-    mov ax, SEL_KDATA
-    mov ds, ax
-    mov es, ax
-    mov fs, ax
-    mov gs, ax
+    LOAD_DATA_SEGS SEL_KDATA
     popal
     ret
 
