@@ -67,6 +67,7 @@ _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
 _uc_reg_read = uclib.uc_reg_read
+_new_tuple = tuple.__new__             # a NamedTuple without its Python-level constructor
 _uc_reg_write = uclib.uc_reg_write
 
 
@@ -118,6 +119,9 @@ class VCPU:
         self.flips = {}                  # gfn -> code/data transitions so far
         self.invalidating = False        # inside ctl_remove_cache (its fetch fill is not code)
         self._efer = None                # EFER as last read or intercepted (None: read it)
+        # shadow mode: CR0 and CR4 as last read (None: read them). Every write to them is
+        # intercepted, and the cache is dropped there, so a CR3 switch reads neither
+        self._cr0 = self._cr4 = None
         self._contexts = {}              # paging-relevant register bits -> PagingContext
         self._rmw_read = self._current_insn_is_rmw
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
@@ -163,6 +167,7 @@ class VCPU:
         uc.reg_write(UC_X86_REG_GDTR, (0, state.gdt_base, len(state.gdt) * 8 - 1, 0))
         if state.cr0 is not None:
             uc.reg_write(UC_X86_REG_CR0, state.cr0)
+        self._cr0 = self._cr4 = self._efer = None
         uc.reg_write(UC_X86_REG_CS, state.code_sel)
         for rid in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS):
             uc.reg_write(rid, state.data_sel)
@@ -228,9 +233,19 @@ class VCPU:
         """The guest paging context from the registers, with any of them replaced by a new value.
         ``cache_pdptes``: load the PAE PDPTEs now, as a CR3 load does (the shadow MMU's roots are
         built from them); otherwise the walker reads them from memory, as Unicorn's walker does."""
-        cr0 = self.reg(UC_X86_REG_CR0) if cr0 is None else cr0
+        if cr0 is None:
+            cr0 = self._cr0
+            if cr0 is None:
+                cr0 = self.reg(UC_X86_REG_CR0)
+                if self.shadow:
+                    self._cr0 = cr0
         cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
-        cr4 = self.reg(UC_X86_REG_CR4) if cr4 is None else cr4
+        if cr4 is None:
+            cr4 = self._cr4
+            if cr4 is None:
+                cr4 = self.reg(UC_X86_REG_CR4)
+                if self.shadow:
+                    self._cr4 = cr4
         efer = self.efer() if efer is None else efer
         if cr0 & CR0_PG and efer & EFER_LME:
             efer |= EFER_LMA
@@ -389,14 +404,14 @@ class VCPU:
             # a store crossing into the next page: QEMU announces it whole, then repeats it byte
             # by byte for this page (measured); the bytes are what we handle
             return True
-        rip = self.rip()
-        insn = self._decode_at(rip)
+        rip = self.reg(self.R_IP)
+        insn = self.mmu.decode_at(rip, self.bits)
         # Refusing a store (return False) re-executes the instruction cleanly only for stores TCG
         # emits inline; stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls)
         # keep the helper's register updates (measured)
         restartable = insn is not None and insn.kvm_class in _RESTARTABLE
-        w = TrappedWrite(gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn, restartable,
-                         self.counters["exits"])
+        w = _new_tuple(TrappedWrite, (gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn,
+                                      restartable, self.counters["exits"]))
         if handle_trapped_write(self.mmu, w) == REEXECUTE:
             # refuse the store: Unicorn stops with the instruction not done (measured: memory and
             # registers untouched, RIP on it; an emu_stop() here would let the store through and
@@ -468,6 +483,7 @@ class VCPU:
         if crn == 0:
             self._set_context(cr0=value)
             self._efer = None                         # a paging switch may toggle EFER.LMA
+            self._cr0 = None                          # re-read once the CPU has executed it
         elif crn == 3:
             self._set_context(cr3=value)
             if ev.CR3_LOAD in self.events.subs:
@@ -479,6 +495,7 @@ class VCPU:
                 self.counters["tlb_flush"] += 1
         else:
             self._set_context(cr4=value)
+            self._cr4 = None                          # re-read once the CPU has executed it
         self._finish_privileged(uc)
 
     def _finish_privileged(self, uc):

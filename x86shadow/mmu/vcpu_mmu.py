@@ -61,6 +61,9 @@ def walk_translate(mem, ctx, va, access) -> int:
 
 
 class VcpuMmu:
+    __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
+                 "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests")
+
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
         self.id = vcpu_id
@@ -186,7 +189,8 @@ class VcpuMmu:
             if pfn is None:
                 return Fill(FILL_NO_MEMORY, gpa)
             return Fill(FILL_OK, pfn << 12, _RWX)
-        for _attempt in range(4):
+        attempts = 0
+        while True:
             leaf = shadow_leaf(root, self.root_level, va)
             if leaf is not None:
                 sp, idx = leaf
@@ -214,9 +218,6 @@ class VcpuMmu:
                         perms |= PERM_X
                     return _new_fill(Fill, (FILL_OK, spte & SPTE_FRAME, perms, 0, 0))
             r = self.page_fault(va, access)
-            if r is _FIXED:
-                root = self.root
-                continue
             kind = r.kind
             if kind == FILL_TRACKED:
                 sp, idx = shadow_leaf(self.root, self.root_level, va)
@@ -226,7 +227,10 @@ class VcpuMmu:
             if kind != FILL_OK:
                 return r
             root = self.root
-        raise MMUError(f"shadow fault at {va:#x} (access {access:#x}) not fixed after 4 attempts")
+            attempts += 1
+            if attempts == 4:
+                raise MMUError(f"shadow fault at {va:#x} (access {access:#x}) not fixed after 4 "
+                               "attempts")
 
     # ------------------------------------------------------------------ the shadow page fault
     def page_fault(self, va: int, access: int) -> Fill:
@@ -348,16 +352,18 @@ class VcpuMmu:
         affected sptes, re-install them, zap the whole page as misaligned or flooded) is the
         policy's (x86shadow.policies)."""
         gfn, offset = gpa >> 12, gpa & 0xFFF
-        for v in self.vm.vcpus:
+        vm = self.vm
+        for v in (vm.vcpus if len(vm.vcpus) > 1 else (self,)):
             if gfn == v.pdpt_gfn:
                 base = v.ctx.cr3 & 0xFE0
                 if offset < base + 32 and offset + size > base:
                     v._refresh_pdptes()
-        if gfn not in self.vm.sps_by_gfn:
+        if gfn not in vm.sps_by_gfn:
             return
         self.counters["mmu_pte_write"] += 1
         self.policy.pte_write(self, self.policy_state, gpa, size, insn)
-        self.vm.commit_zap()
+        if vm.invalid_list:
+            vm.commit_zap()
         if ev.EXIT in self.events.subs:
             self.events.emit(ev.EXIT)
 

@@ -36,6 +36,10 @@ class MMUError(Exception):
 
 
 class VmMmu:
+    __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
+                 "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
+                 "max_pages")
+
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None):
         self.mem = mem
         self.counters = counters if counters is not None else new_counters()

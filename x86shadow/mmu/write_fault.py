@@ -42,11 +42,6 @@ class WriteFaultState:
         self.last_retry = None        # (rip, gpa, progress mark, kvm-style retry)
 
 
-def _progress(c) -> int:
-    # "right after": only the shadow faults of the re-execution itself in between
-    return c["exits"] - c["pf_fixed"] - c["pf_guest"]
-
-
 def _loop_breaker(state, w: TrappedWrite, verdict: Verdict, progress: int) -> Verdict:
     """One loop breaker for every policy. A frame unprotected for a re-execution that traps again
     at the same RIP and address (a page table that maps itself: the instruction's own translation
@@ -95,9 +90,11 @@ def handle_trapped_write(mmu, w: TrappedWrite) -> str:
         verdict = Verdict(EMULATE, "emulate: write to the PAE PDPT in use")
     else:
         verdict = policy.classify(mmu, st, w)
-    progress = _progress(c)
+    # progress mark of the loop breaker: exits other than the shadow faults of a re-execution
+    progress = c["exits"] - c["pf_fixed"] - c["pf_guest"]
     wstate = mmu.write_fault_state
-    verdict = _loop_breaker(wstate, w, verdict, progress)
+    if wstate.last_retry is not None:
+        verdict = _loop_breaker(wstate, w, verdict, progress)
     action = verdict.action
     if action == AHEAD:
         c["emulate_ahead"] += verdict.ahead
@@ -131,6 +128,6 @@ def handle_trapped_write(mmu, w: TrappedWrite) -> str:
         c["insn_emulation"] += 1
     mmu.pte_write(gpa, size, w.insn)
     policy.after_emulate(mmu, st, w, ahead=(action == AHEAD))
-    if events.wants(ev.EMULATED_WRITE):
+    if ev.EMULATED_WRITE in events.subs:
         events.emit(ev.EMULATED_WRITE, gpa=gpa, size=size, ahead=(action == AHEAD))
     return COMPLETE
