@@ -321,12 +321,12 @@ class VCPU:
             # kernel TLB, so granting it as supervisor gives user code nothing
             access &= ~pg.PFERR_U
             kind, addr, perms, vector, error_code = mmu.hw_fill(va, access, self._rmw_read)
-        if mmu.requests & REQ_TLB_FLUSH:
+        if mmu.requests and mmu.requests & REQ_TLB_FLUSH:
             mmu.requests &= ~REQ_TLB_FLUSH
             self.flush_tlb()
         if kind == FILL_OK or kind == FILL_TRACKED:
             hpa = addr
-            gfn = hpa >> 12
+            gfn = addr >> 12
             state = self.page_kind.get(gfn, _DATA)
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:

@@ -31,6 +31,9 @@ SPTE_NEW = 0               # installed or changed the spte (RET_PF_FIXED)
 SPTE_EMULATE = 2           # the frame is write-tracked: the faulting write must be emulated
 
 
+_ACC_U, _ACC_W, _ACC_X = pg.ACC_U, pg.ACC_W, pg.ACC_X
+
+
 class MMUError(Exception):
     """An internal inconsistency (reported, never silently ignored)."""
 
@@ -261,8 +264,8 @@ class VmMmu:
         """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns
         SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked), else
         SPTE_NEW. (Linux 6.x also returns RET_PF_SPURIOUS for an unchanged spte: not modelled.)"""
-        user = bool(pte_access & pg.ACC_U)
-        writable = bool(pte_access & pg.ACC_W)
+        user = bool(pte_access & _ACC_U)
+        writable = bool(pte_access & _ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
             # CR0.WP=0: a supervisor write to a read-only page is allowed; KVM makes the spte
             # writable and supervisor-only so that a later user access faults and is re-checked.
@@ -278,7 +281,7 @@ class VmMmu:
             pfn = self.memslots.gfn_to_pfn(gfn)
         if pfn is None:
             raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
-        spte = make_spte(pfn, writable, user, bool(pte_access & pg.ACC_X), dirty=write_fault)
+        spte = make_spte(pfn, writable, user, pte_access & _ACC_X, write_fault)
         old = sp.spt[idx]
         if old & SPTE_P:
             if sp.gfns[idx] != gfn:
