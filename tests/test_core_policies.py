@@ -210,7 +210,7 @@ class Env:
         m = mmu or self.mmu
         self.c["io_exits"] += 1
         self.c["exits"] += 1
-        m.policy.on_other_exit(m, m.policy_state)
+        m.other_exit()
 
 
 # --------------------------------------------------------------------------------------------

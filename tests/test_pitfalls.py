@@ -187,3 +187,33 @@ newcode:
     res = m.run()
     assert res.status == 0, res.report
     assert "kvm_mmu_new_root" in events[at[0]:], "the mov cr3 written at run time was not intercepted"
+
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow"])
+def test_run_once_returns_typed_exits(mmu):
+    # what ends a run is an Exit of a kind, and the run result carries it
+    from x86shadow.exits import ExitKind
+    cases = [
+        ("cli\n hlt", ExitKind.HLT, 0),
+        (f"mov al, 3\n out {layout.EXIT_PORT:#x}, al", ExitKind.SYSTEM_EVENT, 7),
+        # an IDT with no room for any gate: #UD -> #GP -> #DF -> triple fault
+        ("lidt [idtr]\n ud2\nidtr:\n .word 0\n .long 0", ExitKind.SHUTDOWN, 4),
+        # a #PF through the firmware's IDT: its crash gate
+        ("mov eax, 0x3FFFFFF0\n mov eax, dword ptr [eax]", ExitKind.GUEST_CRASH, 4),
+        ("sti\n hlt", ExitKind.GUEST_CRASH, 4),
+    ]
+    for src, kind, status in cases:
+        res, _ = run(src, "32", mmu)
+        assert (res.status, res.exit_kind) == (status, kind), (src, res.report)
+
+
+def test_runaway_exit_kind():
+    from x86shadow.exits import ExitKind
+    code = assemble("main:\nl:\n jmp l\n", bits=32, base=layout.PROG_BASE,
+                    symbols=layout.asm_symbols("pae", 64 << 20), filename="<test>")
+    m = Machine("pae", ram_mib=64, audit=True)
+    m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware("pae", 64 << 20))
+    res = m.run(20000)
+    assert (res.status, res.exit_kind) == (4, ExitKind.RUNAWAY) and "runaway" in res.report
+    assert m.counters["guest_insns"] == 20000

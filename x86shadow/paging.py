@@ -608,27 +608,18 @@ def _walk64(mem, ctx, va, access, set_ad):
 # MMU, its audit and the policies need to know about a guest entry, in one place
 
 class GuestFormat:
-    """The guest entry format of one paging mode: entry size, levels, indexing, frames, rights."""
+    """The guest entry format of one paging mode: entry size, frames, rights."""
 
-    __slots__ = ("mode", "pte_size", "levels", "frame_mask", "_read")
+    __slots__ = ("mode", "pte_size", "frame_mask")
 
     def __init__(self, mode: Mode):
         self.mode = mode
         self.pte_size = 4 if mode == Mode.LEGACY else 8
-        self.levels = int(mode)
         self.frame_mask = 0xFFFFF000 if mode == Mode.LEGACY else ADDR_MASK
 
     def read_pte(self, mem, gpa: int) -> int:
         """The guest entry at ``gpa`` (4 or 8 bytes)."""
         return mem.read32(gpa) if self.pte_size == 4 else mem.read64(gpa)
-
-    def pte_base(self, gpa: int) -> int:
-        """Address of the guest entry that holds byte ``gpa``."""
-        return gpa & ~(self.pte_size - 1)
-
-    def index(self, va: int, level: int) -> int:
-        shift, mask = index_bits(self.mode, level)
-        return (va >> shift) & mask
 
     def frame(self, level: int, pte: int, pse: bool = True) -> int:
         """Physical address the entry points to (see :func:`entry_frame`)."""
@@ -658,10 +649,3 @@ class GuestFormat:
 
 
 FORMATS = {m: GuestFormat(m) for m in (Mode.LEGACY, Mode.PAE, Mode.LONG)}
-
-
-def guest_format(mode) -> GuestFormat:
-    fmt = FORMATS.get(mode)            # a Mode (IntEnum) or its int: same hash, no enum call
-    if fmt is None:
-        raise ValueError(f"no guest entry format for paging mode {mode!r}")
-    return fmt

@@ -35,10 +35,10 @@ from .. import events as ev
 from .. import layout
 from .. import paging as pg
 from ..devices.bus import StopRequest
-from ..emulate.decode import decode
 from ..exits import Exit, ExitKind
-from ..faults import VEC_PF, VEC_UD, Fault, GuestCrash
-from ..mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, walk_translate
+from ..faults import VEC_PF, VEC_UD, GuestCrash
+from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
+                             read_guest_virt, walk_translate)
 from ..mmu.vm_mmu import REQ_TLB_FLUSH
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
@@ -129,7 +129,6 @@ class VCPU:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
             self.mmu = vm_mmu.add_vcpu()
-            self.policy = vm_mmu.policy
             self._add_raw_fill_hook()
             # memory hooks only over the addresses they are for: a hook whose range covers a
             # store sends every such store down QEMU's slow path (measured: 10x per store)
@@ -139,7 +138,6 @@ class VCPU:
                         layout.HOLE_BASE + 0xFFF)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
         else:
-            self.policy = None
             uc.ctl_set_tlb_mode(UC_TLB_CPU)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native, None, mem.size, (1 << 52) - 1)
         uc.hook_add(UC_HOOK_INTR, self._intr)
@@ -269,13 +267,7 @@ class VCPU:
         return walk_translate(self.mem, self.paging_context(), va, access)
 
     def read_virt(self, va, n, user=False) -> bytes:
-        out = b""
-        while n:
-            chunk = min(n, 0x1000 - (va & 0xFFF))
-            gpa = self._translate(va, pg.PFERR_U if user else 0)
-            out += self.mem.read(gpa, chunk)
-            va, n = va + chunk, n - chunk
-        return out
+        return read_guest_virt(self.mem, self._translate, va, n, user)
 
     def write_virt(self, va, data, user=False) -> None:
         data = bytes(data)
@@ -321,12 +313,11 @@ class VCPU:
             # kernel TLB, so granting it as supervisor gives user code nothing
             access &= ~pg.PFERR_U
             kind, addr, perms, vector, error_code = mmu.hw_fill(va, access, self._rmw_read)
-        if mmu.requests and mmu.requests & REQ_TLB_FLUSH:
-            mmu.requests &= ~REQ_TLB_FLUSH
-            self.flush_tlb()
+        if mmu.requests:
+            self.service_requests()
         if kind == FILL_OK or kind == FILL_TRACKED:
             hpa = addr
-            gfn = addr >> 12
+            gfn = hpa >> 12
             state = self.page_kind.get(gfn, _DATA)
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:
@@ -430,14 +421,7 @@ class VCPU:
     def _decode_at(self, rip):
         if self.shadow:
             return self.mmu.decode_at(rip, self.bits)
-        try:
-            code = self.read_virt(rip, 15)
-        except (Fault, GuestCrash):
-            try:
-                code = self.read_virt(rip, 0x1000 - (rip & 0xFFF))
-            except (Fault, GuestCrash):
-                return None
-        return decode(code, rip, self.bits)
+        return decode_guest_virt(self.read_virt, rip, self.bits)
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
@@ -454,7 +438,7 @@ class VCPU:
             c["exits"] += 1
             va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
             self.mmu.invlpg(va)
-            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+            self.mmu.other_exit()
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":
             if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
@@ -510,7 +494,7 @@ class VCPU:
             self.events.emit(ev.NEW_ROOT, mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,
                              smep=ctx.smep)
         self.mmu.set_context(ctx)
-        self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+        self.mmu.other_exit()
 
     # ------------------------------------------------------------------ events
     # Events Unicorn raises are delivered from the run loop, never inside the hook: a write of
@@ -557,7 +541,7 @@ class VCPU:
         c["io_exits"] += 1
         c["exits"] += 1
         if self.shadow:
-            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+            self.mmu.other_exit()
         if dev is not None:
             r = dev.write(port, size, value)
             if isinstance(r, StopRequest):
@@ -569,7 +553,7 @@ class VCPU:
         c["io_exits"] += 1
         c["exits"] += 1
         if self.shadow:
-            self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+            self.mmu.other_exit()
         return self.bus.read(port, size)
 
     # ------------------------------------------------------------------ run loop
@@ -642,7 +626,7 @@ class VCPU:
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
                 if self.shadow:
-                    self.policy.on_other_exit(self.mmu, self.mmu.policy_state)
+                    self.mmu.other_exit()
                 pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":

@@ -59,9 +59,3 @@ class Bus:
         if d is None:
             return (1 << (8 * size)) - 1
         return d.read(addr, size)
-
-    def write(self, addr: int, size: int, value: int):
-        d = self.device_at(addr)
-        if d is None:
-            return None
-        return d.write(addr, size, value)

@@ -34,7 +34,3 @@ class Memslots:
             if s.contains(gfn):
                 return s.base_pfn + (gfn - s.base_gfn)
         return None
-
-    def pfn_to_hpa(self, pfn: int) -> int:
-        """Host address (offset in the host memory buffer) of a host pfn."""
-        return pfn << 12

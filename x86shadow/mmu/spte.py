@@ -6,8 +6,6 @@ id (the child object is kept beside it).
 """
 from __future__ import annotations
 
-from .. import paging as pg
-
 SPTE_P = 1 << 0
 SPTE_W = 1 << 1
 SPTE_U = 1 << 2
@@ -41,33 +39,3 @@ def make_nonleaf(child_id: int) -> int:
 
 def spte_pfn(spte: int) -> int:
     return (spte & SPTE_FRAME) >> 12
-
-
-def is_present(spte: int) -> bool:
-    return bool(spte & SPTE_P)
-
-
-def permits(spte: int, access: int) -> bool:
-    """Would the hardware let an access (PFERR_W/U/FETCH bits) through this leaf spte?"""
-    if access & pg.PFERR_U and not spte & SPTE_U:
-        return False
-    if access & pg.PFERR_W and not spte & SPTE_W:
-        return False
-    if access & pg.PFERR_FETCH and spte & SPTE_NX:
-        return False
-    return True
-
-
-def tlb_perms(spte: int) -> int:
-    """The TLB rights an accessed spte gives: W only once it is dirty (dirty tracking)."""
-    perms = PERM_R
-    if spte & SPTE_W and spte & SPTE_D:
-        perms |= PERM_W
-    if not spte & SPTE_NX:
-        perms |= PERM_X
-    return perms
-
-
-def rights_text(spte: int) -> str:
-    return ("U" if spte & SPTE_U else "-") + ("W" if spte & SPTE_W else "-") + \
-        ("-" if spte & SPTE_NX else "X")

@@ -23,7 +23,7 @@ from ..faults import VEC_PF, Fault, GuestCrash
 from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
-from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, SPTE_EMULATE, MMUError
+from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
 
 # kinds of Fill
 FILL_OK = 0            # map addr (host address of the page) with perms
@@ -58,6 +58,29 @@ def walk_translate(mem, ctx, va, access) -> int:
     if not mem.contains(w.gpa):
         raise GuestCrash(f"guest-physical address {w.gpa:#x} is outside RAM")
     return w.gpa
+
+
+def read_guest_virt(mem, translate, va, n, user=False) -> bytes:
+    """n bytes at guest-virtual va, page by page through ``translate(va, access) -> address``."""
+    out = b""
+    while n:
+        chunk = min(n, 0x1000 - (va & 0xFFF))
+        out += mem.read(translate(va, pg.PFERR_U if user else 0), chunk)
+        va, n = va + chunk, n - chunk
+    return out
+
+
+def decode_guest_virt(read_virt, rip, bits):
+    """The instruction at rip, read with ``read_virt(va, n)``; if the 15 bytes after rip run into
+    an unmapped page, the bytes up to the page end (None if nothing can be read or decoded)."""
+    try:
+        code = read_virt(rip, 15)
+    except (Fault, GuestCrash):
+        try:
+            code = read_virt(rip, 0x1000 - (rip & 0xFFF))
+        except (Fault, GuestCrash):
+            return None
+    return decode(code, rip, bits)
 
 
 class VcpuMmu:
@@ -327,11 +350,16 @@ class VcpuMmu:
                 vm.link(node, idx, child)
             node = child
             level -= 1
-        done = vm.set_spte(self, node, idx, w.gpa >> 12,
-                           w.pte_access & node.role.access if not node.role.direct
-                           else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
-                           bool(access & pg.PFERR_U), pfn=pfn)
-        return _TRACKED if done == SPTE_EMULATE else _FIXED
+        emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
+                              w.pte_access & node.role.access if not node.role.direct
+                              else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
+                              bool(access & pg.PFERR_U), pfn=pfn)
+        return _TRACKED if emulate else _FIXED
+
+    def other_exit(self) -> None:
+        """An exit that is neither a shadow fault nor a trapped write (I/O, CR/MSR write, invlpg,
+        an exception delivered): the policy may close what it keeps open (Xen's emulate-ahead)."""
+        self.policy.on_other_exit(self, self.policy_state)
 
     # ------------------------------------------------------------------ invlpg and pte writes
     def invlpg(self, va: int) -> None:
@@ -382,12 +410,7 @@ class VcpuMmu:
         return (self.vm.memslots.gfn_to_pfn(gpa >> 12) << 12) | (gpa & 0xFFF)
 
     def read_virt(self, va, n, user=False) -> bytes:
-        out = b""
-        while n:
-            chunk = min(n, 0x1000 - (va & 0xFFF))
-            out += self.mem.read(self.translate(va, pg.PFERR_U if user else 0), chunk)
-            va, n = va + chunk, n - chunk
-        return out
+        return read_guest_virt(self.mem, self.translate, va, n, user)
 
     def decode_at(self, rip, bits):
         """The instruction at rip (None if it cannot be read or decoded)."""
@@ -399,14 +422,7 @@ class VcpuMmu:
                 hpa = (leaf[0].spt[leaf[1]] & SPTE_FRAME) | (rip & 0xFFF)
                 if hpa + 15 <= self.mem.size:
                     return decode(self.mem.read(hpa, 15), rip, bits)
-        try:
-            code = self.read_virt(rip, 15)
-        except (Fault, GuestCrash):
-            try:
-                code = self.read_virt(rip, 0x1000 - (rip & 0xFFF))
-            except (Fault, GuestCrash):
-                return None
-        return decode(code, rip, bits)
+        return decode_guest_virt(self.read_virt, rip, bits)
 
     def next_instructions(self, insn, n):
         """Addresses of up to n instructions after insn in program order (fall-through; a control

@@ -26,10 +26,6 @@ REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
 REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
 REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for DESIGN.md 5)
 
-# what set_spte did (KVM's RET_PF_* of mmu_set_spte)
-SPTE_NEW = 0               # installed or changed the spte (RET_PF_FIXED)
-SPTE_EMULATE = 2           # the frame is write-tracked: the faulting write must be emulated
-
 
 _ACC_U, _ACC_W, _ACC_X = pg.ACC_U, pg.ACC_W, pg.ACC_X
 
@@ -260,10 +256,10 @@ class VmMmu:
         sp.spt[idx] |= SPTE_A
 
     def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
-                 speculative=False, pfn=None) -> int:
-        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns
-        SPTE_EMULATE if the faulting write must be emulated (the frame is write-tracked), else
-        SPTE_NEW. (Linux 6.x also returns RET_PF_SPURIOUS for an unchanged spte: not modelled.)"""
+                 speculative=False, pfn=None) -> bool:
+        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns True
+        if the faulting write must be emulated (the frame is write-tracked). (Linux 6.x also
+        returns RET_PF_SPURIOUS for an unchanged spte: not modelled.)"""
         user = bool(pte_access & _ACC_U)
         writable = bool(pte_access & _ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
@@ -295,7 +291,7 @@ class VmMmu:
         sp.spt[idx] = spte
         sp.gfns[idx] = gfn
         self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative, emulate)
-        return SPTE_EMULATE if emulate else SPTE_NEW
+        return emulate
 
     # ------------------------------------------------------------------ the pte-write path helpers
     @staticmethod
