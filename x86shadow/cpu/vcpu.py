@@ -124,6 +124,7 @@ class VCPU:
         self._cr0 = self._cr4 = None
         self._contexts = {}              # paging-relevant register bits -> PagingContext
         self._rmw_read = self._current_insn_is_rmw
+        self._byte_repeat = None         # (next gpa, end): byte repeats of a completed store
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -351,6 +352,12 @@ class VCPU:
                 cr2 = rip if (rip & ~0xFFF) == va else va
                 self.pending_fault = (VEC_PF, error_code, cr2)
                 return False
+            cr2 = self._refused_fault_address(va, acc)
+            if cr2 is not None:
+                # a refused fill unwinds the instruction with no state changed (measured,
+                # tools/probes/helper_access_fault.py)
+                self.pending_fault = (VEC_PF, error_code, cr2)
+                return False
             # park the access on the hole so that _unmapped learns the exact byte address
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
@@ -391,16 +398,52 @@ class VCPU:
         fault of a shadow-paging hypervisor. The MMU core decides (mmu/write_fault.py); this
         reports the store and carries out the outcome."""
         gpa = addr - layout.ALIAS_BASE
-        if (gpa & 0xFFF) + size > 0x1000:
-            # a store crossing into the next page: QEMU announces it whole, then repeats it byte
-            # by byte for this page (measured); the bytes are what we handle
-            return True
+        repeat = self._byte_repeat
+        tail = None
+        if repeat is not None:
+            self._byte_repeat = None
+            nxt, end, rep_rip, tail = repeat
+            if size == 1 and gpa == nxt:
+                # a byte of a store already completed whole: the bytes are in memory
+                if gpa + 1 < end:
+                    self._byte_repeat = (gpa + 1, end, rep_rip, tail)
+                elif tail is not None:
+                    self._byte_repeat = (None, None, rep_rip, tail)
+                return True
         rip = self.reg(self.R_IP)
         insn = self.mmu.decode_at(rip, self.bits)
         # Refusing a store (return False) re-executes the instruction cleanly only for stores TCG
         # emits inline; stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls)
         # keep the helper's register updates (measured)
         restartable = insn is not None and insn.kvm_class in _RESTARTABLE
+        part = 0x1000 - (gpa & 0xFFF)
+        repeats = None               # (first, end) of the byte repeats that will follow
+        if part < size:
+            # a store crossing into the next page, announced whole with its whole value: the
+            # part on this page is decided now (refusing it here stops the instruction cleanly);
+            # the part on the next page, if that page is tracked too, arrives as byte stores
+            # after this page's bytes and is completed then (tools/probes/
+            # unaligned_store_repeat.py measures both)
+            tail = (value >> (8 * part), size - part)
+            value &= (1 << (8 * part)) - 1
+            size = part
+            repeats = (gpa, gpa + size)
+        elif size == 1 and insn is not None and insn.access_size > 1:
+            # A byte of a bigger store whose first bytes are already stored: the next page's
+            # part of a crossing store (taken whole, from the value announced before), or a byte
+            # of a crossing store whose first page is not tracked. The instruction is past the
+            # point where it could be refused.
+            if tail is not None and rip == repeat[2] and gpa & 0xFFF == 0 \
+                    and tail[0] & 0xFF == value:
+                value, size = tail
+                repeats = (gpa + 1, gpa + size)
+            restartable = False
+            tail = None
+        else:
+            tail = None
+            if gpa & (size - 1):
+                # misaligned within the page: announced whole, then repeated byte by byte
+                repeats = (gpa, gpa + size)
         w = _new_tuple(TrappedWrite, (gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn,
                                       restartable, self.counters["exits"]))
         if handle_trapped_write(self.mmu, w) == REEXECUTE:
@@ -409,10 +452,46 @@ class VCPU:
             # then re-execute the instruction). The run loop flushes the TLB, dropping the alias
             # mapping, and the guest re-executes the instruction natively. Unicorn leaves a stale
             # RIP when the refused store came from a helper (cmpxchg8b: measured), so resume at
-            # the RIP read here, on the instruction.
+            # the RIP read here, on the instruction. A refused store is not repeated.
             self.stop = ("reexec", rip)
             return False
+        if repeats is not None and repeats[0] < repeats[1]:
+            # A misaligned or page-crossing store accepted whole is then repeated by QEMU byte
+            # by byte (measured; a refused one is not). The store is complete: the repeats must
+            # not be taken for new stores (re-deciding them after an unprotect re-executed the
+            # finished instruction -- a store done twice, or a livelock when the table is on the
+            # store's own translation path).
+            self._byte_repeat = (repeats[0], repeats[1], rip, tail)
+        elif tail is not None:
+            self._byte_repeat = (None, None, rip, tail)
         return True
+
+    def _refused_fault_address(self, va, acc):
+        """CR2 for a guest #PF on a data access to page ``va`` that must be raised by refusing
+        the fill rather than by parking the access on the hole (None: park it).
+
+        Refused: an access that crosses into the next page (parked, QEMU would store the bytes
+        of the page that is mapped before the parked ones fault -- measured: a partly done
+        store), and an access made by an instruction whose memory accesses TCG does not emit
+        inline (not in _RESTARTABLE: parked, the helper goes on with what it read there). The
+        faulting byte comes from the decoded memory operand."""
+        insn = self._decode_at(self.rip())
+        if insn is None:
+            return None
+        op = insn.mem_operand
+        if op is None or op.implicit:
+            return None
+        if acc != UC_MEM_WRITE and insn.kvm_class in ("movs", "cmps"):
+            return None                               # two memory operands: which one is unknown
+        ea = op.effective_address(self._read_reg_by_name, insn.address + insn.size)
+        size = op.size if op.size else 1
+        crosses = (ea & 0xFFF) + size > 0x1000
+        page = ea & ~0xFFF
+        if page == va and (crosses or insn.kvm_class not in _RESTARTABLE):
+            return ea
+        if page + 0x1000 == va and crosses:
+            return va                                 # the part on the next page faulted
+        return None
 
     def _current_insn_is_rmw(self):
         insn = self._decode_at(self.rip())
@@ -573,6 +652,7 @@ class VCPU:
             self.stop = None
             self.pending_fault = None
             self.retry_page = None
+            self._byte_repeat = None
             try:
                 if max_insns:
                     left = max_insns - self.insns

@@ -1,0 +1,95 @@
+"""Run one guest program under ``--mmu native`` and under the shadow MMU with each policy (audit
+on), and report every run whose serial output, exit status or final memory differs from the
+native run's."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from ..asm import AsmError, assemble_firmware, assemble_program
+from ..machine import Machine
+from ..policies import POLICY_NAMES
+
+DEFAULT_MAX_INSNS = 2_000_000
+
+
+@dataclass
+class Outcome:
+    mmu: str                     # "native" or the policy name
+    status: int
+    output: bytes
+    report: str
+    memory: dict                 # frame -> bytes
+
+
+@dataclass
+class Divergence:
+    policy: str
+    what: str                    # "output", "status", "memory"
+    detail: str
+
+    def __str__(self):
+        return f"{self.policy}: {self.what} differs from --mmu native: {self.detail}"
+
+
+def run_source(source: str, mode: str, frames, *, policies=POLICY_NAMES,
+               max_insns=DEFAULT_MAX_INSNS, ram_mib=128):
+    """Assemble ``source`` and run it natively and under each policy; returns (native Outcome,
+    [shadow Outcome])."""
+    fd, path = tempfile.mkstemp(suffix=".asm", prefix="x86shadow-fuzz-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        program = assemble_program(path, mode, ram_mib << 20)
+    finally:
+        os.unlink(path)
+    firmware = assemble_firmware(mode, ram_mib << 20)
+    native = _run(program, firmware, mode, "native", None, frames, max_insns, ram_mib)
+    shadows = [_run(program, firmware, mode, "shadow", p, frames, max_insns, ram_mib)
+               for p in policies]
+    return native, shadows
+
+
+def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib) -> Outcome:
+    m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, audit=(mmu == "shadow"))
+    m.load(program, firmware)
+    r = m.run(max_insns)
+    memory = {f: m.read_phys(f, 0x1000) for f in frames}
+    return Outcome(policy or "native", r.status, bytes(m.output), r.report, memory)
+
+
+def compare(native: Outcome, shadow: Outcome, pte_size: int = 4) -> list:
+    """The differences of one shadow run from the native run (empty: identical)."""
+    out = []
+    if shadow.output != native.output:
+        a, b = native.output.splitlines(), shadow.output.splitlines()
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        line = lambda v, i: v[i].decode(errors="replace") if i < len(v) else "<no line>"  # noqa: E731
+        out.append(Divergence(shadow.mmu, "output",
+                              f"line {i + 1}: native {line(a, i)!r}, shadow {line(b, i)!r}"))
+    if shadow.status != native.status:
+        out.append(Divergence(shadow.mmu, "status",
+                              f"native {native.status}, shadow {shadow.status}"
+                              + (f" ({shadow.report.splitlines()[0]})" if shadow.report else "")))
+    for frame, data in native.memory.items():
+        other = shadow.memory[frame]
+        if other != data:
+            off = next(i for i in range(0, 0x1000, pte_size)
+                       if other[i:i + pte_size] != data[i:i + pte_size])
+            n = int.from_bytes(data[off:off + pte_size], "little")
+            s = int.from_bytes(other[off:off + pte_size], "little")
+            out.append(Divergence(shadow.mmu, "memory",
+                                  f"{frame + off:#x}: native {n:#0{2 + 2 * pte_size}x}, "
+                                  f"shadow {s:#0{2 + 2 * pte_size}x}"))
+    return out
+
+
+def check_source(source: str, mode: str, frames, **kw) -> list:
+    """All divergences of ``source`` (assembled for ``mode``) from the native run."""
+    native, shadows = run_source(source, mode, frames, **kw)
+    pte = 4 if mode == "32" else 8
+    return [d for s in shadows for d in compare(native, s, pte)]
+
+
+__all__ = ["AsmError", "Divergence", "Outcome", "check_source", "compare", "run_source"]
