@@ -7,6 +7,7 @@ first differences, and saves it (``--save DIR``) as a runnable .asm file.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--save", metavar="DIR", help="write each divergent program here")
     args = ap.parse_args(argv)
+    faulthandler.enable()
     modes = args.mode or ["all"]
     if "all" in modes:
         modes = ["32", "pae", "64"]

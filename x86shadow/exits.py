@@ -16,6 +16,8 @@ class ExitKind(enum.Enum):
     MMIO = "mmio"                      # an access to a guest-physical address no memslot or
                                        # device backs
     RUNAWAY = "runaway"                # still running after --max-insns
+    INTERRUPTED = "interrupted"        # stopped from outside the guest (a signal, a watchdog):
+                                       # KVM_RUN's -EINTR; run_once() can be called again
     INTERNAL_ERROR = "internal-error"  # the CPU emulator failed
 
 

@@ -18,12 +18,13 @@ from .memory.ram import PhysMem
 
 MODES = ("32", "pae", "64")
 MMUS = ("shadow", "native")
+INTERRUPTED_STATUS = 130             # a run stopped from outside (request_stop: Ctrl-C, watchdog)
 
 
 @dataclass
 class RunResult:
     status: int                      # process exit status (DESIGN.md 2.1)
-    how: str                         # "halt" | "exit" | "crash"
+    how: str                         # "halt" | "exit" | "crash" | "interrupted"
     crash: GuestCrash | None = None
     report: str = ""
     counters: dict = field(default_factory=dict)
@@ -101,6 +102,9 @@ class Machine:
             return RunResult(0, "halt", counters=self.counters, exit_kind=ex.kind)
         if ex.kind == ExitKind.SYSTEM_EVENT:
             return RunResult(ex.status, "exit", counters=self.counters, exit_kind=ex.kind)
+        if ex.kind == ExitKind.INTERRUPTED:
+            return RunResult(INTERRUPTED_STATUS, "interrupted", ex.crash,
+                             f"x86shadow: stopped: {ex.crash.reason}", self.counters, ex.kind)
         return RunResult(4, "crash", ex.crash, self.crash_report(ex.crash), self.counters, ex.kind)
 
     # ------------------------------------------------------------------ reporting

@@ -124,7 +124,8 @@ class VCPU:
         self._cr0 = self._cr4 = None
         self._contexts = {}              # paging-relevant register bits -> PagingContext
         self._rmw_read = self._current_insn_is_rmw
-        self._byte_repeat = None         # (next gpa, end): byte repeats of a completed store
+        self._byte_repeat = None         # (next gpa, end, rip, tail): byte repeats of a store
+        self._stop_request = None        # request_stop(): why run_once() must return
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -424,6 +425,8 @@ class VCPU:
             # the part on the next page, if that page is tracked too, arrives as byte stores
             # after this page's bytes and is completed then (tools/probes/
             # unaligned_store_repeat.py measures both)
+            if self._next_page_faults(insn):
+                return False                          # nothing stored; the #PF is pending
             tail = (value >> (8 * part), size - part)
             value &= (1 << (8 * part)) - 1
             size = part
@@ -466,6 +469,22 @@ class VCPU:
             self._byte_repeat = (None, None, rip, tail)
         return True
 
+    def _next_page_faults(self, insn) -> bool:
+        """A store crossing into the next page is announced (for its first, tracked page)
+        before QEMU fills the second page: if that page faults, no byte may be stored. Walks it
+        now through the MMU (the guest #PF counted and traced as any other); on a fault, leaves
+        it pending for the run loop."""
+        if insn is None or insn.mem_operand is None or insn.mem_operand.implicit:
+            return False
+        ea = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
+        va = (ea & ~0xFFF) + 0x1000
+        access = pg.PFERR_W | (pg.PFERR_U if self.reg(UC_X86_REG_CS) & 3 == 3 else 0)
+        kind, _addr, _perms, vector, error_code = self.mmu.hw_fill(va, access)
+        if kind != FILL_GUEST_FAULT:
+            return False
+        self.pending_fault = (vector, error_code, va if vector == VEC_PF else None)
+        return True
+
     def _refused_fault_address(self, va, acc):
         """CR2 for a guest #PF on a data access to page ``va`` that must be raised by refusing
         the fill rather than by parking the access on the hole (None: park it).
@@ -493,9 +512,23 @@ class VCPU:
             return va                                 # the part on the next page faulted
         return None
 
-    def _current_insn_is_rmw(self):
+    def _current_insn_is_rmw(self, va):
+        """Is the read at page ``va`` the read half of a read-modify-write that x86 translates
+        for writing? Not when the operand starts on the page before and that page cannot be
+        written: x86 translates the first page with write intent, faults there, and never
+        translates this one for writing (TCG reads both pages first; found by the fuzzer)."""
         insn = self._decode_at(self.rip())
-        return insn is not None and insn.mem_write and insn.kvm_class in _RMW
+        if insn is None or not insn.mem_write or insn.kvm_class not in _RMW:
+            return False
+        op = insn.mem_operand
+        if op is None or op.implicit:
+            return True
+        ea = op.effective_address(self._read_reg_by_name, insn.address + insn.size)
+        first = ea & ~0xFFF
+        if first == va & ~0xFFF:
+            return True
+        access = pg.PFERR_W | (pg.PFERR_U if self.reg(UC_X86_REG_CS) & 3 == 3 else 0)
+        return pg.walk(self.mem, self.mmu.ctx, first, access, set_ad=False).ok
 
     def _decode_at(self, rip):
         if self.shadow:
@@ -636,6 +669,12 @@ class VCPU:
         return self.bus.read(port, size)
 
     # ------------------------------------------------------------------ run loop
+    def request_stop(self, reason: str) -> None:
+        """Make run_once() return an INTERRUPTED exit as soon as possible. Safe from another
+        thread (Unicorn's emu_stop is) and from inside a hook."""
+        self._stop_request = reason
+        self.uc.emu_stop()
+
     def run_once(self, max_insns: int = 0) -> Exit:
         """Run the guest until something the VM must see happens; return it as a typed Exit.
         Faults the MMU fixes, guest exceptions (delivered through the guest IDT), re-executions
@@ -649,6 +688,10 @@ class VCPU:
         counter_off = probe_insn_counter_offset() if max_insns else None
         self._observe_fills = self.events.wants(ev.TLB_FILL)
         while True:
+            if self._stop_request is not None:
+                reason, self._stop_request = self._stop_request, None
+                self.pc = pc
+                return Exit(ExitKind.INTERRUPTED, crash=GuestCrash(reason, rip=pc))
             self.stop = None
             self.pending_fault = None
             self.retry_page = None
@@ -718,6 +761,9 @@ class VCPU:
                 return Exit(ExitKind.INTERNAL_ERROR, crash=GuestCrash(f"CPU error: {err}",
                                                                       rip=self.rip()))
             rip = self.rip()
+            if self._stop_request is not None:
+                pc = rip                              # emu_stop() from request_stop()
+                continue
             if max_insns and self.insns >= max_insns:
                 return Exit(ExitKind.RUNAWAY, crash=GuestCrash(
                     f"runaway: still running after --max-insns {max_insns} instructions", rip=rip))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from ..asm import AsmError, assemble_firmware, assemble_program
@@ -12,6 +13,36 @@ from ..machine import Machine
 from ..policies import POLICY_NAMES
 
 DEFAULT_MAX_INSNS = 2_000_000
+DEFAULT_TIMEOUT_S = 30.0          # wall clock per run: a livelock executes no instructions
+
+
+class Watchdog:
+    """Stops a vCPU's run after ``timeout`` seconds of wall-clock time (a livelock that keeps
+    re-executing one instruction never reaches --max-insns). Re-issues the stop until the run
+    returns, so a stop that lands between two emu_start calls is not lost."""
+
+    def __init__(self, vcpu, timeout):
+        self.vcpu, self.timeout = vcpu, timeout
+        self._done = threading.Event()
+        self._thread = None
+
+    def _watch(self):
+        if self._done.wait(self.timeout):
+            return
+        while not self._done.wait(0.2):
+            self.vcpu.request_stop(f"watchdog: still running after {self.timeout:g} s "
+                                   "(a livelock?)")
+
+    def __enter__(self):
+        if self.timeout:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 @dataclass
@@ -34,7 +65,7 @@ class Divergence:
 
 
 def run_source(source: str, mode: str, frames, *, policies=POLICY_NAMES,
-               max_insns=DEFAULT_MAX_INSNS, ram_mib=128):
+               max_insns=DEFAULT_MAX_INSNS, ram_mib=128, timeout=DEFAULT_TIMEOUT_S):
     """Assemble ``source`` and run it natively and under each policy; returns (native Outcome,
     [shadow Outcome])."""
     fd, path = tempfile.mkstemp(suffix=".asm", prefix="x86shadow-fuzz-")
@@ -45,16 +76,17 @@ def run_source(source: str, mode: str, frames, *, policies=POLICY_NAMES,
     finally:
         os.unlink(path)
     firmware = assemble_firmware(mode, ram_mib << 20)
-    native = _run(program, firmware, mode, "native", None, frames, max_insns, ram_mib)
-    shadows = [_run(program, firmware, mode, "shadow", p, frames, max_insns, ram_mib)
+    native = _run(program, firmware, mode, "native", None, frames, max_insns, ram_mib, timeout)
+    shadows = [_run(program, firmware, mode, "shadow", p, frames, max_insns, ram_mib, timeout)
                for p in policies]
     return native, shadows
 
 
-def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib) -> Outcome:
+def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib, timeout) -> Outcome:
     m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, audit=(mmu == "shadow"))
     m.load(program, firmware)
-    r = m.run(max_insns)
+    with Watchdog(m.vcpu, timeout):
+        r = m.run(max_insns)
     memory = {f: m.read_phys(f, 0x1000) for f in frames}
     return Outcome(policy or "native", r.status, bytes(m.output), r.report, memory)
 

@@ -199,10 +199,11 @@ class VcpuMmu:
         """TLB miss at va with access (PFERR_W/U/FETCH bits): walk the shadow tables as the MMU
         hardware would, setting spte A/D; on a miss run the shadow page-fault handler.
 
-        ``rmw_read``: a callable the CPU adapter passes; called (rarely) for a read that hits a
-        shadowed guest page table, it answers whether the read is the first half of a
-        read-modify-write (``lock btr``...). Hardware translates such an access once, for
-        writing, so it faults as a write without setting the spte's A bit -- and so do we."""
+        ``rmw_read(va)``: a callable the CPU adapter passes; called (rarely) for a read that hits
+        a shadowed guest page table, it answers whether the read is the first half of a
+        read-modify-write (``lock btr``...) that x86 translates for writing at this page.
+        Hardware translates such an access once, for writing, so it faults as a write without
+        setting the spte's A bit -- and so do we."""
         if self.requests & REQ_MMU_RELOAD:
             self.reload_root()
         root = self.root
@@ -226,7 +227,7 @@ class VcpuMmu:
                 elif access & pg.PFERR_FETCH and spte & SPTE_NX:
                     ok = False
                 elif (not access & (pg.PFERR_W | pg.PFERR_FETCH) and rmw_read is not None
-                      and sp.gfns[idx] in self.vm.sps_by_gfn and rmw_read()):
+                      and sp.gfns[idx] in self.vm.sps_by_gfn and rmw_read(va)):
                     access |= pg.PFERR_W
                     ok = False
                 if ok:

@@ -107,6 +107,13 @@ class Kvm2008(Policy):
         fmt = mmu.fmt
         if fmt is None:                   # paging is off: nothing maps through guest tables
             return
+        ctx = mmu.ctx
+        if gpte & pg.rsvd_mask(ctx.mode, 1, ctx.nxe, maxphyaddr=ctx.maxphyaddr):
+            # K25's update_pte checks only P and A, so it would install this pte and the guest
+            # would miss its reserved-bit #PF (found by the differential fuzzer). We keep the
+            # guest architectural as later KVM does: FNAME(prefetch_invalid_gpte) drops a gpte
+            # with FNAME(is_rsvd_bits_set) (arch/x86/kvm/mmu/paging_tmpl.h, v6.x): no install.
+            return
         gfn = fmt.leaf_frame(gpte) >> 12
         if mmu.vm.memslots.gfn_to_pfn(gfn) is None:
             return
