@@ -9,6 +9,7 @@ import sys
 EXIT_BAD_INPUT = 2
 EXIT_CRASH = 4
 EXIT_INTERNAL = 70
+EXIT_EPIPE = 141                # 128 + SIGPIPE, as a shell reports a tool killed by a closed pipe
 
 
 class UsageError(Exception):
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
     r.add_argument("--audit", action="store_true", help="check every shadow MMU invariant after each exit")
-    r.add_argument("--max-insns", type=int, default=0, metavar="N",
+    r.add_argument("--max-insns", type=int, default=None, metavar="N",
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
     _add_scenario_parser(sub)
@@ -86,17 +87,99 @@ def _add_scenario_parser(sub) -> None:
                    help="--compare: runs at a time, each in its own process (default 1)")
 
 
-def cmd_run(args) -> int:
-    from .asm import AsmError, assemble_firmware, assemble_program
-    from .events import JsonTrace
-    from .machine import Machine
+def _check_program_path(path) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"cannot read program {path!r}: is a directory")
+    if not os.path.exists(path):
+        raise UsageError(f"cannot read program {path!r}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"cannot read program {path!r}: not a regular file (give the path of "
+                         "an assembly source)")
 
-    if args.max_insns < 0:
-        raise UsageError("--max-insns must be >= 0")
-    if args.ram <= 0:
-        raise UsageError("--ram must be a positive number of MiB")
-    if not os.path.isfile(args.program):
-        raise UsageError(f"cannot read program {args.program!r}: no such file")
+
+def open_output(path, what, mode="w"):
+    """Open an output file before any guest runs; a bad path is a status-2 error now, not
+    after the run."""
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {what} {path!r}: is a directory")
+    try:
+        return open(path, mode)
+    except OSError as e:
+        raise UsageError(f"cannot write {what} {path!r}: {e.strerror}") from None
+
+
+class _TraceSink:
+    """``--trace``: the JSON-lines writer; a write error (ENOSPC, EIO) stops the run with a
+    status-2 error naming the file instead of escaping from inside a CPU callback."""
+
+    def __init__(self, fp, path):
+        from .events import JsonTrace
+        self.fp, self.path = fp, path
+        self.trace = JsonTrace(fp)
+        self.error = None
+
+    def __call__(self, kind, fields):
+        if self.error is not None:
+            return
+        try:
+            self.trace(kind, fields)
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, e):
+        from . import stopping
+        self.error = f"cannot write trace {self.path!r}: {e.strerror}"
+        stopping.request(stopping.Stop(EXIT_BAD_INPUT, f"error: {self.error}"))
+
+    def close(self):
+        try:
+            self.fp.close()
+        except OSError as e:
+            if self.error is None:
+                self.error = f"cannot write trace {self.path!r}: {e.strerror}"
+
+
+class _Serial:
+    """The guest's serial console on stdout; a closed pipe (``| head``) ends the run quietly."""
+
+    def __init__(self, out):
+        self.out = out
+        self.broken = False
+
+    def __call__(self, data):
+        if self.broken:
+            return
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except BrokenPipeError:
+            from . import stopping
+            self.broken = True
+            stopping.request(stopping.Stop(EXIT_EPIPE, ""))
+
+
+def _quiet_stdout():
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def cmd_run(args) -> int:
+    from . import stopping
+    from .asm import AsmError, assemble_firmware, assemble_program
+    from .machine import Machine, check_ram
+
+    if args.max_insns is not None and args.max_insns < 1:
+        raise UsageError("--max-insns must be at least 1 (leave it out for no limit)")
+    try:
+        check_ram(args.mode, args.ram)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _check_program_path(args.program)
     try:
         program = assemble_program(args.program, args.mode, args.ram << 20)
         firmware = assemble_firmware(args.mode, args.ram << 20)
@@ -104,39 +187,46 @@ def cmd_run(args) -> int:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
-    trace_fp = None
+    stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
+    trace = _TraceSink(open_output(args.trace, "trace"), args.trace) if args.trace else None
+    serial = _Serial(sys.stdout.buffer)
+    m = None
+    stop = None
+    result = None
     try:
-        if args.trace:
-            try:
-                trace_fp = open(args.trace, "w")
-            except OSError as e:
-                raise UsageError(f"cannot write trace {args.trace!r}: {e.strerror}") from None
-        out = sys.stdout.buffer
-
-        def serial(data, out=out):
-            out.write(data)
-            out.flush()
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
-                        trace=JsonTrace(trace_fp) if trace_fp else None, audit=args.audit,
-                        serial_out=serial)
+                        trace=trace, audit=args.audit, serial_out=serial)
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        result = m.run(args.max_insns)
+        try:
+            result = m.run(args.max_insns or 0)
+        except stopping.Stop as e:
+            stop = e
     finally:
-        if trace_fp:
-            trace_fp.close()
+        if trace is not None:
+            trace.close()
+        if stats_fp is not None and m is not None:
+            try:
+                with stats_fp:
+                    json.dump(m.counters, stats_fp, indent=1)
+                    stats_fp.write("\n")
+            except OSError as e:
+                raise UsageError(f"cannot write stats {args.stats_json!r}: {e.strerror}") from None
+    if serial.broken:
+        _quiet_stdout()
+        return EXIT_EPIPE
+    if trace is not None and trace.error:
+        raise UsageError(trace.error)
+    if stop is not None:
+        if stop.message:
+            sys.stdout.flush()
+            sys.stderr.write(f"x86shadow: {stop.message}\n")
+        return stop.status
     if result.report:
         sys.stdout.flush()
         sys.stderr.write(result.report + "\n")
-    if args.stats_json:
-        try:
-            with open(args.stats_json, "w") as f:
-                json.dump(result.counters, f, indent=1)
-                f.write("\n")
-        except OSError as e:
-            raise UsageError(f"cannot write stats {args.stats_json!r}: {e.strerror}") from None
     return result.status
 
 
@@ -226,26 +316,43 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import stopping
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "scenario":
-            return cmd_scenario(args)
+        with stopping.SignalHandling():
+            return _dispatch(args)
     except UsageError as e:
         sys.stderr.write(f"x86shadow: error: {e}\n")
         return EXIT_BAD_INPUT
+    except stopping.Stop as e:                  # a signal outside a guest run (or a failing output)
+        if e.message:
+            sys.stderr.write(f"x86shadow: {e.message}\n")
+        return e.status
     except KeyboardInterrupt:
         sys.stderr.write("x86shadow: interrupted\n")
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_EPIPE
+    except MemoryError as e:
+        detail = f": {e}" if str(e) else " (is --ram larger than this host can hold?)"
+        sys.stderr.write(f"x86shadow: error: out of memory{detail}\n")
+        return EXIT_BAD_INPUT
     except Exception as e:                      # noqa: BLE001 - our bug: say so, no traceback
         if os.environ.get("X86SHADOW_DEBUG"):
             raise
         sys.stderr.write(f"x86shadow: internal error: {type(e).__name__}: {e}\n"
                          "  (this is a bug in x86shadow; set X86SHADOW_DEBUG=1 for a traceback)\n")
         return EXIT_INTERNAL
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "bench":
+        return cmd_bench(args)
+    if args.command == "scenario":
+        return cmd_scenario(args)
     return EXIT_BAD_INPUT
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS
 
 from . import events as ev
+from . import stopping
 from .boot.firmware import firmware_boot
 from .counters import new_counters
 from .cpu.vcpu import VCPU
@@ -31,6 +32,21 @@ class RunResult:
     exit_kind: ExitKind | None = None
 
 
+RAM_MIN_MIB = 64                     # the firmware identity-maps at least this much
+RAM_MAX_MIB = {"32": 4096, "pae": 4096, "64": 65536}
+
+
+def check_ram(mode: str, ram_mib: int) -> None:
+    """Guest RAM limits per mode (ValueError naming them): modes 32 and PAE address 4 GiB; the
+    64-bit firmware identity-maps RAM with 2 MiB pages from tables below 4 MiB."""
+    top = RAM_MAX_MIB.get(mode)
+    if top is None:
+        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if not RAM_MIN_MIB <= ram_mib <= top:
+        raise ValueError(f"--ram {ram_mib}: guest RAM must be {RAM_MIN_MIB}..{top} MiB in mode "
+                         f"{mode}")
+
+
 class Machine:
     """``trace``: a subscriber ``fn(kind, fields)`` for every tracepoint event (e.g.
     ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``."""
@@ -41,9 +57,7 @@ class Machine:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
             raise ValueError(f"unknown MMU {mmu!r} (choose from {', '.join(MMUS)})")
-        if ram_mib < 64 or (mode != "64" and ram_mib > 4096) or ram_mib > 65536:
-            raise ValueError(f"--ram {ram_mib}: must be at least 64 MiB"
-                             f" and at most {4096 if mode != '64' else 65536} MiB in mode {mode}")
+        check_ram(mode, ram_mib)
         self.mode = mode
         self.mmu_kind = mmu
         self.ram_size = ram_mib << 20
@@ -103,6 +117,9 @@ class Machine:
         if ex.kind == ExitKind.SYSTEM_EVENT:
             return RunResult(ex.status, "exit", counters=self.counters, exit_kind=ex.kind)
         if ex.kind == ExitKind.INTERRUPTED:
+            stop = stopping.take()
+            if stop is not None:
+                raise stop                    # a signal or a failing output (stopping.py)
             return RunResult(INTERRUPTED_STATUS, "interrupted", ex.crash,
                              f"x86shadow: stopped: {ex.crash.reason}", self.counters, ex.kind)
         return RunResult(4, "crash", ex.crash, self.crash_report(ex.crash), self.counters, ex.kind)
@@ -125,7 +142,26 @@ class Machine:
         lines.append(f"  CR0 {v.reg(UC_X86_REG_CR0):#x}  CR2 {cr2:#x}  CR3 {v.reg(UC_X86_REG_CR3):#x}"
                      f"  CR4 {v.reg(UC_X86_REG_CR4):#x}  mode {self.mode}, mmu {self.mmu_kind}")
         lines.append(f"  instruction {self.describe_insn(rip)}")
+        lines.extend(self.register_dump())
         return "\n".join(lines)
+
+    def register_dump(self) -> list:
+        """General registers, RFLAGS, EFER and the descriptor-table registers, for a report."""
+        v = self.vcpu
+        wide = v.bits == 64
+        names = (["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
+                  "r11", "r12", "r13", "r14", "r15"] if wide else
+                 ["eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp"])
+        width = 16 if wide else 8
+        regs = [f"{n.upper():>3} {v.reg_by_name(n):0{width}x}" for n in names]
+        lines = ["  " + "  ".join(regs[i:i + 4]) for i in range(0, len(regs), 4)]
+        lines.append(f"  RFLAGS {v.reg_by_name('eflags'):#x}  EFER {v.efer():#x}")
+        tables = []
+        for name in ("gdtr", "idtr", "tr"):
+            _sel, base, limit, _flags = v.uc.reg_read(v.reg_id(name))
+            tables.append(f"{name.upper()} {base:#x}/{limit:#x}")
+        lines.append("  " + "  ".join(tables))
+        return lines
 
     def describe_insn(self, rip) -> str:
         from .emulate.decode import decode

@@ -104,10 +104,16 @@ def _read_text(path: str) -> str:
             data = f.read()
     except OSError as e:
         raise AsmError(f"cannot read: {e.strerror}", path) from None
+    bad = data.find(b"\0")
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start if bad < 0 else min(bad, e.start)
+    if bad >= 0:
+        line = data.count(b"\n", 0, bad) + 1
+        raise AsmError(f"not an assembly source: byte {data[bad]:#04x} at offset {bad} "
+                       f"(sources are ASCII text; UTF-8 is accepted in comments)", path, line)
+    return text
 
 
 def program_modes(path) -> tuple:

@@ -33,6 +33,7 @@ from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL
 
 from .. import events as ev
 from .. import layout
+from .. import stopping
 from .. import paging as pg
 from ..devices.bus import StopRequest
 from ..exits import Exit, ExitKind
@@ -386,6 +387,10 @@ class VCPU:
         pf = self.pending_fault
         if pf is not None and pf[0] == VEC_PF and addr >= layout.HOLE_BASE:
             self.pending_fault = (VEC_PF, pf[1], pf[2] | (addr & 0xFFF))
+        elif pf is not None and pf[0] == "nomem" and pf[1] is not None \
+                and addr >= layout.HOLE_BASE:
+            off = addr & 0xFFF                        # the byte, as for a #PF parked here
+            self.pending_fault = ("nomem", pf[1] | off, pf[2] | off)
         elif pf is None or pf[0] != "nomem":
             self.pending_fault = ("nomem", None, addr)
         return False
@@ -456,7 +461,8 @@ class VCPU:
             # mapping, and the guest re-executes the instruction natively. Unicorn leaves a stale
             # RIP when the refused store came from a helper (cmpxchg8b: measured), so resume at
             # the RIP read here, on the instruction. A refused store is not repeated.
-            self.stop = ("reexec", rip)
+            if not self._exited():
+                self.stop = ("reexec", rip)
             return False
         if repeats is not None and repeats[0] < repeats[1]:
             # A misaligned or page-crossing store accepted whole is then repeated by QEMU byte
@@ -600,6 +606,12 @@ class VCPU:
     def _read_reg_by_name(self, name):
         return self.reg(_reg_id(name))
 
+    reg_by_name = _read_reg_by_name
+
+    @staticmethod
+    def reg_id(name):
+        return _reg_id(name)
+
     def _set_context(self, **regs):
         ctx = self.paging_context(cache_pdptes=True, **regs)
         if self.events.tracing:
@@ -644,7 +656,16 @@ class VCPU:
         if self.stop is None:
             self._event(uc, VEC_UD)
 
+    def _exited(self):
+        """The guest wrote the exit port: the run ends at that out. Unicorn runs on to the end
+        of the translation block (emu_stop is not immediate); those instructions' port I/O is
+        dropped, so nothing after the exit write prints or exits again."""
+        stop = self.stop
+        return stop is not None and stop[0] == "exit"
+
     def _out(self, uc, port, size, value, _ud):
+        if self._exited():
+            return
         dev = self.bus.device_at(port)
         if dev is not None and dev.instrumentation:
             dev.write(port, size, value)          # neither counted nor seen by the policy
@@ -661,6 +682,8 @@ class VCPU:
                 uc.emu_stop()
 
     def _in(self, uc, port, size, _ud):
+        if self._exited():
+            return (1 << (8 * size)) - 1
         c = self.counters
         c["io_exits"] += 1
         c["exits"] += 1
@@ -682,7 +705,17 @@ class VCPU:
         KVM_RUN.
 
         ``max_insns`` > 0: count guest instructions (Unicorn's ``count``: every translated block
-        then calls a counting hook, several times slower) and stop a guest that runs past it."""
+        then calls a counting hook, several times slower) and stop a guest that runs past it.
+
+        While it runs, the vCPU is registered with ``stopping`` (signals and failing outputs
+        stop it through ``request_stop``)."""
+        stopping.enter(self)
+        try:
+            return self._run_loop(max_insns)
+        finally:
+            stopping.leave(self)
+
+    def _run_loop(self, max_insns):
         pc = self.pc
         uc = self.uc
         counter_off = probe_insn_counter_offset() if max_insns else None

@@ -6,8 +6,12 @@ The same object serves the Unicorn adapter (which maps the buffer into the CPU w
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
+import sys
 
+# Python's mmap module does not export MAP_NORESERVE before 3.12; its value on Linux
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -15,16 +19,26 @@ _U64 = struct.Struct("<Q")
 class PhysMem:
     """Little-endian accessors over a writable buffer.
 
-    ``PhysMem(size)`` allocates a zeroed ctypes buffer (so it can be handed to Unicorn);
-    ``PhysMem(bytearray(...))`` wraps an existing buffer (handy in tests).
+    ``PhysMem(size)`` reserves an anonymous private mapping (so it can be handed to Unicorn): the
+    host zero-fills each page on first touch, so a large guest RAM costs nothing until used
+    (``MAP_NORESERVE``: no swap is reserved up front either). ``PhysMem(bytearray(...))`` wraps
+    an existing buffer (handy in tests). A mapping the host refuses raises MemoryError naming the
+    size.
     """
 
-    __slots__ = ("buf", "mv", "size", "address")
+    __slots__ = ("buf", "mv", "size", "address", "_cbuf")
 
     def __init__(self, size_or_buffer):
+        self._cbuf = None
         if isinstance(size_or_buffer, int):
-            self.buf = ctypes.create_string_buffer(size_or_buffer)
-            self.address = ctypes.addressof(self.buf)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+            try:
+                self.buf = mmap.mmap(-1, size_or_buffer, flags=flags)
+            except OSError as e:
+                raise MemoryError(f"cannot reserve {size_or_buffer >> 20} MiB of guest RAM: "
+                                  f"{e.strerror}") from None
+            self._cbuf = ctypes.c_char.from_buffer(self.buf)
+            self.address = ctypes.addressof(self._cbuf)
         else:
             self.buf = size_or_buffer
             self.address = None
