@@ -75,6 +75,8 @@ def test_quick_json_has_the_required_fields(quick):
     (["--workload", "no-such-workload"], "unknown workload"),
     (["--mode", "16"], "unknown mode"),
     (["--rounds", "-1"], "--rounds"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--json", "/proc/x86shadow-b.json"], "cannot write JSON"),
     (["--json", "/nonexistent-dir/bench.json"], "cannot write"),
 ])
 def test_bad_options_exit_2_without_traceback(args, message):

@@ -235,7 +235,9 @@ def test_cli_compare_json(tmp_path):
     (["--mode", "64"], "invalid choice"),
     (["--ram", "64", "--tables", "100", "--ptes", "512"], "need at least"),
     (["--plot", "x.svg"], "PNG"),
-    (["--json", "/nonexistent-dir/k.json"], "no such directory"),
+    (["--json", "/nonexistent-dir/k.json"], "No such file or directory"),
+    (["--json", "/proc/x86shadow-k.json"], "cannot write JSON"),
+    (["--plot", "/"], "PNG"),
 ])
 def test_cli_bad_input(args, msg):
     p = _cli("scenario", "kmap", *args)

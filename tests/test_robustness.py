@@ -183,3 +183,25 @@ def test_sigint_stops_a_counted_run(prog):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and err.decode().strip() == "x86shadow: interrupted"
+
+
+def test_include_path(tmp_path):
+    """The guest library is found from any folder; -I adds folders; a missing -I is an error."""
+    (tmp_path / "inc").mkdir()
+    (tmp_path / "inc" / "mine.inc").write_text(".set MY_CODE, 0x41\n")
+    src = tmp_path / "p.asm"
+    src.write_text('.include "lib/console.inc"\n.include "mine.inc"\nmain:\n'
+                   "    mov al, MY_CODE\n    call putc\n    ret\n")
+    r = subprocess.run(cli("run", str(src), "--mode", "32", "-I", str(tmp_path / "inc")),
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == b"A", r.stderr
+    r = subprocess.run(cli("run", str(src), "--mode", "32"), capture_output=True, timeout=60)
+    assert r.returncode == 2 and "mine.inc" in r.stderr.decode()
+    r = subprocess.run(cli("run", str(src), "--mode", "32", "-I", str(tmp_path / "nope")),
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and "no such directory" in r.stderr.decode()
+
+
+def test_version():
+    r = subprocess.run(cli("--version"), capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.decode().startswith("x86shadow ")

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Differential campaign: random page-table programs (x86shadow.fuzz.ptprog), each run under
 --mmu native and under every policy with the audit on; prints each divergent program's seed and
 first differences, and saves it (``--save DIR``) as a runnable .asm file.

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Per policy: decisions and counters for the kmap-style sequence of issue 3 --
 "two 4-byte stores to a PAE pte, invlpg, lock btr $5 on a user pte through that mapping".
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Record everything a user sees from every guest program, to compare two revisions.
 
     python tools/snapshot_outputs.py DIR            # write DIR/<case>.json for every case

@@ -708,9 +708,11 @@ def main(args) -> int:
             sys.stderr.write(msg + "\n")
             sys.stderr.flush()
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(args.json):
-            raise BenchError(f"cannot write {args.json!r}: no such directory or not writable")
+        from .outputs import OutputError, check_writable
+        try:
+            check_writable(args.json, "JSON")
+        except OutputError as e:
+            raise BenchError(str(e)) from None
     if args.growth:
         rows = []
         for mode in modes:

@@ -25,6 +25,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("x86shadow")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def _policy_names():
     from .policies import POLICY_NAMES
     return POLICY_NAMES
@@ -32,6 +40,7 @@ def _policy_names():
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="x86shadow", description="Run x86 guest code under a KVM-style shadow MMU.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="assemble and run a guest program")
     r.add_argument("program", help="Intel-syntax assembly file that defines main")
@@ -45,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
     r.add_argument("--audit", action="store_true", help="check every shadow MMU invariant after each exit")
+    r.add_argument("-I", dest="include", action="append", default=[], metavar="DIR",
+                   help="look for .include files in DIR too (after the including file's folder; "
+                        "the guest library, lib/*.inc, is always found)")
     r.add_argument("--max-insns", type=int, default=None, metavar="N",
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
@@ -69,7 +81,8 @@ def _add_scenario_parser(sub) -> None:
                    help="table: each user table kmapped once, walked linearly; rmap: a kmap per pte, "
                         "pages in active-list order (default rmap)")
     k.add_argument("--policy", default="kvm-2008", choices=_policy_names(),
-                   help="write-protect policy (default kvm-2008; ignored with --compare)")
+                   help="write-protect policy (default kvm-2008, the KVM of the scenario's era; "
+                        "`run` defaults to kvm; ignored with --compare)")
     k.add_argument("--tables", type=int, default=8, metavar="N", help="user page tables (default 8)")
     k.add_argument("--ptes", type=int, default=64, metavar="P", help="ptes used per table (default 64)")
     k.add_argument("--scans", type=int, default=4, metavar="S", help="kscand passes (default 4)")
@@ -95,17 +108,6 @@ def _check_program_path(path) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"cannot read program {path!r}: not a regular file (give the path of "
                          "an assembly source)")
-
-
-def open_output(path, what, mode="w"):
-    """Open an output file before any guest runs; a bad path is a status-2 error now, not
-    after the run."""
-    if os.path.isdir(path):
-        raise UsageError(f"cannot write {what} {path!r}: is a directory")
-    try:
-        return open(path, mode)
-    except OSError as e:
-        raise UsageError(f"cannot write {what} {path!r}: {e.strerror}") from None
 
 
 class _TraceSink:
@@ -170,6 +172,7 @@ def _quiet_stdout():
 
 def cmd_run(args) -> int:
     from . import stopping
+    from .outputs import OutputError, open_output
     from .asm import AsmError, assemble_firmware, assemble_program
     from .machine import Machine, check_ram
 
@@ -181,14 +184,21 @@ def cmd_run(args) -> int:
         raise UsageError(str(e)) from None
     _check_program_path(args.program)
     try:
-        program = assemble_program(args.program, args.mode, args.ram << 20)
+        for d in args.include:
+            if not os.path.isdir(d):
+                raise UsageError(f"-I {d!r}: no such directory")
+        program = assemble_program(args.program, args.mode, args.ram << 20,
+                                   include_dirs=args.include)
         firmware = assemble_firmware(args.mode, args.ram << 20)
     except AsmError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
-    stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
-    trace = _TraceSink(open_output(args.trace, "trace"), args.trace) if args.trace else None
+    try:
+        stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
+        trace = _TraceSink(open_output(args.trace, "trace"), args.trace) if args.trace else None
+    except OutputError as e:
+        raise UsageError(str(e)) from None
     serial = _Serial(sys.stdout.buffer)
     m = None
     stop = None
@@ -234,6 +244,7 @@ def cmd_scenario(args) -> int:
     from rich.console import Console
 
     from . import scenario as sc
+    from .outputs import OutputError, check_writable
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
@@ -247,9 +258,12 @@ def cmd_scenario(args) -> int:
         params.check()
         if args.plot:
             sc.check_plot(args.plot)
-        for path in (args.json, args.plot):
-            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise UsageError(f"cannot write {path!r}: no such directory")
+        try:
+            for path, what in ((args.json, "JSON"), (args.plot, "plot")):
+                if path:
+                    check_writable(path, what)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
         policies = _policy_names() if args.compare else [args.policy]
 
         def progress(name, what):
@@ -267,8 +281,11 @@ def cmd_scenario(args) -> int:
                 sc.write_json(args.json, runs)
             except OSError as e:
                 raise UsageError(f"cannot write {args.json!r}: {e.strerror}") from None
+        if args.json:
+            err.print(f"wrote {args.json}")
         if args.plot:
             sc.plot(args.plot, runs, params)
+            err.print(f"wrote {args.plot}")
     except sc.ScenarioError as e:
         sys.stderr.write(f"x86shadow: error: {e}\n")
         return e.status
@@ -283,7 +300,7 @@ def _add_bench_parser(sub) -> None:
                                    "ratios, exits and the cost per exit by kind.")
     b.add_argument("--quick", action="store_true",
                    help="small sizes and one round (a smoke test; the numbers mean little)")
-    b.add_argument("--rounds", type=int, default=0, metavar="N",
+    b.add_argument("--rounds", type=int, default=None, metavar="N",
                    help="shadow/native rounds per workload (default 3; 1 with --quick)")
     b.add_argument("--mode", action="append", metavar="M",
                    help="paging mode: 32, pae, 64 or all; repeatable (default 64)")
@@ -307,8 +324,8 @@ def _add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import BenchError
     from .bench import main as bench_main
-    if args.rounds < 0:
-        raise UsageError("--rounds must be >= 1")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
     try:
         return bench_main(args)
     except BenchError as e:

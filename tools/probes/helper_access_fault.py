@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Probe: a data access made from inside a QEMU helper (lock cmpxchg8b, xadd for contrast, a plain
 mov) to a page the virtual-TLB fill hook refuses for writes. Does a refused fill unwind the
 instruction with no architectural state changed?

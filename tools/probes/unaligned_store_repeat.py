@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Probe: which stores to a read-only RAM alias does Unicorn announce to UC_HOOK_MEM_WRITE_PROT
 whole and then repeat byte by byte?
 

@@ -129,10 +129,13 @@ def _norm_mode(mode) -> str:
     return m
 
 
-def assemble_program(path, mode, ram_size: int, symbols: dict | None = None) -> Program:
+def assemble_program(path, mode, ram_size: int, symbols: dict | None = None,
+                     include_dirs=()) -> Program:
     """Assemble a guest program for ``mode`` at PROG_BASE with the layout symbols (plus
-    ``symbols``, e.g. scenario parameters), behind a ``jmp main``. Raises :class:`AsmError` (bad
-    source, no ``main``, mode not in its header, image too large)."""
+    ``symbols``, e.g. scenario parameters), behind a ``jmp main``. ``.include "x"`` is looked
+    for beside the including file, then in ``include_dirs``, then in the guest library's folder
+    (``lib/console.inc`` ... work from anywhere). Raises :class:`AsmError` (bad source, no
+    ``main``, mode not in its header, image too large)."""
     path = os.fspath(path)
     mode = _norm_mode(mode)
     text = _read_text(path)
@@ -141,6 +144,7 @@ def assemble_program(path, mode, ram_size: int, symbols: dict | None = None) -> 
         raise AsmError(f"program supports modes {', '.join(modes)}, not {mode}", path, hline)
     pre = _Pre(_BITS[mode])
     pre.program_file = path
+    pre.include_dirs = [os.fspath(d) for d in include_dirs] + [str(resources.guestcode_dir())]
     pre.add_symbols({**layout.asm_symbols(mode, ram_size), **(symbols or {})})
     pre.add_synthetic("jmp main", "<prologue>")
     pre.add_text(text, path, os.path.dirname(path), (os.path.realpath(path),))

@@ -129,6 +129,7 @@ class _Pre:
         self.errors = 0
         self.ended = False
         self.program_file: str | None = None
+        self.include_dirs: list = []          # searched after the including file's folder
         self.temps = 0
         self.predefined: set[str] = set()
         self.tparams: list[set] = []        # parameter names of the open .macro/.irp blocks
@@ -212,6 +213,14 @@ class _Pre:
                 disp = name
             else:
                 disp = os.path.normpath(os.path.join(os.path.dirname(file), name))
+            if not os.path.isabs(name) and not os.path.exists(path):
+                # not beside the including file: the include path (-I DIRs, then the guest
+                # library's folder, so "lib/console.inc" is found from anywhere)
+                for d in self.include_dirs:
+                    cand = os.path.join(d, name)
+                    if os.path.exists(cand):
+                        path = disp = cand
+                        break
             self.lines.append(line)            # keeps the include line itself (empty) in order
             line.stack = tuple(k for k, _ in self.stack)
             self.add_file(path, disp, chain, where)
