@@ -16,7 +16,7 @@
 .include "common.inc"
 
     # -- clear the GDT, IDT and TSS pages; GDT: null, kernel code, kernel data, user code, user
-    #    data, TSS (DESIGN.md 2.2)
+    #    data, TSS (docs/GUEST_CONTRACT.md)
     FW_GDT_SETUP
 
     # -- TSS: ESP0/SS0 for CPL3 -> CPL0 transitions; no I/O bitmap

@@ -1,5 +1,5 @@
 """`x86shadow bench --quick` runs every workload under both MMUs and prints a well-formed table and
-JSON (DESIGN.md 2.5). No timing is asserted: the numbers live in the README."""
+JSON (docs/JSON_RECORDS.md). No timing is asserted: the numbers live in the README."""
 import json
 import pathlib
 import subprocess

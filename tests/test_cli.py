@@ -1,4 +1,4 @@
-"""The x86shadow command as a user meets it: exit statuses of DESIGN.md 2.1, clear errors for bad
+"""The x86shadow command as a user meets it: exit statuses of docs/GUEST_CONTRACT.md, clear errors for bad
 input (never a traceback), stats and trace files."""
 import json
 import subprocess

@@ -312,7 +312,7 @@ def check_emulated(e, policy, old, value, before):
     assert e.rd(e.pte) == value
     if e.esz == 8:
         assert e.rd(e.pte + 4) == old >> 32          # the high half is untouched
-    want = {"exits": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1, "mmu_pte_write": 1}
+    want = {"exits": 1, "pf_taken": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1, "mmu_pte_write": 1}
     if policy in K2008:
         want["mmu_pte_updated"] = 1
     assert delta(before, e.c) == want
@@ -333,7 +333,7 @@ def check_emulated(e, policy, old, value, before):
 
 
 def check_unprotected(e, old, before, restartable=True, fail=False):
-    want = {"exits": 1, "wp_faults": 1, "pf_emulate": 1, "mmu_unprotect": 1, "mmu_shadow_zapped": 1}
+    want = {"exits": 1, "pf_taken": 1, "wp_faults": 1, "pf_emulate": 1, "mmu_unprotect": 1, "mmu_shadow_zapped": 1}
     if fail:
         want["insn_emulation_fail"] = 1
     assert delta(before, e.c) == want
@@ -383,7 +383,7 @@ def test_long_mode_qword_store_is_one_pte_write():
     before = dict(e.c)
     assert e.trap(insn, e.pte, newpte) == COMPLETE
     assert e.rd(e.pte, 8) == newpte
-    assert delta(before, e.c) == {"exits": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
+    assert delta(before, e.c) == {"exits": 1, "pf_taken": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
                                   "mmu_pte_write": 1}
     assert e.c["mmu_flooded"] == 0 and e.spte(X) is None and e.shadowed()
 
@@ -474,7 +474,7 @@ def test_kvm_loop_breaker_emulates_the_same_rip_and_address(mode):
     assert e.decisions == ["unprotect: btr is not page-table writing (retry)",
                            "emulate: loop breaker (btr retried at the same RIP and address)"]
     assert e.rd(e.pte) == old & ~0x20
-    assert delta(before, e.c) == {"exits": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
+    assert delta(before, e.c) == {"exits": 1, "pf_taken": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
                                   "mmu_pte_write": 1}
     assert e.shadowed() and e.c["mmu_unprotect"] == 1
     # the breaker fired once: the next trap at the same place is retried again
@@ -881,7 +881,7 @@ def test_xen_pae_emulate_ahead(gap, ahead):
     else:
         # the window ran its course (4 instructions without a page-table write)
         assert e.decisions == ["emulate: mov"] * 2
-        assert delta(before, e.c) == {"emulate_ahead": 4, "exits": 1, "wp_faults": 1,
+        assert delta(before, e.c) == {"emulate_ahead": 4, "exits": 1, "pf_taken": 1, "wp_faults": 1,
                                       "pf_emulate": 1, "insn_emulation": 1, "mmu_pte_write": 1}
 
 
@@ -950,7 +950,7 @@ def test_pae_pdpt_write_is_emulated_and_reloads_the_root(policy):
     assert e.decisions == ["emulate: write to the PAE PDPT in use"]
     assert e.rd(e.pdpte3, 8) == value
     # the reload shadows the new PDPTE's directory: one new shadow page
-    assert delta(before, e.c) == {"exits": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
+    assert delta(before, e.c) == {"exits": 1, "pf_taken": 1, "wp_faults": 1, "pf_emulate": 1, "insn_emulation": 1,
                                   "mmu_cache_miss": 1}
     assert e.mmu.ctx.pdptes[3] == value and e.mmu.root is not root
     assert e.mmu.root.children[3] is not None and e.reloads == [list(e.mmu.ctx.pdptes)]

@@ -1,7 +1,7 @@
-"""The RHEL3 kscand / kmap_atomic scenario (DESIGN.md 4) against what DESIGN.md 3 and 4 say.
+"""The RHEL3 kscand / kmap_atomic scenario (README, "The kmap_atomic / kscand scenario") against
+the guest-side facts of the scenario and the policy rules (docs/POLICY_SOURCES.md).
 
-Every expectation is derived from the text of DESIGN.md (the guest-side facts of section 4 and the
-policy rules of section 3), never from a previous run. Sizes are small; the guest checks itself
+Every expectation is derived from those facts and rules, never from a previous run. Sizes are small; the guest checks itself
 (every pte kscand tests must be young, each pass tests every pte), so every run below also proves
 that the policy left the guest's results intact.
 
@@ -17,7 +17,7 @@ import pytest
 from x86shadow.scenario import KmapParams, ScenarioError, min_ram_mib, run_kmap
 
 N, P, S = 4, 16, 2
-STORES = {"32": 1, "pae": 2}           # DESIGN.md 4: set_pte is 1 store (2-level), 2 stores (PAE)
+STORES = {"32": 1, "pae": 2}           # set_pte is 1 store (2-level), 2 stores (PAE)
 
 
 def kmap(policy, **kw):
@@ -32,7 +32,7 @@ def user_table_wp_faults(run):
     return run["counters"]["wp_faults"] - run["fixmap_writes_emulated"]
 
 
-# ------------------------------------------------------------------ the record (DESIGN.md 2.4)
+# ------------------------------------------------------------------ the record (docs/JSON_RECORDS.md)
 def test_run_record_has_the_contract_fields():
     r = kmap("kvm-2008")
     for key in ("policy", "mode", "variant", "order", "tables", "ptes", "scans", "kmaps",
@@ -50,7 +50,7 @@ def test_run_record_has_the_contract_fields():
     json.dumps(r)
 
 
-# ------------------------------------------------------------------ guest side (DESIGN.md 4)
+# ------------------------------------------------------------------ guest side (the scenario's facts)
 @pytest.mark.parametrize("mode", ["32", "pae"])
 @pytest.mark.parametrize("variant,clears", [("2.4", 0), ("debug", 1), ("2.6", 1)])
 def test_emulated_fixmap_stores_per_kmap(mode, variant, clears):
@@ -100,10 +100,10 @@ def test_rhel3_single_table_stores_once():
     assert r["fixmap_writes"] == 2
 
 
-# ------------------------------------------------------------------ policies (DESIGN.md 3 / 4)
+# ------------------------------------------------------------------ policies (docs/POLICY_SOURCES.md)
 def test_kvm2008_does_not_flood_the_fixmap_page_table_of_a_production_kernel():
-    """DESIGN.md 4 says kvm-2008 false-floods the fixmap page table here; with the rules of
-    DESIGN.md 3 as the 2.6.25/1b7fcd3 sources have them it does not: a production RHEL3 kernel
+    """The usual account says kvm-2008 false-floods the fixmap page table here; with the rules
+    as the 2.6.25/1b7fcd3 sources have them it does not: a production RHEL3 kernel
     writes the fixmap table at most twice in a row (set_pte's two halves), and kscand's emulated
     btr on the user table is a pt write to another frame, which resets the flood count. (The
     fixmap table does flood with kunmap clearing it -- debug / 2.6 -- under both kvm-2008 and the
@@ -122,7 +122,7 @@ def test_kvm2008_accessfix_does_not_flood_the_fixmap_page_table():
 def test_debug_kunmap_floods_the_pae_fixmap_page_table(policy):
     """HIGHMEM_DEBUG under PAE: kunmap's pte_clear (2 stores) then the next kmap's set_pte (2 stores)
     are 4 writes in a row to the fixmap page table; the spte installed by the previous write is
-    never accessed in between, so the 3rd floods (DESIGN.md 3). The access fix does not prevent
+    never accessed in between, so the 3rd floods (K25 kvm_mmu_pte_write). The access fix does not prevent
     it: it marks the last installed spte accessed only when the written frame is the one that spte
     maps -- here that spte maps a user page table, not the fixmap page table."""
     r = kmap(policy, variant="debug")

@@ -186,7 +186,7 @@ newcode:
     m.events.subscribe(lambda _k, _f: at.append(len(events)), (MARKER,))
     res = m.run()
     assert res.status == 0, res.report
-    assert "kvm_mmu_new_root" in events[at[0]:], "the mov cr3 written at run time was not intercepted"
+    assert "x86shadow_new_root" in events[at[0]:], "the mov cr3 written at run time was not intercepted"
 
 
 

@@ -1,5 +1,5 @@
 """Every policy against every instruction class, and each special rule, at instruction level
-(x86shadow.faultlab). Expected decisions are derived from the rules of DESIGN.md 3 (see
+(x86shadow.faultlab). Expected decisions are derived from the rules of docs/POLICY_SOURCES.md (see
 ``expected``), not from earlier runs; guest memory, registers and flags must end up exactly as
 Unicorn's own MMU leaves them."""
 import pytest
@@ -60,7 +60,7 @@ CLASSES = [
 
 
 def expected(policy, kvm_pt_write, clears_a):
-    """The first decision's verb, from DESIGN.md 3 (CPL0, aligned 4-byte writes)."""
+    """The first decision's verb, from the policy rules (CPL0, aligned 4-byte writes)."""
     if policy == "kvm":
         return "emulate" if kvm_pt_write else "unprotect"
     if policy == "andrea":

@@ -18,9 +18,9 @@ that repeats one kind of event is compared with a baseline that does the same mi
     shadow us/event = (shadow_s(workload) - shadow_s(baseline)) / (events(workload) - events(baseline))
 
 (likewise on native; the difference of the two is the shadow MMU's overhead per event). The events
-are counted by the shadow run's counters (DESIGN.md 2.3) or by the instrumented run.
+are counted by the shadow run's counters (docs/COUNTERS.md) or by the instrumented run.
 
-The JSON (``--json``) is DESIGN.md 2.5: ``{"workloads": [row, ...]}`` with ``name``, ``guest_insns``,
+The JSON (``--json``) is docs/JSON_RECORDS.md: ``{"workloads": [row, ...]}`` with ``name``, ``guest_insns``,
 ``shadow_s``, ``native_s``, ``ratio``, ``exits``, ``us_per_exit`` per row, plus ``exit_costs`` and
 ``meta``.
 

@@ -17,7 +17,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as 'x86shadow: ...' with exit status 2 (DESIGN.md 2.1)."""
+    """argparse that reports errors as 'x86shadow: ...' with exit status 2 (docs/GUEST_CONTRACT.md)."""
 
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_scenario_parser(sub) -> None:
     s = sub.add_parser("scenario", help="run a measured scenario under one policy or all of them")
     ssub = s.add_subparsers(dest="scenario", required=True, parser_class=_Parser)
-    k = ssub.add_parser("kmap", help="RHEL3 kscand / kmap_atomic (DESIGN.md 4)",
+    k = ssub.add_parser("kmap", help="RHEL3 kscand / kmap_atomic (README: the kmap scenario)",
                         description="A 32-bit highmem kernel whose kscand clears the accessed bit of "
                                     "every user pte through a kmap_atomic fixmap slot, while the user "
                                     "process touches its pages between scans.")
@@ -93,7 +93,7 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--ram", type=int, default=None, metavar="MIB",
                    help="guest RAM in MiB (default: the smallest that holds the tables and pages, "
                         "at least 128)")
-    k.add_argument("--json", metavar="PATH", help="write the runs as JSON (DESIGN.md 2.4)")
+    k.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/JSON_RECORDS.md)")
     k.add_argument("--compare", action="store_true", help="run every policy; one side-by-side table")
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
     k.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -306,7 +306,7 @@ def _add_bench_parser(sub) -> None:
                    help="paging mode: 32, pae, 64 or all; repeatable (default 64)")
     b.add_argument("--workload", nargs="+", metavar="NAME",
                    help="run only these workloads (their baselines are added)")
-    b.add_argument("--json", metavar="PATH", help="write the results as JSON (DESIGN.md 2.5)")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON (docs/JSON_RECORDS.md)")
     b.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="page-table write policy of the shadow runs (default kvm)")
     b.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (default 128)")

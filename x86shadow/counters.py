@@ -1,10 +1,11 @@
-"""The counters of ``--stats-json`` (DESIGN.md 2.3: KVM's debugfs names where the event is the
+"""The counters of ``--stats-json`` (docs/COUNTERS.md: KVM's debugfs names where the event is the
 same), one dict per VM. Each is incremented by the code path it names."""
 from __future__ import annotations
 
 COUNTER_NAMES = (
-    "exits", "pf_fixed", "pf_guest", "pf_spurious", "pf_emulate", "invlpg", "tlb_flush",
+    "exits", "pf_taken", "pf_fixed", "pf_guest", "pf_emulate", "invlpg", "tlb_flush",
     "insn_emulation", "insn_emulation_fail", "io_exits", "halt_exits", "irq_injections",
+    "exception_injections",
     "mmu_shadow_zapped", "mmu_pte_write", "mmu_pte_updated", "mmu_pde_zapped", "mmu_flooded",
     "mmu_recycled", "mmu_cache_miss", "mmu_unsync", "remote_tlb_flush", "mmu_unprotect",
     "emulate_ahead", "wp_faults", "guest_insns",

@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import json
 
-# tracepoint kinds (written by --trace)
+# tracepoint kinds (written by --trace; docs/TRACE.md). KVM's names where KVM has the same
+# tracepoint, x86shadow_* for ours.
+KVM_EXIT = "kvm_exit"
+KVM_PIO = "kvm_pio"
+KVM_CR = "kvm_cr"
+KVM_EMULATE_INSN = "kvm_emulate_insn"
 PAGE_FAULT = "kvm_page_fault"
 GET_PAGE = "kvm_mmu_get_page"
 PREPARE_ZAP = "kvm_mmu_prepare_zap_page"
-WRITE_PROTECT_FAULT = "kvm_mmu_write_protect_fault"
-POLICY = "kvm_mmu_policy"
-UNPROTECT = "kvm_mmu_unprotect"
-INVLPG = "kvm_mmu_invlpg"
-NEW_ROOT = "kvm_mmu_new_root"
-RELOAD_PDPTES = "kvm_mmu_reload_pdptes"
 INJ_EXCEPTION = "kvm_inj_exception"
-TRACEPOINTS = frozenset({PAGE_FAULT, GET_PAGE, PREPARE_ZAP, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
-                         INVLPG, NEW_ROOT, RELOAD_PDPTES, INJ_EXCEPTION})
+WRITE_PROTECT_FAULT = "x86shadow_write_protect_fault"
+POLICY = "x86shadow_policy"
+UNPROTECT = "x86shadow_unprotect"
+INVLPG = "x86shadow_invlpg"
+NEW_ROOT = "x86shadow_new_root"
+RELOAD_PDPTES = "x86shadow_reload_pdptes"
+MARKER = "x86shadow_marker"            # value: the guest wrote MARKER_PORT
+TRACEPOINTS = frozenset({KVM_EXIT, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT, GET_PAGE,
+                         PREPARE_ZAP, INJ_EXCEPTION, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
+                         INVLPG, NEW_ROOT, RELOAD_PDPTES, MARKER})
 
 # observer kinds (in-process only)
 TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)
 CR3_LOAD = "cr3_load"                  # cr3: the guest executed mov to CR3
 EMULATED_WRITE = "emulated_write"      # gpa, size, ahead: a trapped store completed for the guest
-MARKER = "marker"                      # value: the guest wrote MARKER_PORT
 EXIT = "exit"                          # the MMU finished handling an exit (the audit runs here)
-OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, MARKER, EXIT})
+OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, EXIT})
 
 
 class EventBus:
@@ -69,4 +75,5 @@ class JsonTrace:
         self.n += 1
         rec = dict(fields)
         rec["event"] = kind
+        rec["seq"] = self.n                # 1, 2, ... in the order the events happened
         self.fp.write(json.dumps(rec, separators=(",", ":")) + "\n")

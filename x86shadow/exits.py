@@ -4,7 +4,25 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from . import events as ev
 from .faults import GuestCrash
+
+# KVM's exit reasons (the VMX names kvm_exit prints) for the exits x86shadow takes
+REASON_EXCEPTION = "EXCEPTION_NMI"     # a #PF intercepted under shadow paging
+REASON_IO = "IO_INSTRUCTION"
+REASON_CR = "CR_ACCESS"
+REASON_INVLPG = "INVLPG"
+REASON_MSR_WRITE = "MSR_WRITE"
+REASON_HLT = "HLT"
+
+
+def count_exit(counters, events, reason: str, rip, **info) -> None:
+    """One exit, the one place that counts it: ``exits`` and, when tracing, a ``kvm_exit``
+    event (reason, guest RIP -- a value or a callable read only when tracing --, and the
+    reason's qualification: address, error code, port ...)."""
+    counters["exits"] += 1
+    if events.tracing:
+        events.emit(ev.KVM_EXIT, reason=reason, rip=rip() if callable(rip) else rip, **info)
 
 
 class ExitKind(enum.Enum):

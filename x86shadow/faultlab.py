@@ -7,7 +7,7 @@ rule that fired, the counters and the resulting memory.
     lab.map_table_window(0x4010_0000, 0x4000_0000)     # its page table, mapped at 0x4010_0000
     res = lab.run("mov dword ptr [0x40100000], 0x2001007", shadow=[0x4000_0000])
     res.decisions   -> ["emulate: page-table writing insn (mov)"]
-    res.counters    -> counters of the snippet alone (DESIGN.md 2.3 names)
+    res.counters    -> counters of the snippet alone (docs/COUNTERS.md names)
     res.read(pa, n) -> guest memory afterwards
 
 The lab builds its own page tables host-side (identity map of the low 64 MiB with large pages,
@@ -22,6 +22,7 @@ from . import layout
 from . import paging as pg
 from .asm import Program, assemble, assemble_firmware
 from .guesttables import PWU, GuestTables
+from . import events as ev
 from .events import MARKER
 from .machine import Machine
 
@@ -42,15 +43,15 @@ class LabResult:
     @property
     def decisions(self):
         """The decision (with its rule) of every write-protect fault in the snippet."""
-        return [e["decision"] for e in self.events if e["event"] == "kvm_mmu_write_protect_fault"]
+        return [e["decision"] for e in self.events if e["event"] == ev.WRITE_PROTECT_FAULT]
 
     @property
     def insns(self):
-        return [e["insn"] for e in self.events if e["event"] == "kvm_mmu_write_protect_fault"]
+        return [e["insn"] for e in self.events if e["event"] == ev.WRITE_PROTECT_FAULT]
 
     @property
     def policy_events(self):
-        return [e["decision"] for e in self.events if e["event"] == "kvm_mmu_policy"]
+        return [e["decision"] for e in self.events if e["event"] == ev.POLICY]
 
     def read(self, pa, n) -> bytes:
         return self.machine.read_phys(pa, n)

@@ -1,4 +1,4 @@
-"""Guest-physical layout shared by the firmware, the loader and the machine (DESIGN.md 2.2).
+"""Guest-physical layout shared by the firmware, the loader and the machine (docs/GUEST_CONTRACT.md).
 
 Everything the firmware keeps lies below 16 MiB; 16 MiB..64 MiB is free for the program.
 These constants are handed to the firmware and to every guest program as assembler

@@ -24,7 +24,7 @@ INTERRUPTED_STATUS = 130             # a run stopped from outside (request_stop:
 
 @dataclass
 class RunResult:
-    status: int                      # process exit status (DESIGN.md 2.1)
+    status: int                      # process exit status (docs/GUEST_CONTRACT.md)
     how: str                         # "halt" | "exit" | "crash" | "interrupted"
     crash: GuestCrash | None = None
     report: str = ""

@@ -1,6 +1,6 @@
 """Scenarios: guest workloads run under each policy and measured (``x86shadow scenario ...``).
 
-``kmap`` (DESIGN.md 4): the RHEL3 kscand / kmap_atomic pathology. The guest is
+``kmap`` (README, the kmap scenario): the RHEL3 kscand / kmap_atomic pathology. The guest is
 ``guestcode/kmap/kscand.asm``: a 32-bit highmem kernel whose kscand clears the accessed bit of every
 pte of one user process through a kmap_atomic fixmap slot, while the process (CPL3) touches all its
 pages between scans. The guest counts what it did (kmap_atomic calls, stores to the fixmap pte) in a
@@ -185,7 +185,7 @@ def _images(p: KmapParams):
 
 
 def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
-    """Run the kmap scenario under one policy; return its run record (DESIGN.md 2.4)."""
+    """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md)."""
     from .machine import Machine
     from .policies import make_policy
 

@@ -1,7 +1,7 @@
 # kmap/kscand.asm -- a RHEL3-era 32-bit highmem kernel ageing the pages of one user process with kscand.
 # x86shadow: modes=32,pae
 #
-# DESIGN.md 4. Built by `x86shadow scenario kmap` (x86shadow/scenario.py), which passes the parameters
+# README, the kmap scenario. Built by `x86shadow scenario kmap` (x86shadow/scenario.py), which passes the parameters
 # below as symbols; the defaults let the file be assembled on its own.
 #
 #   NTABLES    user page tables scanned (each a highmem frame)         default 8

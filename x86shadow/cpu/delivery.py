@@ -167,7 +167,7 @@ class Delivery:
         while True:
             if vector == VEC_PF and cr2 is not None:
                 v.set_reg(UC_X86_REG_CR2, cr2)
-            v.counters["irq_injections"] += 1
+            v.counters["exception_injections"] += 1
             if v.events.tracing:
                 v.events.emit(INJ_EXCEPTION, vector=vector, error_code=error_code, rip=rip0,
                               cr2=cr2 if vector == VEC_PF else None)

@@ -36,7 +36,8 @@ from .. import layout
 from .. import stopping
 from .. import paging as pg
 from ..devices.bus import StopRequest
-from ..exits import Exit, ExitKind
+from ..exits import (REASON_CR, REASON_HLT, REASON_INVLPG, REASON_IO, REASON_MSR_WRITE, Exit,
+                     ExitKind, count_exit)
 from ..faults import VEC_PF, VEC_UD, GuestCrash
 from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
                              read_guest_virt, walk_translate)
@@ -132,6 +133,7 @@ class VCPU:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
             self.mmu = vm_mmu.add_vcpu()
+            self.mmu.guest_rip = self.rip            # read only when tracing (kvm_exit, faults)
             self._add_raw_fill_hook()
             # memory hooks only over the addresses they are for: a hook whose range covers a
             # store sends every such store down QEMU's slow path (measured: 10x per store)
@@ -553,16 +555,16 @@ class VCPU:
             return                                    # the CPU raises #GP itself
         c = self.counters
         if m == "invlpg":
-            c["exits"] += 1
             va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
+            count_exit(c, self.events, REASON_INVLPG, address, address=va)
             self.mmu.invlpg(va)
             self.mmu.other_exit()
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":
             if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
                 return
-            c["exits"] += 1
             new = (self.reg(_reg_id("edx")) & 0xFFFFFFFF) << 32 | (self.reg(_reg_id("eax")) & 0xFFFFFFFF)
+            count_exit(c, self.events, REASON_MSR_WRITE, address, msr=EFER, value=new)
             old = self.efer()
             if self.reg(UC_X86_REG_CR0) & CR0_PG:
                 new = (new & ~EFER_LMA) | (old & EFER_LMA)
@@ -578,10 +580,12 @@ class VCPU:
         crn = int(dst[2:])
         if crn not in (0, 3, 4):
             return
-        c["exits"] += 1
         value = self.reg(_reg_id(src))
         if self.bits == 32:
             value &= 0xFFFFFFFF
+        count_exit(c, self.events, REASON_CR, address, cr=crn, write=True)
+        if self.events.tracing:
+            self.events.emit(ev.KVM_CR, rw="write", cr=crn, value=value)
         if crn == 0:
             self._set_context(cr0=value)
             self._efer = None                         # a paging switch may toggle EFER.LMA
@@ -672,7 +676,9 @@ class VCPU:
             return
         c = self.counters
         c["io_exits"] += 1
-        c["exits"] += 1
+        count_exit(c, self.events, REASON_IO, self.rip, port=port, size=size, write=True)
+        if self.events.tracing:
+            self.events.emit(ev.KVM_PIO, rw="write", port=port, size=size, value=value)
         if self.shadow:
             self.mmu.other_exit()
         if dev is not None:
@@ -686,10 +692,13 @@ class VCPU:
             return (1 << (8 * size)) - 1
         c = self.counters
         c["io_exits"] += 1
-        c["exits"] += 1
+        count_exit(c, self.events, REASON_IO, self.rip, port=port, size=size, write=False)
         if self.shadow:
             self.mmu.other_exit()
-        return self.bus.read(port, size)
+        value = self.bus.read(port, size)
+        if self.events.tracing:
+            self.events.emit(ev.KVM_PIO, rw="read", port=port, size=size, value=value)
+        return value
 
     # ------------------------------------------------------------------ run loop
     def request_stop(self, reason: str) -> None:
@@ -802,7 +811,7 @@ class VCPU:
                     f"runaway: still running after --max-insns {max_insns} instructions", rip=rip))
             # emu_start returned by itself: hlt
             self.counters["halt_exits"] += 1
-            self.counters["exits"] += 1
+            count_exit(self.counters, self.events, REASON_HLT, rip)
             if self.reg(UC_X86_REG_EFLAGS) & (1 << 9):
                 return Exit(ExitKind.GUEST_CRASH, crash=GuestCrash(
                     "hlt with interrupts enabled: no interrupt source exists, the guest would "

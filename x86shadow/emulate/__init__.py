@@ -1,4 +1,4 @@
-"""Instruction decoding and classification for trapped page-table writes (DESIGN.md 3).
+"""Instruction decoding and classification for trapped page-table writes (docs/POLICY_SOURCES.md).
 
 ``decode`` (capstone, cached) gives a ``Decoded`` with the classes the policies need; the
 alignment / zero-write rules of KVM and Xen are plain functions.  See ``decode.py`` for the

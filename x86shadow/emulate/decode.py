@@ -11,7 +11,7 @@ What is classified, and where each rule comes from (the sources were read, not r
   0017f93a2776 (~3.4: ``I6ALU``/``I2bv`` tables, ``em_bts``... execute functions) and commit
   5cfc7e0f5e5e (~3.13: ``F6ALU``/``F2bv`` fastop tables), plus later patches that touch
   ``group9`` (rdpid, the 8/16-byte ``em_cmpxchg8b`` rework) -- the set is identical in all of
-  them.  (DESIGN.md dates the flag to Linux 3.2; the earliest copy read here is ~3.4.)  The
+  them.  (Our first write-up dated the flag to Linux 3.2; the earliest copy read here is ~3.4.)  The
   exact table entries are quoted at ``_PT_ONE`` below.
 * ``misaligned_kvm2008`` -- ``kvm_mmu_pte_write()`` in ``arch/x86/kvm/mmu.c``, Linux 2.6.26
   era (the copy with ``tdp_enabled``, ``pfn_t``, ``role.metaphysical``)::
@@ -49,8 +49,8 @@ What is classified, and where each rule comes from (the sources were read, not r
   for a 4-byte zero store to the high half of a PAE pte (addr % 8 == 4): aligned to its size,
   but *not* pte-aligned, so in Xen 3.3.1 it resets the heuristic.  (Later Xen, e.g. 4.x
   ``sh_emulate_unmap_dest()``, no longer resets on non-aligned zero writes.)
-* ``Decoded.clears_accessed_bit`` -- DESIGN.md 3 ``andrea`` (Andrea Arcangeli's proposal;
-  not in a source tree -- the guest side is DESIGN.md 4's ``ptep_test_and_clear_young`` =
+* ``Decoded.clears_accessed_bit`` -- the ``andrea`` policy (Andrea Arcangeli's proposal;
+  not in a source tree -- the guest side is the kmap scenario's ``ptep_test_and_clear_young`` =
   ``lock btrl $5, (pte_low)``), with the task brief's definition of the AND form.  See
   ``_clears_accessed_bit``.
 
@@ -186,7 +186,7 @@ class MemOperand:
         RIP-relative operands use ``next_ip`` (the argument if given, else the one recorded at
         decode time -- both are the address of the next instruction).  Segment bases: in 64-bit mode only FS/GS
         have one (architectural).  In 16/32-bit mode FS/GS bases are always read; CS/DS/ES/SS
-        bases are read as "<seg>_base" only with ``flat=False`` (DESIGN.md 2.2: the guest
+        bases are read as "<seg>_base" only with ``flat=False`` (docs/GUEST_CONTRACT.md: the guest
         runs with flat segments), and the linear address wraps at 32 bits.
         """
         bits = self.bits
@@ -215,7 +215,7 @@ class MemOperand:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """One decoded instruction and the classes the policies (DESIGN.md 3) need.
+    """One decoded instruction and the classes the policies (docs/POLICY_SOURCES.md) need.
 
     Fields beyond the brief: ``src_reg`` / ``src_imm`` = the register / immediate that
     supplies the stored value or the second operand (for ``btr`` the bit offset, for ``and``
@@ -441,7 +441,7 @@ def _stack_width(bits: int, opsize_prefix: bool) -> int:
 
 
 def _clears_accessed_bit(cls: str, mem_dest: bool, size: int, imm: int | None) -> bool:
-    """Andrea's "write that clears the accessed bit of a guest pte" (DESIGN.md 3 ``andrea``).
+    """Andrea's "write that clears the accessed bit of a guest pte" (the ``andrea`` policy).
 
     * ``btr m, imm8`` whose bit offset is 5.  The CPU takes an immediate bit offset modulo
       the operand width (SDM BTR), so ``btr dword [m], 37`` also clears bit 5 and

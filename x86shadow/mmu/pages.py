@@ -43,8 +43,8 @@ class ShadowPage:
         self.children = [None] * ENTRIES if role.level > 1 else None
         self.parents: set = set()          # {(parent ShadowPage or PaeRoot, index)}
         self.root_count = 0
-        self.write_flooding_count = 0      # for the modern-KVM flood rule (DESIGN.md 3)
-        self.unsync = False                # room for out-of-sync pages (DESIGN.md 5)
+        self.write_flooding_count = 0      # for the modern-KVM flood rule (docs/POLICY_SOURCES.md)
+        self.unsync = False                # room for out-of-sync pages (not built yet)
         self.zapped = False                # prepared for zapping: unlinked, on the invalid list
         self.freed = False                 # committed: the TLB was flushed, then it was freed
 

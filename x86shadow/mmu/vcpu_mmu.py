@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from .. import events as ev
 from .. import paging as pg
+from ..exits import REASON_EXCEPTION, count_exit
 from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
 from .pages import PaeRoot
@@ -83,9 +84,14 @@ def decode_guest_virt(read_virt, rip, bits):
     return decode(code, rip, bits)
 
 
+def _no_rip():
+    return None                 # a sans-CPU MMU (tests) knows no RIP
+
+
 class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
-                 "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests")
+                 "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
+                 "guest_rip")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -103,6 +109,7 @@ class VcpuMmu:
         self.root_level = 0
         self.pdpt_gfn = None                             # PAE: frame of the PDPT in use (tracked)
         self.requests = 0                                # REQ_* bits
+        self.guest_rip = _no_rip                         # the CPU adapter's RIP reader (traces)
 
     # ------------------------------------------------------------------ requests
     def take_requests(self) -> int:
@@ -261,7 +268,7 @@ class VcpuMmu:
         """FNAME(page_fault): walk the guest tables; inject, or build the shadow mapping.
 
         A fault that ends in FILL_TRACKED (a write to a write-protected guest page table) is not
-        counted here: the trapped store that follows is the exit (DESIGN.md 2.3 wp_faults)."""
+        counted here: the trapped store that follows is the exit (docs/COUNTERS.md wp_faults)."""
         policy = self.policy
         vm = self.vm
         c = self.counters
@@ -274,11 +281,14 @@ class VcpuMmu:
                     # 2.6.25's walker sets D with a cmpxchg and calls kvm_mmu_pte_write itself
                     self.pte_write(pte_gpa, self.fmt.pte_size)
             if not w.ok:
-                c["exits"] += 1
+                c["pf_taken"] += 1
                 c["pf_guest"] += 1
+                count_exit(c, events, REASON_EXCEPTION, self.guest_rip, vector=14, address=va,
+                           error_code=access)
                 if events.tracing:
                     events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="inject",
-                                guest_error_code=w.error_code, vector=w.vector)
+                                guest_error_code=w.error_code, vector=w.vector,
+                                rip=self.guest_rip())
                 policy.on_guest_fault(self, self.policy_state)
                 return Fill(FILL_GUEST_FAULT, 0, 0, w.vector, w.error_code)
             gfn = w.gpa >> 12
@@ -295,13 +305,16 @@ class VcpuMmu:
         if r is _TRACKED:
             if events.tracing:
                 events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="write-protected",
-                            gpa=w.gpa)
+                            gpa=w.gpa, rip=self.guest_rip())
             return r
-        c["exits"] += 1
+        c["pf_taken"] += 1
         c["pf_fixed"] += 1
+        count_exit(c, events, REASON_EXCEPTION, self.guest_rip, vector=14, address=va,
+                   error_code=access)
         policy.on_fault_fixed(self, self.policy_state)
         if events.tracing:
-            events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa)
+            events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa,
+                        rip=self.guest_rip())
         if ev.EXIT in events.subs:
             events.emit(ev.EXIT)
         return r
@@ -368,7 +381,7 @@ class VcpuMmu:
         to the shadow at once, so the sptes are already in sync: like KVM before out-of-sync
         pages (2.6.25 had no invlpg hook at all; later FNAME(invlpg) only syncs unsync pages) and
         Xen 3.3 without OOS, nothing is dropped. (The CPU's TLB entry goes: the CPU executes the
-        invlpg itself.) Out-of-sync pages (DESIGN.md 5) will resync here."""
+        invlpg itself.) Out-of-sync pages (not built yet) will resync here."""
         self.counters["invlpg"] += 1
         if self.events.tracing:
             self.events.emit(ev.INVLPG, address=va)

@@ -24,7 +24,7 @@ from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 # KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
 REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
 REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
-REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for DESIGN.md 5)
+REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for out-of-sync pages)
 
 
 _ACC_U, _ACC_W, _ACC_X = pg.ACC_U, pg.ACC_W, pg.ACC_X

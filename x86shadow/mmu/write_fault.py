@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import events as ev
+from ..exits import REASON_EXCEPTION, count_exit
 from ..policies.base import AHEAD, EMULATE, FAIL, UNPROTECT, Verdict
 from .vm_mmu import REQ_TLB_FLUSH
 
@@ -99,9 +100,11 @@ def handle_trapped_write(mmu, w: TrappedWrite) -> str:
     if action == AHEAD:
         c["emulate_ahead"] += verdict.ahead
     else:
-        c["exits"] += 1
+        c["pf_taken"] += 1
         c["wp_faults"] += 1
         c["pf_emulate"] += 1
+        count_exit(c, mmu.events, REASON_EXCEPTION, w.rip, vector=14, address=gpa,
+                   error_code=0x3)                 # a write to a present, write-protected page
     events = mmu.events
     if events.tracing:
         events.emit(ev.WRITE_PROTECT_FAULT, rip=w.rip, gpa=gpa, size=size, value=w.value,
@@ -126,6 +129,10 @@ def handle_trapped_write(mmu, w: TrappedWrite) -> str:
     mem.write_uint(gpa, size, w.value)
     if action == EMULATE:
         c["insn_emulation"] += 1
+        if events.tracing:
+            insn = w.insn
+            events.emit(ev.KVM_EMULATE_INSN, rip=w.rip, len=insn.size if insn else 0,
+                        insn=insn.bytes.hex() if insn else "", failed=0)
     mmu.pte_write(gpa, size, w.insn)
     policy.after_emulate(mmu, st, w, ahead=(action == AHEAD))
     if ev.EMULATED_WRITE in events.subs:

@@ -1,4 +1,4 @@
-"""Emulate-or-unshadow policies (DESIGN.md 3): the user picks one with ``--policy``."""
+"""Emulate-or-unshadow policies (docs/POLICY_SOURCES.md): the user picks one with ``--policy``."""
 from __future__ import annotations
 
 from .base import AHEAD, EMULATE, FAIL, UNPROTECT, Policy, Verdict

@@ -1,4 +1,4 @@
-"""What a policy is: the decisions of DESIGN.md 3, called from the write-fault path and the MMU.
+"""What a policy is: the decisions of docs/POLICY_SOURCES.md, called from the write-fault path and the MMU.
 
 A policy is a set of rules, shared by the VM; what its heuristics remember (flood counters,
 last_pte_updated, the emulate-ahead window ...) lives in a per-vCPU state object that

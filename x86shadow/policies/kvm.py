@@ -39,7 +39,7 @@ class Kvm(Policy):
             if sp.zapped:
                 continue
             misaligned = misaligned_kvm(offset, size, sp.role.gpte_size)
-            # DESIGN.md 3: flood detection is for non-leaf pages; leaf pages are handled like
+            # modern KVM: flood detection is for non-leaf pages; leaf pages are handled like
             # non-leaf ones until out-of-sync pages exist
             sp.write_flooding_count += 1
             flooded = sp.write_flooding_count >= FLOOD_THRESHOLD

@@ -1,0 +1,51 @@
+"""The trace accounts for every exit: one kvm_exit per counted exit, in every guestcode program,
+mode and MMU; every event has a sequence number; our own events carry our prefix."""
+import pathlib
+
+import pytest
+
+from x86shadow import events as ev
+from x86shadow.asm import assemble_firmware, assemble_program, program_modes
+from x86shadow.machine import Machine
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROGRAMS = sorted((ROOT / "guestcode").glob("*.asm"))
+
+
+def traced_run(path, mode, mmu, policy="kvm"):
+    records = []
+    trace = ev.JsonTrace(type("Sink", (), {"write": lambda self, s: records.append(s)})())
+    program = assemble_program(str(path), mode, 128 << 20)
+    m = Machine(mode, mmu=mmu, policy=policy, trace=trace)
+    m.load(program, assemble_firmware(mode, 128 << 20))
+    m.run()
+    import json
+    return [json.loads(r) for r in records], m.counters
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "native"])
+@pytest.mark.parametrize("path", PROGRAMS, ids=lambda p: p.stem)
+def test_one_kvm_exit_per_exit(path, mmu):
+    for mode in program_modes(path):
+        events, c = traced_run(path, mode, mmu)
+        exits = [e for e in events if e["event"] == "kvm_exit"]
+        assert len(exits) == c["exits"], (mode, len(exits), c["exits"])
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        pios = [e for e in events if e["event"] == "kvm_pio"]
+        assert len(pios) == c["io_exits"]
+        if mmu == "shadow":
+            assert c["pf_taken"] == c["pf_fixed"] + c["pf_guest"] + c["wp_faults"]
+            assert all(e["rip"] is not None for e in exits)
+            reasons = {e["reason"] for e in exits}
+            assert reasons <= {"EXCEPTION_NMI", "IO_INSTRUCTION", "CR_ACCESS", "INVLPG",
+                               "MSR_WRITE", "HLT"}
+        for e in events:
+            assert e["event"].startswith(("kvm_", "x86shadow_")), e["event"]
+
+
+def test_our_events_are_prefixed_and_kvm_names_are_kvm_tracepoints():
+    ours = {k for k in ev.TRACEPOINTS if not k.startswith("kvm_")}
+    assert ours and all(k.startswith("x86shadow_") for k in ours)
+    assert {k for k in ev.TRACEPOINTS if k.startswith("kvm_")} == {
+        "kvm_exit", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
+        "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_inj_exception"}
