@@ -52,7 +52,24 @@ def _loop_breaker(state, w: TrappedWrite, verdict: Verdict, progress: int) -> Ve
     * KVM's (``verdict.retry``; x86.c retry_instruction, Linux >= 3.2): vcpu->arch.last_retry_eip
       and last_retry_addr are compared, whatever happened in between;
     * ours for the other policies: only the shadow faults of the re-execution may lie between the
-      retry and the second trap."""
+      retry and the second trap.
+
+    A store to a page table on the store's own translation path (a self-map, the active root)
+    is where this matters: the re-execution re-shadows the table it writes. Per policy:
+    * ``kvm``: the retry of a non-page-table-writing instruction ends here, as in KVM (x86.c
+      retry_instruction from Linux 3.2; kvm_mmu_write_protect_fault after Sean Christopherson's
+      2024 unprotect-and-retry series, e.g. commit 2df354e37c13). KVM's other
+      self-change rule -- FNAME(page_fault)'s write_fault_to_shadow_pgtable, now
+      EMULTYPE_WRITE_PF_TO_SP (commit 258d985f6eb3) -- only turns a *failed* emulation
+      into an error for userspace instead of an unprotect-and-retry; not modelled (our FAIL
+      verdict needs an instruction capstone cannot decode).
+    * ``kvm-2008`` family: kernel-mode stores are always emulated (no retry); a CPL3 store
+      unshadows (K25 mmu_set_spte -> mmu_unshadow) and the re-execution that re-shadows the
+      table is emulated here.
+    * ``xen``, ``unshadow-all``: our flavour above.
+    (The livelocks the differential fuzzer found on misaligned stores came from QEMU's byte
+    repeats of an accepted store being taken as new stores -- fixed in the CPU adapter -- not
+    from a missing rule here.)"""
     last, state.last_retry = state.last_retry, None
     if verdict.action not in (UNPROTECT, FAIL) or last is None:
         return verdict
