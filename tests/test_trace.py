@@ -49,3 +49,19 @@ def test_our_events_are_prefixed_and_kvm_names_are_kvm_tracepoints():
     assert {k for k in ev.TRACEPOINTS if k.startswith("kvm_")} == {
         "kvm_exit", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
         "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_inj_exception"}
+
+
+def test_instruction_count_in_every_event_when_counted():
+    import json
+    records = []
+    trace = ev.JsonTrace(type("Sink", (), {"write": lambda self, s: records.append(s)})())
+    path = ROOT / "guestcode" / "hello.asm"
+    m = Machine("pae", trace=trace)
+    m.load(assemble_program(str(path), "pae", 128 << 20), assemble_firmware("pae", 128 << 20))
+    m.run(max_insns=10 ** 9)
+    events = [json.loads(r) for r in records]
+    # everything from the first instruction on carries the count (the boot state is loaded
+    # before the guest runs)
+    first = next(i for i, e in enumerate(events) if e["event"] == "kvm_exit")
+    counts = [e["insns"] for e in events[first:]]
+    assert counts == sorted(counts) and 0 < counts[-1] <= m.counters["guest_insns"]

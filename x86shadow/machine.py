@@ -65,7 +65,7 @@ class Machine:
         self.counters = new_counters()
         self.events = ev.EventBus()
         if trace is not None:
-            self.events.subscribe(trace)
+            self.events.subscribe(self._traced(trace))
         self.output = bytearray()
         self._serial_sink = serial_out
         self.ports = Bus("port")
@@ -89,6 +89,14 @@ class Machine:
                          events=self.events, bus=self.ports)
         self.program = None
         self.boot = None
+
+    def _traced(self, trace):
+        """The trace subscriber, with the guest instruction count in every event while
+        instructions are counted (``run(max_insns)``)."""
+        def sub(kind, fields):
+            n = self.vcpu.insns_now()
+            trace(kind, fields if n is None else {**fields, "insns": n})
+        return sub
 
     def _serial(self, data: bytes):
         self.output += data

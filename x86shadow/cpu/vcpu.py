@@ -128,6 +128,7 @@ class VCPU:
         self._rmw_read = self._current_insn_is_rmw
         self._byte_repeat = None         # (next gpa, end, rip, tail): byte repeats of a store
         self._stop_request = None        # request_stop(): why run_once() must return
+        self._counting = None            # uc_struct offset of the counter while counting
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -701,6 +702,14 @@ class VCPU:
         return value
 
     # ------------------------------------------------------------------ run loop
+    def insns_now(self):
+        """Guest instructions executed so far, while they are counted (--max-insns), else None
+        (read in the middle of a run for the trace)."""
+        off = self._counting
+        if off is None:
+            return self.insns if self.insns else None
+        return self.insns + read_insn_counter(self.uc, off)
+
     def request_stop(self, reason: str) -> None:
         """Make run_once() return an INTERRUPTED exit as soon as possible. Safe from another
         thread (Unicorn's emu_stop is) and from inside a hook."""
@@ -741,9 +750,11 @@ class VCPU:
             try:
                 if max_insns:
                     left = max_insns - self.insns
+                    self._counting = counter_off
                     try:
                         uc.emu_start(pc, 0, count=left)
                     finally:
+                        self._counting = None
                         self.insns += min(read_insn_counter(uc, counter_off), left)
                         self.counters["guest_insns"] = self.insns
                 else:
