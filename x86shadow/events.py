@@ -26,17 +26,20 @@ UNPROTECT = "x86shadow_unprotect"
 INVLPG = "x86shadow_invlpg"
 NEW_ROOT = "x86shadow_new_root"
 RELOAD_PDPTES = "x86shadow_reload_pdptes"
-MARKER = "x86shadow_marker"            # value: the guest wrote MARKER_PORT
+TRACE_MARKER = "x86shadow_marker"      # value: the guest wrote MARKER_PORT
 TRACEPOINTS = frozenset({KVM_EXIT, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT, GET_PAGE,
                          PREPARE_ZAP, INJ_EXCEPTION, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
-                         INVLPG, NEW_ROOT, RELOAD_PDPTES, MARKER})
+                         INVLPG, NEW_ROOT, RELOAD_PDPTES, TRACE_MARKER})
 
 # observer kinds (in-process only)
 TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)
 CR3_LOAD = "cr3_load"                  # cr3: the guest executed mov to CR3
 EMULATED_WRITE = "emulated_write"      # gpa, size, ahead: a trapped store completed for the guest
 EXIT = "exit"                          # the MMU finished handling an exit (the audit runs here)
-OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, EXIT})
+MARKER = "marker"                      # value: the guest wrote MARKER_PORT (Machine.markers ...;
+                                       # the trace gets TRACE_MARKER: observing a marker must not
+                                       # turn tracing on)
+OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, EXIT, MARKER})
 
 
 class EventBus:

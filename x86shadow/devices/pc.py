@@ -48,7 +48,10 @@ class MarkerPort(Device):
         self.events = events
 
     def write(self, addr, size, value):
-        self.events.emit(ev.MARKER, value=value)
+        events = self.events
+        events.emit(ev.MARKER, value=value)
+        if events.tracing:
+            events.emit(ev.TRACE_MARKER, value=value)
         return None
 
 
