@@ -124,11 +124,10 @@ def test_locked_rmw_of_its_own_pte_sets_dirty_unlike_the_native_reference():
     pte ends with D set; Unicorn's TCG reads through a read translation, sets D in the write
     translation, then stores the value read before D was set: D ends clear. Every policy of the
     shadow MMU gives the architectural result."""
-    from x86shadow.fuzz.differential import run_source as run
     lay = Layout("32")
     spec = plain_spec("32", [Op("or", WINDOW, 4, 0, lock=True), Op("load", lay.ptw, 4)],
                       w1_0=lay.ptw | P | W | 4)
-    native, shadows = run(render(spec), "32", [lay.ptw])
+    native, shadows = run_source(render(spec), "32", [lay.ptw])
     assert parse_output(native.output, "32")[1].result == lay.ptw | P | W | 4 | A
     for s in shadows:
         assert parse_output(s.output, "32")[1].result == lay.ptw | P | W | 4 | A | D, s.mmu

@@ -233,23 +233,25 @@ class VCPU:
         off = self.cpustate.off.segs + 24 * reg
         return _SEG.unpack(ctypes.string_at(self.cpustate.addr + off, 24))
 
+    def _cached_cr(self, attr, rid):
+        """CR0/CR4: in shadow mode read once and kept until the next intercepted write (which
+        drops the cache); in native mode always read."""
+        value = getattr(self, attr)
+        if value is None:
+            value = self.reg(rid)
+            if self.shadow:
+                setattr(self, attr, value)
+        return value
+
     def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, cache_pdptes=False):
         """The guest paging context from the registers, with any of them replaced by a new value.
         ``cache_pdptes``: load the PAE PDPTEs now, as a CR3 load does (the shadow MMU's roots are
         built from them); otherwise the walker reads them from memory, as Unicorn's walker does."""
         if cr0 is None:
-            cr0 = self._cr0
-            if cr0 is None:
-                cr0 = self.reg(UC_X86_REG_CR0)
-                if self.shadow:
-                    self._cr0 = cr0
+            cr0 = self._cached_cr("_cr0", UC_X86_REG_CR0)
         cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
         if cr4 is None:
-            cr4 = self._cr4
-            if cr4 is None:
-                cr4 = self.reg(UC_X86_REG_CR4)
-                if self.shadow:
-                    self._cr4 = cr4
+            cr4 = self._cached_cr("_cr4", UC_X86_REG_CR4)
         efer = self.efer() if efer is None else efer
         if cr0 & CR0_PG and efer & EFER_LME:
             efer |= EFER_LMA
@@ -483,12 +485,11 @@ class VCPU:
         before QEMU fills the second page: if that page faults, no byte may be stored. Walks it
         now through the MMU (the guest #PF counted and traced as any other); on a fault, leaves
         it pending for the run loop."""
-        if insn is None or insn.mem_operand is None or insn.mem_operand.implicit:
+        ea = self._operand_address(insn)
+        if ea is None:
             return False
-        ea = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
         va = (ea & ~0xFFF) + 0x1000
-        access = pg.PFERR_W | (pg.PFERR_U if self.reg(UC_X86_REG_CS) & 3 == 3 else 0)
-        kind, _addr, _perms, vector, error_code = self.mmu.hw_fill(va, access)
+        kind, _addr, _perms, vector, error_code = self.mmu.hw_fill(va, self._write_access())
         if kind != FILL_GUEST_FAULT:
             return False
         self.pending_fault = (vector, error_code, va if vector == VEC_PF else None)
@@ -504,15 +505,12 @@ class VCPU:
         inline (not in _RESTARTABLE: parked, the helper goes on with what it read there). The
         faulting byte comes from the decoded memory operand."""
         insn = self._decode_at(self.rip())
-        if insn is None:
-            return None
-        op = insn.mem_operand
-        if op is None or op.implicit:
+        ea = self._operand_address(insn)
+        if ea is None:
             return None
         if acc != UC_MEM_WRITE and insn.kvm_class in ("movs", "cmps"):
             return None                               # two memory operands: which one is unknown
-        ea = op.effective_address(self._read_reg_by_name, insn.address + insn.size)
-        size = op.size if op.size else 1
+        size = insn.mem_operand.size or 1
         crosses = (ea & 0xFFF) + size > 0x1000
         page = ea & ~0xFFF
         if page == va and (crosses or insn.kvm_class not in _RESTARTABLE):
@@ -529,15 +527,24 @@ class VCPU:
         insn = self._decode_at(self.rip())
         if insn is None or not insn.mem_write or insn.kvm_class not in _RMW:
             return False
-        op = insn.mem_operand
-        if op is None or op.implicit:
+        ea = self._operand_address(insn)
+        if ea is None:
             return True
-        ea = op.effective_address(self._read_reg_by_name, insn.address + insn.size)
         first = ea & ~0xFFF
         if first == va & ~0xFFF:
             return True
-        access = pg.PFERR_W | (pg.PFERR_U if self.reg(UC_X86_REG_CS) & 3 == 3 else 0)
-        return pg.walk(self.mem, self.mmu.ctx, first, access, set_ad=False).ok
+        return pg.walk(self.mem, self.mmu.ctx, first, self._write_access(), set_ad=False).ok
+
+    def _operand_address(self, insn):
+        """Linear address of the decoded instruction's explicit memory operand (None without
+        one)."""
+        if insn is None or insn.mem_operand is None or insn.mem_operand.implicit:
+            return None
+        return insn.mem_operand.effective_address(self._read_reg_by_name, insn.next_ip)
+
+    def _write_access(self):
+        """PFERR bits of a data write at the current CPL."""
+        return pg.PFERR_W | (pg.PFERR_U if self.reg(UC_X86_REG_CS) & 3 == 3 else 0)
 
     def _decode_at(self, rip):
         if self.shadow:
@@ -556,7 +563,7 @@ class VCPU:
             return                                    # the CPU raises #GP itself
         c = self.counters
         if m == "invlpg":
-            va = insn.mem_operand.effective_address(self._read_reg_by_name, insn.address + insn.size)
+            va = self._operand_address(insn)
             count_exit(c, self.events, REASON_INVLPG, address, address=va)
             self.mmu.invlpg(va)
             self.mmu.other_exit()

@@ -167,7 +167,7 @@ def _random_target(rng, lay: Layout, size, win_ptes=None):
         w = rng.randrange(2 * N_WIN)
         base = (WINDOW if w < N_WIN else lay.window2) + 0x1000 * (w % N_WIN)
         frame = (win_ptes[w] if win_ptes else 0) & 0xFFFFF000
-        if frame in (lay.root, lay.pdpt0 if lay.mode == "64" else lay.root):
+        if frame == lay.root or (lay.mode == "64" and frame == lay.pdpt0):
             slot = rng.choice(lay.writable_entries(frame) or [0x1ff]) * lay.pte_size
         else:
             slot = rng.randrange(0, 24) * lay.pte_size

@@ -283,12 +283,12 @@ class VcpuMmu:
             if not w.ok:
                 c["pf_taken"] += 1
                 c["pf_guest"] += 1
-                count_exit(c, events, REASON_EXCEPTION, self.guest_rip, vector=14, address=va,
+                rip = self.guest_rip() if events.tracing else None     # one register read
+                count_exit(c, events, REASON_EXCEPTION, rip, vector=14, address=va,
                            error_code=access)
                 if events.tracing:
                     events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="inject",
-                                guest_error_code=w.error_code, vector=w.vector,
-                                rip=self.guest_rip())
+                                guest_error_code=w.error_code, vector=w.vector, rip=rip)
                 policy.on_guest_fault(self, self.policy_state)
                 return Fill(FILL_GUEST_FAULT, 0, 0, w.vector, w.error_code)
             gfn = w.gpa >> 12
@@ -309,12 +309,12 @@ class VcpuMmu:
             return r
         c["pf_taken"] += 1
         c["pf_fixed"] += 1
-        count_exit(c, events, REASON_EXCEPTION, self.guest_rip, vector=14, address=va,
-                   error_code=access)
+        rip = self.guest_rip() if events.tracing else None             # one register read
+        count_exit(c, events, REASON_EXCEPTION, rip, vector=14, address=va, error_code=access)
         policy.on_fault_fixed(self, self.policy_state)
         if events.tracing:
             events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="fixed", gpa=w.gpa,
-                        rip=self.guest_rip())
+                        rip=rip)
         if ev.EXIT in events.subs:
             events.emit(ev.EXIT)
         return r
