@@ -33,6 +33,9 @@ def test_one_kvm_exit_per_exit(path, mmu):
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         pios = [e for e in events if e["event"] == "kvm_pio"]
         assert len(pios) == c["io_exits"]
+        injected = [e for e in events if e["event"] == "kvm_inj_exception"]
+        assert len(injected) == c["exception_injections"]
+        assert c["irq_injections"] == 0                  # no interrupt source exists
         if mmu == "shadow":
             assert c["pf_taken"] == c["pf_fixed"] + c["pf_guest"] + c["wp_faults"]
             assert all(e["rip"] is not None for e in exits)
