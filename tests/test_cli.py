@@ -88,6 +88,19 @@ def test_triple_fault(tmp_path, mmu):
     assert p.returncode == 4 and "triple fault" in p.stderr
 
 
+def test_stats_json_has_the_marker_writes_with_their_counters(tmp_path):
+    src = ("main:\n mov al, 7\n out MARKER_PORT, al\n mov dx, SERIAL_PORT\n mov al, 'x'\n out dx, al\n"
+           " mov al, 9\n out MARKER_PORT, al\n ret\n")
+    p = x86shadow("run", prog(tmp_path, src), "--mode", "pae", "--stats-json", str(tmp_path / "s.json"))
+    assert p.returncode == 0, p.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    first, second = stats["markers"]
+    assert (first["value"], second["value"]) == (7, 9)
+    # the serial byte between the markers is one I/O exit; the marker writes are not exits
+    assert second["counters"]["io_exits"] == first["counters"]["io_exits"] + 1
+    assert stats["io_exits"] >= second["counters"]["io_exits"]
+
+
 def test_runaway_guest_stops_at_max_insns(tmp_path):
     p = x86shadow("run", prog(tmp_path, "main:\nspin:\n inc eax\n jmp spin\n"), "--mode", "32",
                   "--max-insns", "100000", "--stats-json", str(tmp_path / "s.json"))

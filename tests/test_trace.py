@@ -30,6 +30,10 @@ def test_one_kvm_exit_per_exit(path, mmu):
         events, c = traced_run(path, mode, mmu)
         exits = [e for e in events if e["event"] == "kvm_exit"]
         assert len(exits) == c["exits"], (mode, len(exits), c["exits"])
+        # entries and exits alternate: the guest enters first, the run ends at an exit
+        flow = [e["event"] for e in events if e["event"] in ("kvm_entry", "kvm_exit")]
+        assert flow == ["kvm_entry", "kvm_exit"] * c["exits"]
+        assert {e["vcpu_id"] for e in events if e["event"] == "kvm_entry"} == {0}
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         pios = [e for e in events if e["event"] == "kvm_pio"]
         assert len(pios) == c["io_exits"]
@@ -50,7 +54,7 @@ def test_our_events_are_prefixed_and_kvm_names_are_kvm_tracepoints():
     ours = {k for k in ev.TRACEPOINTS if not k.startswith("kvm_")}
     assert ours and all(k.startswith("x86shadow_") for k in ours)
     assert {k for k in ev.TRACEPOINTS if k.startswith("kvm_")} == {
-        "kvm_exit", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
+        "kvm_exit", "kvm_entry", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
         "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_inj_exception"}
 
 
@@ -68,6 +72,15 @@ def test_instruction_count_in_every_event_when_counted():
     first = next(i for i, e in enumerate(events) if e["event"] == "kvm_exit")
     counts = [e["insns"] for e in events[first:]]
     assert counts == sorted(counts) and 0 < counts[-1] <= m.counters["guest_insns"]
+    # the (lazily written) entry carries the count of the exit it follows; the first, 0
+    entries = [e for e in events if e["event"] == "kvm_entry"]
+    assert entries[0]["insns"] == 0
+    last_exit = {"insns": 0}
+    for before, entry in zip(events, events[1:]):
+        if entry["event"] == "kvm_entry":
+            assert entry["insns"] == last_exit["insns"]
+        if before["event"] == "kvm_exit":
+            last_exit = before
 
 
 def test_a_machine_without_a_trace_is_not_tracing():

@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
         if stats_fp is not None and m is not None:
             try:
                 with stats_fp:
-                    json.dump(m.counters, stats_fp, indent=1)
+                    json.dump(m.stats_record(), stats_fp, indent=1)
                     stats_fp.write("\n")
             except OSError as e:
                 raise UsageError(f"cannot write stats {args.stats_json!r}: {e.strerror}") from None

@@ -13,6 +13,7 @@ import json
 # tracepoint kinds (written by --trace; docs/TRACE.md). KVM's names where KVM has the same
 # tracepoint, x86shadow_* for ours.
 KVM_EXIT = "kvm_exit"
+KVM_ENTRY = "kvm_entry"
 KVM_PIO = "kvm_pio"
 KVM_CR = "kvm_cr"
 KVM_EMULATE_INSN = "kvm_emulate_insn"
@@ -27,7 +28,7 @@ INVLPG = "x86shadow_invlpg"
 NEW_ROOT = "x86shadow_new_root"
 RELOAD_PDPTES = "x86shadow_reload_pdptes"
 TRACE_MARKER = "x86shadow_marker"      # value: the guest wrote MARKER_PORT
-TRACEPOINTS = frozenset({KVM_EXIT, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT, GET_PAGE,
+TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT, GET_PAGE,
                          PREPARE_ZAP, INJ_EXCEPTION, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
                          INVLPG, NEW_ROOT, RELOAD_PDPTES, TRACE_MARKER})
 
@@ -49,6 +50,7 @@ class EventBus:
     def __init__(self):
         self.subs = {}                  # kind -> [fn]; `kind in bus.subs` is the cheapest test
         self.tracing = False            # any tracepoint subscriber
+        self.entry_due = True           # the guest has not run since the last kvm_exit (or start)
 
     def subscribe(self, fn, kinds=None) -> None:
         for kind in (TRACEPOINTS if kinds is None else kinds):
@@ -59,6 +61,16 @@ class EventBus:
 
     def wants(self, kind) -> bool:
         return kind in self.subs
+
+    def guest_runs(self) -> None:
+        """The guest is running (it exits, or writes a marker): emit the ``kvm_entry`` that
+        preceded this if it is still due. Exits are handled inside the CPU emulator's callbacks
+        and the guest resumes when the callback returns, so the entry is written lazily, just
+        before the guest's next event; an exit the run ends at has no entry after it. Called
+        only while tracing."""
+        if self.entry_due:
+            self.entry_due = False
+            self.emit(KVM_ENTRY, vcpu_id=0)
 
     def emit(self, kind, **fields) -> None:
         subs = self.subs.get(kind)

@@ -19,10 +19,13 @@ REASON_HLT = "HLT"
 def count_exit(counters, events, reason: str, rip, **info) -> None:
     """One exit, the one place that counts it: ``exits`` and, when tracing, a ``kvm_exit``
     event (reason, guest RIP -- a value or a callable read only when tracing --, and the
-    reason's qualification: address, error code, port ...)."""
+    reason's qualification: address, error code, port ...), preceded by the ``kvm_entry`` of
+    the guest's previous entry (EventBus.guest_runs)."""
     counters["exits"] += 1
     if events.tracing:
+        events.guest_runs()
         events.emit(ev.KVM_EXIT, reason=reason, rip=rip() if callable(rip) else rip, **info)
+        events.entry_due = True
 
 
 class ExitKind(enum.Enum):

@@ -93,8 +93,18 @@ class Machine:
     def _traced(self, trace):
         """The trace subscriber, with the guest instruction count in every event while
         instructions are counted (``run(max_insns)``)."""
+        at_exit = [None]          # the count at the last kvm_exit (None: none yet)
+
         def sub(kind, fields):
-            n = self.vcpu.insns_now()
+            if kind == ev.KVM_ENTRY:
+                # written lazily: the guest has not run since that exit (or since the start)
+                n = at_exit[0]
+                if n is None and self.vcpu.insns_now() is not None:
+                    n = 0
+            else:
+                n = self.vcpu.insns_now()
+                if kind == ev.KVM_EXIT:
+                    at_exit[0] = n
             trace(kind, fields if n is None else {**fields, "insns": n})
         return sub
 
@@ -105,6 +115,12 @@ class Machine:
 
     def _on_marker(self, _kind, fields):
         self.markers.append((fields["value"], dict(self.counters)))
+
+    def stats_record(self) -> dict:
+        """``--stats-json`` (docs/JSON_RECORDS.md): the counters, and the marker-port writes in
+        order, each with the counters at that moment."""
+        return {**self.counters,
+                "markers": [{"value": v, "counters": c} for v, c in self.markers]}
 
     # ------------------------------------------------------------------ loading and boot
     def load(self, program, firmware: bytes) -> None:

@@ -758,6 +758,8 @@ class VCPU:
                 if max_insns:
                     left = max_insns - self.insns
                     self._counting = counter_off
+                    if self.events.tracing:
+                        self.events.guest_runs()
                     try:
                         uc.emu_start(pc, 0, count=left)
                     finally:
@@ -765,6 +767,8 @@ class VCPU:
                         self.insns += min(read_insn_counter(uc, counter_off), left)
                         self.counters["guest_insns"] = self.insns
                 else:
+                    if self.events.tracing:
+                        self.events.guest_runs()
                     uc.emu_start(pc, 0)
                 err = None
             except UcError as e:

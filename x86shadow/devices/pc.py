@@ -51,6 +51,7 @@ class MarkerPort(Device):
         events = self.events
         events.emit(ev.MARKER, value=value)
         if events.tracing:
+            events.guest_runs()
             events.emit(ev.TRACE_MARKER, value=value)
         return None
 

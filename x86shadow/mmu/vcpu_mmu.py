@@ -273,6 +273,8 @@ class VcpuMmu:
         vm = self.vm
         c = self.counters
         events = self.events
+        if events.tracing:
+            events.guest_runs()      # the entry before this exit, ahead of the fix's records
         for _ in range(3):
             w = pg.walk(self.mem, self.ctx, va, access)
             if w.ok and w.set_dirty and policy.walker_dirty_is_pte_write:
