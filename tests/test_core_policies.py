@@ -80,9 +80,12 @@ class Tables(GuestTables):
 
 
 class Env:
-    """One VM (one policy) over zeroed test RAM, with X's page table shadowed."""
+    """One VM (one policy) over zeroed test RAM, with X's page table shadowed and write-tracked:
+    the harness of the trapped-write path. ``kvm`` runs with out-of-sync pages off here (KVM's
+    oos_shadow=0), as the leaf table would otherwise go out of sync at the first write
+    (tests/test_unsync.py)."""
 
-    def __init__(self, mode, policy="kvm", vcpus=1, setup=None):
+    def __init__(self, mode, policy="kvm", vcpus=1, setup=None, unsync=False):
         self.mode = mode
         self.t = t = Tables(mode)
         self.bits = 64 if mode == LONG else 32
@@ -100,7 +103,7 @@ class Env:
         self.windows = {self.pt: WIN}
         if setup is not None:
             setup(self)
-        self.vm = vm = VmMmu(t.mem, policy=make_policy(policy))
+        self.vm = vm = VmMmu(t.mem, policy=make_policy(policy, unsync))
         self.c = vm.counters
         self.decisions, self.policy_events, self.reloads = [], [], []
         vm.events.subscribe(self._record, (ev.WRITE_PROTECT_FAULT, ev.POLICY, ev.RELOAD_PDPTES))

@@ -20,10 +20,10 @@ N, P, S = 4, 16, 2
 STORES = {"32": 1, "pae": 2}           # set_pte is 1 store (2-level), 2 stores (PAE)
 
 
-def kmap(policy, **kw):
+def kmap(policy, unsync=None, **kw):
     base = dict(mode="pae", variant="rhel3", order="rmap", tables=N, ptes=P, scans=S, ram_mib=64)
     base.update(kw)
-    return run_kmap(KmapParams(**base), policy)
+    return run_kmap(KmapParams(**base), policy, unsync=unsync)
 
 
 def user_table_wp_faults(run):
@@ -170,13 +170,24 @@ def test_andrea_unshadows_each_user_table_once_per_scan(order):
 
 @pytest.mark.parametrize("order", ["table", "rmap"])
 def test_kvm_reexecutes_btr_natively(order):
-    """Modern kvm: btr is not a page-table-writing instruction: the frame is unprotected and the
-    guest re-executes the btr natively (never emulated); later btrs on that table need no exit."""
-    r = kmap("kvm", order=order)
+    """Modern kvm without out-of-sync pages: btr is not a page-table-writing instruction: the
+    frame is unprotected and the guest re-executes the btr natively (never emulated); later btrs
+    on that table need no exit."""
+    r = kmap("kvm", unsync=False, order=order)
     assert r["counters"]["mmu_unprotect"] == N * S
     assert user_table_wp_faults(r) == N * S
     assert r["emulated_writes"] == r["fixmap_writes_emulated"]     # only the fixmap movs
     assert r["fixmap_writes_emulated"] == r["fixmap_writes"]        # mov is page-table writing
+
+
+def test_kvm_with_unsync_lets_every_user_table_go_out_of_sync():
+    """Modern kvm (out-of-sync pages on): no write to a leaf table traps after the first, which
+    unsyncs it; nothing is emulated or unprotected, the tables are synced at the CR3 loads."""
+    r = kmap("kvm")
+    c = r["counters"]
+    assert r["unsync"] is True
+    assert c["mmu_unprotect"] == 0 and r["emulated_writes"] == 0
+    assert c["mmu_unsync_events"] > 0 and c["mmu_sync_pages"] > 0
 
 
 def test_xen_catches_the_second_pae_half_without_an_exit():

@@ -183,13 +183,14 @@ class Run:
 
 
 def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="kvm",
+             unsync=None,
              instrument=False, max_insns=0, keep=False, profiler=None) -> Run:
     """One fresh machine, one run; only ``Machine.run()`` is timed. Raises BenchError unless the
     guest ends with status 0 and PASS."""
     from .machine import Machine
     prog, fw = prog_fw
     try:
-        m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib)
+        m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, unsync=unsync)
     except ValueError as e:
         raise BenchError(str(e)) from None
     m.load(prog, fw)
@@ -231,9 +232,10 @@ def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="
     return r
 
 
-def count_insns(w: Workload, mode: str, n: int, ram_mib: int, policy: str):
+def count_insns(w: Workload, mode: str, n: int, ram_mib: int, policy: str, unsync=None):
     """Guest instructions of a native run at size n (Unicorn's counter)."""
     r = run_once(w, mode, "native", assemble(w, mode, n, ram_mib), ram_mib=ram_mib, policy=policy,
+                 unsync=unsync,
                  max_insns=1 << 60)
     return r.counters.get("guest_insns", 0)
 
@@ -283,6 +285,7 @@ class Result:
 
 
 def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, policy="kvm",
+              unsync=None,
               log=None) -> list:
     """Run the selected workloads; returns a list of Result (one per workload and mode)."""
     log = log or (lambda msg: None)
@@ -295,15 +298,17 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
             n = w.n_quick if quick else w.n_full
             log(f"[{mode}] {w.name} (N={n}): counting")
             prog_fw = assemble(w, mode, n, ram_mib)
-            insns = count_insns(w, mode, n, ram_mib, policy)
+            insns = count_insns(w, mode, n, ram_mib, policy, unsync)
             method = "Unicorn's instruction counter, one --mmu native run at N"
             warm = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
+                            unsync=unsync,
                             instrument=True)
             shadow, native = [], []
             last_s = last_n = None
             for r in range(rounds):
                 log(f"[{mode}] {w.name}: round {r + 1}/{rounds}")
-                last_s = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy)
+                last_s = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
+                                  unsync=unsync)
                 shadow.append(last_s.seconds)
                 last_n = run_once(w, mode, "native", prog_fw, ram_mib=ram_mib, policy=policy)
                 native.append(last_n.seconds)
@@ -352,11 +357,17 @@ def exit_costs(results) -> list:
     return out
 
 
+def _unsync_on(policy, unsync) -> bool:
+    """Whether the shadow runs had out-of-sync pages (the policy's default when not chosen)."""
+    from .policies import make_policy
+    return bool(make_policy(policy, unsync).unsync)
+
+
 def _r(x, nd=6):
     return None if x is None else round(x, nd)
 
 
-def to_json(results, *, rounds, quick, policy, ram_mib) -> dict:
+def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
     rows = []
     for r in results:
         us = {k: _r(v, 3) for k, v in r.us.items()}
@@ -380,6 +391,7 @@ def to_json(results, *, rounds, quick, policy, ram_mib) -> dict:
         "exit_costs": exit_costs(results),
         "meta": {
             "rounds": rounds, "quick": quick, "policy": policy, "ram_mib": ram_mib,
+            "unsync": _unsync_on(policy, unsync),
             "timing": "wall time of Machine.run() only (no assembly, no machine creation); "
                       "medians of the rounds, shadow and native runs alternating",
             "us_per_exit": "shadow us per event = (shadow_s - shadow_s(baseline)) / "
@@ -527,7 +539,8 @@ def mmu_memory(mmu) -> dict:
 # ---------------------------------------------------------------------------------------------
 # growth sweep
 
-def growth(*, mode="64", quick=False, rounds=1, policy="kvm", log=None, tracemalloc_check=False):
+def growth(*, mode="64", quick=False, rounds=1, policy="kvm", unsync=None, log=None,
+           tracemalloc_check=False):
     """Cost and shadow-MMU memory against working set, shadow pages and guest RAM (fault-in)."""
     log = log or (lambda msg: None)
     w = BY_NAME["fault-in"]
@@ -550,9 +563,10 @@ def growth(*, mode="64", quick=False, rounds=1, policy="kvm", log=None, tracemal
         if ram not in idle_cache:
             pf = assemble(idle, mode, 1, ram)
             idle_cache[ram] = (_median([run_once(idle, mode, "shadow", pf, ram_mib=ram,
-                                                 policy=policy).seconds for _ in range(3)]),
+                                                 policy=policy, unsync=unsync).seconds
+                                        for _ in range(3)]),
                                _median([run_once(idle, mode, "native", pf, ram_mib=ram,
-                                                 policy=policy).seconds for _ in range(3)]))
+                                                 policy=policy, unsync=unsync).seconds for _ in range(3)]))
         s0, n0 = idle_cache[ram]
         pf = assemble(w, mode, n, ram, {"STRIDE": stride})
         shadow, native = [], []
@@ -561,7 +575,7 @@ def growth(*, mode="64", quick=False, rounds=1, policy="kvm", log=None, tracemal
         create = []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            r = run_once(w, mode, "shadow", pf, ram_mib=ram, policy=policy, keep=True)
+            r = run_once(w, mode, "shadow", pf, ram_mib=ram, policy=policy, unsync=unsync, keep=True)
             create.append(time.perf_counter() - t0 - r.seconds)
             shadow.append(r.seconds)
             if mem is None:
@@ -582,12 +596,12 @@ def growth(*, mode="64", quick=False, rounds=1, policy="kvm", log=None, tracemal
                                         if pfx else None)
         row["native_us_per_page"] = (row["native_s"] - n0) / n * 1e6
         if tracemalloc_check:
-            row["tracemalloc_bytes"] = _tracemalloc_run(w, mode, pf, ram, policy)
+            row["tracemalloc_bytes"] = _tracemalloc_run(w, mode, pf, ram, policy, unsync)
         rows.append(row)
     return rows
 
 
-def _tracemalloc_run(w, mode, pf, ram, policy):
+def _tracemalloc_run(w, mode, pf, ram, policy, unsync):
     """Python memory still held after a shadow run by everything the machine allocated, guest RAM
     left out (tracemalloc): a cross-check of the getsizeof accounting, which it should slightly
     exceed (it also counts the vCPU's code-page scans, decode caches and the like)."""
@@ -596,7 +610,7 @@ def _tracemalloc_run(w, mode, pf, ram, policy):
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        r = run_once(w, mode, "shadow", pf, ram_mib=ram, policy=policy, keep=True)
+        r = run_once(w, mode, "shadow", pf, ram_mib=ram, policy=policy, unsync=unsync, keep=True)
         gc.collect()
         # the guest RAM buffer (ctypes) is traced too: leave it out
         held = tracemalloc.get_traced_memory()[0] - base - r.machine.mem.size
@@ -642,7 +656,8 @@ PROFILE_DEFAULT = ("tlb-miss-heavy", "demand-paging", "cr3-switch", "pte-write",
                    "pt-writes-fork")
 
 
-def profile(*, mode="64", names=PROFILE_DEFAULT, quick=False, policy="kvm", top=20, log=None) -> dict:
+def profile(*, mode="64", names=PROFILE_DEFAULT, quick=False, policy="kvm", unsync=None, top=20,
+            log=None) -> dict:
     """cProfile over one shadow run of each workload; returns {name: [(function, tottime %,
     cumtime %, calls), ...]} sorted by own time."""
     import cProfile
@@ -655,10 +670,10 @@ def profile(*, mode="64", names=PROFILE_DEFAULT, quick=False, policy="kvm", top=
         w = BY_NAME[name]
         n = w.n_quick if quick else w.n_full
         pf = assemble(w, mode, n, 128)
-        run_once(w, mode, "shadow", pf, policy=policy)          # warm-up
+        run_once(w, mode, "shadow", pf, policy=policy, unsync=unsync)  # warm-up
         log(f"[profile {mode}] {name} (N={n})")
         prof = cProfile.Profile()
-        r = run_once(w, mode, "shadow", pf, policy=policy, profiler=prof)
+        r = run_once(w, mode, "shadow", pf, policy=policy, unsync=unsync, profiler=prof)
         st = pstats.Stats(prof)
         total = sum(v[2] for v in st.stats.values()) or 1.0     # sum of own times
         rows = []
@@ -717,14 +732,15 @@ def main(args) -> int:
         rows = []
         for mode in modes:
             rows += growth(mode=mode, quick=args.quick, rounds=args.rounds if args.rounds else 1,
-                           policy=args.policy, log=log, tracemalloc_check=args.tracemalloc)
+                           policy=args.policy, unsync=args.unsync, log=log,
+                           tracemalloc_check=args.tracemalloc)
         print_growth(rows)
         doc = {"growth": rows}
     elif args.profile:
         prof = {}
         for mode in modes:
             p = profile(mode=mode, names=args.workload or PROFILE_DEFAULT, quick=args.quick,
-                        policy=args.policy, log=log, top=args.top)
+                        policy=args.policy, unsync=args.unsync, log=log, top=args.top)
             prof.update({f"{k} ({mode})": v for k, v in p.items()})
         print_profile(prof)
         doc = {"profile": {k: {"wall_s": v["wall_s"],
@@ -734,9 +750,10 @@ def main(args) -> int:
     else:
         rounds = args.rounds if args.rounds else (1 if args.quick else 3)
         results = run_bench(modes=modes, names=args.workload or (), rounds=rounds, quick=args.quick,
-                            ram_mib=args.ram, policy=args.policy, log=log)
+                            ram_mib=args.ram, policy=args.policy, unsync=args.unsync, log=log)
         print_results(results, rounds=rounds, quick=args.quick)
-        doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy, ram_mib=args.ram)
+        doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy, ram_mib=args.ram,
+                      unsync=args.unsync)
     if args.json:
         try:
             with open(args.json, "w") as f:

@@ -38,6 +38,18 @@ def _policy_names():
     return POLICY_NAMES
 
 
+
+def _add_unsync(parser) -> None:
+    parser.add_argument("--unsync", choices=("on", "off"), default=None,
+                        type=str.lower, help="out-of-sync leaf page tables (policy kvm; default "
+                        "on; off = KVM's oos_shadow=0: every write to a shadowed table traps)")
+
+
+def _unsync_arg(args):
+    """--unsync as make_policy takes it: None (the policy's default), True or False."""
+    v = getattr(args, "unsync", None)
+    return None if v is None else v == "on"
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="x86shadow", description="Run x86 guest code under a KVM-style shadow MMU.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -50,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shadow (our MMU, default) or native (Unicorn's own page walker)")
     r.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="what to do with writes to write-protected guest page tables (default kvm)")
+    _add_unsync(r)
     r.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM in MiB (default 128)")
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
@@ -83,6 +96,7 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--policy", default="kvm-2008", choices=_policy_names(),
                    help="write-protect policy (default kvm-2008, the KVM of the scenario's era; "
                         "`run` defaults to kvm; ignored with --compare)")
+    _add_unsync(k)
     k.add_argument("--tables", type=int, default=8, metavar="N", help="user page tables (default 8)")
     k.add_argument("--ptes", type=int, default=64, metavar="P", help="ptes used per table (default 64)")
     k.add_argument("--scans", type=int, default=4, metavar="S", help="kscand passes (default 4)")
@@ -206,7 +220,8 @@ def cmd_run(args) -> int:
     try:
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
-                        trace=trace, audit=args.audit, serial_out=serial)
+                        trace=trace, audit=args.audit, serial_out=serial,
+                        unsync=_unsync_arg(args) if args.mmu == "shadow" else None)
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -269,7 +284,8 @@ def cmd_scenario(args) -> int:
         def progress(name, what):
             if chatty:
                 err.print(f"[dim]{name}: {what}[/dim]")
-        runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare, progress=progress)
+        runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare, progress=progress,
+                           unsync=_unsync_arg(args))
         con.print(sc.describe(params))
         if args.compare:
             con.print(sc.table_compare(runs))
@@ -309,6 +325,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--json", metavar="PATH", help="write the results as JSON (docs/JSON_RECORDS.md)")
     b.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="page-table write policy of the shadow runs (default kvm)")
+    _add_unsync(b)
     b.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (default 128)")
     b.add_argument("--growth", action="store_true",
                    help="instead: the growth sweep (working set, shadow pages, guest RAM; "
@@ -324,8 +341,14 @@ def _add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import BenchError
     from .bench import main as bench_main
+    from .policies import make_policy
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be at least 1")
+    args.unsync = _unsync_arg(args)
+    try:
+        make_policy(args.policy, args.unsync)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         return bench_main(args)
     except BenchError as e:

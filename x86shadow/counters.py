@@ -7,7 +7,8 @@ COUNTER_NAMES = (
     "insn_emulation", "insn_emulation_fail", "io_exits", "halt_exits", "irq_injections",
     "exception_injections",
     "mmu_shadow_zapped", "mmu_pte_write", "mmu_pte_updated", "mmu_pde_zapped", "mmu_flooded",
-    "mmu_recycled", "mmu_cache_miss", "mmu_unsync", "remote_tlb_flush", "mmu_unprotect",
+    "mmu_recycled", "mmu_cache_miss", "mmu_unsync", "mmu_unsync_events", "mmu_sync_pages",
+    "mmu_sync_zapped", "remote_tlb_flush", "mmu_unprotect",
     "emulate_ahead", "wp_faults", "guest_insns",
 )
 

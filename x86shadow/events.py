@@ -20,6 +20,8 @@ KVM_EMULATE_INSN = "kvm_emulate_insn"
 PAGE_FAULT = "kvm_page_fault"
 GET_PAGE = "kvm_mmu_get_page"
 PREPARE_ZAP = "kvm_mmu_prepare_zap_page"
+UNSYNC_PAGE = "kvm_mmu_unsync_page"
+SYNC_PAGE = "kvm_mmu_sync_page"
 INJ_EXCEPTION = "kvm_inj_exception"
 WRITE_PROTECT_FAULT = "x86shadow_write_protect_fault"
 POLICY = "x86shadow_policy"
@@ -28,9 +30,10 @@ INVLPG = "x86shadow_invlpg"
 NEW_ROOT = "x86shadow_new_root"
 RELOAD_PDPTES = "x86shadow_reload_pdptes"
 TRACE_MARKER = "x86shadow_marker"      # value: the guest wrote MARKER_PORT
-TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT, GET_PAGE,
-                         PREPARE_ZAP, INJ_EXCEPTION, WRITE_PROTECT_FAULT, POLICY, UNPROTECT,
-                         INVLPG, NEW_ROOT, RELOAD_PDPTES, TRACE_MARKER})
+TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT,
+                         GET_PAGE, PREPARE_ZAP, UNSYNC_PAGE, SYNC_PAGE, INJ_EXCEPTION,
+                         WRITE_PROTECT_FAULT, POLICY, UNPROTECT, INVLPG, NEW_ROOT, RELOAD_PDPTES,
+                         TRACE_MARKER})
 
 # observer kinds (in-process only)
 TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)

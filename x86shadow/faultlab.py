@@ -62,11 +62,12 @@ class LabResult:
 
 
 class FaultLab:
-    def __init__(self, mode: str, policy: str = "kvm", ram_mib: int = 128):
+    def __init__(self, mode: str, policy: str = "kvm", ram_mib: int = 128, unsync=None):
         if mode not in _MODE:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self.policy = policy
+        self.unsync = unsync             # out-of-sync pages (None: the policy's default)
         self.ram_mib = ram_mib
         self.maps = []                   # (va, pa, flags)
         self.windows = []                # (window va, mapped va)
@@ -138,7 +139,7 @@ class FaultLab:
         def trace(kind, fields):
             events.append({**fields, "event": kind})
         m = Machine(self.mode, mmu=mmu, policy=self.policy, ram_mib=self.ram_mib,
-                    trace=trace if mmu == "shadow" else None, audit=audit and mmu == "shadow")
+                    unsync=self.unsync if mmu == "shadow" else None, trace=trace if mmu == "shadow" else None, audit=audit and mmu == "shadow")
         m.load(Program(code=code, base=layout.PROG_BASE, entry=layout.PROG_BASE), assemble_firmware(self.mode, self.ram_mib << 20))
         self._build(m.mem)
         for pa, data in self.pokes:

@@ -52,7 +52,7 @@ class Machine:
     ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``."""
 
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
-                 trace=None, audit: bool = False, serial_out=None):
+                 trace=None, audit: bool = False, serial_out=None, unsync=None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
@@ -78,7 +78,10 @@ class Machine:
             from .policies import DEFAULT_POLICY, make_policy
             if policy is None:
                 policy = DEFAULT_POLICY
-            policy = make_policy(policy) if isinstance(policy, str) else policy
+            if isinstance(policy, str):
+                policy = make_policy(policy, unsync)
+            elif unsync is not None:
+                raise ValueError("unsync is chosen with the policy's name, not with a policy object")
             self.vm_mmu = VmMmu(self.mem, self.counters, self.events, policy=policy)
             if audit:
                 from .mmu.audit import audit as run_audit

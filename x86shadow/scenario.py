@@ -184,7 +184,7 @@ def _images(p: KmapParams):
     return program, firmware
 
 
-def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
+def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None) -> dict:
     """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md)."""
     from .machine import Machine
     from .policies import make_policy
@@ -194,7 +194,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
     t0 = time.perf_counter()
     program, firmware = _images(p)
     try:
-        policy = make_policy(policy_name)
+        policy = make_policy(policy_name, unsync)
     except ValueError as e:
         raise ScenarioError(str(e)) from None
 
@@ -286,7 +286,8 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None) -> dict:
     info, totals = figures(starts[0], starts[-1])
     kmaps = info["kmaps"]
     run = {
-        "policy": policy_name, "mode": p.mode, "variant": p.variant, "order": p.order,
+        "policy": policy_name, "unsync": bool(policy.unsync), "mode": p.mode,
+        "variant": p.variant, "order": p.order,
         "tables": p.tables, "ptes": p.ptes, "scans": p.scans,
         "linearity": p.linearity, "seed": p.seed, "ram_mib": ram,
         "kmaps": kmaps,
@@ -332,16 +333,24 @@ def scan_metric(run: dict, k: int, key: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- running several
-def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None):
+def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None,
+             unsync=None):
     """Run the scenario under each policy. With ``isolate`` every run is a forked child process (so
-    wall time and peak RSS are that run's own), ``jobs`` of them at a time; results in order."""
+    wall time and peak RSS are that run's own), ``jobs`` of them at a time; results in order.
+    ``unsync`` (on/off/None) applies to the policies that have out-of-sync pages; with several
+    policies the others run as they are."""
     params.check()
+    from .policies import UNSYNC_POLICIES
+
+    def unsync_of(name):
+        return unsync if len(policies) == 1 or name in UNSYNC_POLICIES else None
     if not isolate or not hasattr(os, "fork"):
         out = []
         for name in policies:
             if progress:
                 progress(name, "start")
-            out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress)))
+            out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress),
+                                unsync=unsync_of(name)))
             if progress:
                 progress(name, "done")
         return out
@@ -355,7 +364,8 @@ def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = Tru
         while pending and len(running) < max(1, jobs):
             i, name = pending.pop(0)
             rx, tx = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(params, name, tx, progress), daemon=True)
+            proc = ctx.Process(target=_child, args=(params, name, tx, progress, unsync_of(name)),
+                               daemon=True)
             proc.start()
             tx.close()
             running[rx] = (i, name, proc)
@@ -392,9 +402,10 @@ def _scan_progress(name, params, progress):
     return each
 
 
-def _child(params, name, tx, progress=None):
+def _child(params, name, tx, progress=None, unsync=None):
     try:
-        tx.send(("ok", run_kmap(params, name, progress=_scan_progress(name, params, progress))))
+        tx.send(("ok", run_kmap(params, name, progress=_scan_progress(name, params, progress),
+                                unsync=unsync)))
     except ScenarioError as e:
         tx.send(("error", (str(e), e.status)))
     except BaseException as e:                     # noqa: BLE001 - reported by the parent

@@ -288,7 +288,10 @@ class VCPU:
             pos += chunk
         for gpa, part in parts:
             self.mem.write(gpa, part)
-            if self.shadow and self.mmu.vm.is_tracked(gpa >> 12):
+            if self.shadow and (self.mmu.vm.is_tracked(gpa >> 12)
+                                or self.mmu.vm.is_shadowed(gpa >> 12)):
+                # a write made for the guest (exception frame) to a guest page table, in sync
+                # or not: the pte-write path, as KVM's emulated writes (kvm_mmu_track_write)
                 self.mmu.pte_write(gpa, len(part))
 
     # ------------------------------------------------------------------ TLB and MMU requests

@@ -80,8 +80,13 @@ def audit(vm) -> None:
                   f"pfn {vm.memslots.gfn_to_pfn(gfn_mapped)}")
             if (sp, idx) not in vm.rmap.get(gfn_mapped, ()):
                 p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but is not in its rmap")
-            if spte & SPTE_W and vm.is_tracked(gfn_mapped):
-                p(f"{sp}[{idx}] maps write-tracked gfn {gfn_mapped:#x} (page table or PDPT) writable")
+            if spte & SPTE_W:
+                if vm.is_tracked(gfn_mapped):
+                    p(f"{sp}[{idx}] maps write-tracked gfn {gfn_mapped:#x} (page table or PDPT) "
+                      "writable")
+                elif any(not s.unsync for s in vm.sps_by_gfn.get(gfn_mapped, ())):
+                    p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} writable, which has a shadow page "
+                      "in sync")
             acc = sp.role.access
             if spte & SPTE_U and not acc & pg.ACC_U:
                 p(f"{sp}[{idx}] user spte under a supervisor-only path")
@@ -97,6 +102,13 @@ def audit(vm) -> None:
             gi = idx + (sp.role.quadrant << 9 if gsize == 4 else 0)
             gpa = (sp.gfn << 12) + gi * gsize
             gpte = fmt.read_pte(mem, gpa)
+            if sp.unsync:
+                # the one legal difference: an out-of-sync page's sptes may lag behind the
+                # guest's edits; each must agree with the guest pte it was built from
+                if sp.gptes[idx] is None:
+                    p(f"{sp}[{idx}] unsync page: spte without the guest pte it was built from")
+                    continue
+                gpte = sp.gptes[idx]
             if not gpte & pg.PTE_P:
                 p(f"{sp}[{idx}] present but guest pte {gpte:#x} at {gpa:#x} is not")
                 continue
@@ -118,19 +130,52 @@ def audit(vm) -> None:
                 p(f"rmap[{gfn:#x}] holds zapped {sp}")
             elif sp.gfns[idx] != gfn or not sp.spt[idx] & SPTE_P:
                 p(f"rmap[{gfn:#x}] holds {sp}[{idx}] = {sp.spt[idx]:#x}")
-    # write tracking: one user per non-direct shadow page of the frame, one per vCPU using it as
-    # its PAE PDPT
+    # write tracking: one user per write-tracked shadow page of the frame (every non-direct
+    # page, or only the upper-level ones when leaf pages may go out of sync), one per vCPU using
+    # it as its PAE PDPT
     want = {}
     for gfn, sps in vm.sps_by_gfn.items():
         live = [sp for sp in sps if not sp.zapped]
         if len(live) != len(sps) or not sps:
             p(f"gfn {gfn:#x}: {len(sps) - len(live)} zapped pages among its shadows")
-        want[gfn] = len(live)
+        for sp in live:
+            if sp.write_tracked != (sp.role.level > 1 or not vm.policy.unsync):
+                p(f"{sp} write_tracked is {sp.write_tracked}")
+        n = sum(1 for sp in live if sp.write_tracked)
+        if n:
+            want[gfn] = n
     for v in vm.vcpus:
         if v.pdpt_gfn is not None:
             want[v.pdpt_gfn] = want.get(v.pdpt_gfn, 0) + 1
     if dict(vm.write_track) != want:
         p(f"write tracking {dict(vm.write_track)} but shadows and PDPTs need {want}")
+    _audit_unsync(vm, p)
     if problems:
         raise AuditError("shadow MMU audit failed:\n  " + "\n  ".join(problems[:20]) +
                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+def _audit_unsync(vm, p) -> None:
+    """Out-of-sync bookkeeping: only leaf pages are unsync, and only when the policy allows;
+    ``mmu_unsync`` is their number; every count equals its bitmap's set bits; every page that
+    is unsync or has unsync children is marked in each parent that points at it (so the sync
+    walk from the roots reaches it)."""
+    n_unsync = 0
+    for sp in vm.hash.values():
+        if sp.unsync:
+            n_unsync += 1
+            if sp.role.level != 1 or sp.role.direct or not vm.policy.unsync:
+                p(f"{sp} is unsync but cannot be")
+        if sp.role.level == 1:
+            if sp.unsync_children or sp.unsync_child_bitmap:
+                p(f"{sp} leaf page with unsync children")
+            continue
+        if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
+            p(f"{sp} unsync_children {sp.unsync_children} but {bin(sp.unsync_child_bitmap).count('1')}"
+              " bits set")
+        for idx, child in enumerate(sp.children):
+            if child is not None and (child.unsync or child.unsync_children) \
+                    and not sp.unsync_child_bitmap >> idx & 1:
+                p(f"{sp}[{idx}] -> {child} is unsync (or has unsync children) but not marked")
+    if vm.counters["mmu_unsync"] != n_unsync:
+        p(f"mmu_unsync is {vm.counters['mmu_unsync']} but {n_unsync} pages are unsync")

@@ -29,8 +29,9 @@ class Role(NamedTuple):
 class ShadowPage:
     """One shadow page table: 512 sptes, children for non-leaf entries, parent back links."""
 
-    __slots__ = ("id", "gfn", "role", "spt", "gfns", "children", "parents", "root_count",
-                 "write_flooding_count", "unsync", "zapped", "freed", "nonleaf_spte")
+    __slots__ = ("id", "gfn", "role", "spt", "gfns", "gptes", "children", "parents",
+                 "root_count", "write_flooding_count", "unsync", "unsync_children",
+                 "unsync_child_bitmap", "write_tracked", "zapped", "freed", "nonleaf_spte")
 
     def __init__(self, sp_id: int, gfn: int, role: Role):
         self.id = sp_id
@@ -40,18 +41,25 @@ class ShadowPage:
         self.spt = [0] * ENTRIES
         # leaf pages: the gfn each present spte translates (sptes hold host pfns; KVM's sp->gfns)
         self.gfns = [None] * ENTRIES if role.level == 1 else None
+        # leaf pages: the guest pte each present spte was built from (the audit's reference for
+        # an out-of-sync page, whose sptes may lag behind the guest's edits)
+        self.gptes = [None] * ENTRIES if role.level == 1 else None
         self.children = [None] * ENTRIES if role.level > 1 else None
         self.parents: set = set()          # {(parent ShadowPage or PaeRoot, index)}
         self.root_count = 0
         self.write_flooding_count = 0      # for the modern-KVM flood rule (docs/POLICY_SOURCES.md)
-        self.unsync = False                # room for out-of-sync pages (not built yet)
+        # out-of-sync pages (mmu/unsync.py), as KVM's struct kvm_mmu_page since 2.6.28/2.6.29:
+        self.unsync = False                # this leaf page is out of sync with the guest table
+        self.unsync_children = 0           # set bits in unsync_child_bitmap
+        self.unsync_child_bitmap = 0       # bit i: spt[i] leads to an unsync page (may be stale)
+        self.write_tracked = False         # this page counts in VmMmu.write_track
         self.zapped = False                # prepared for zapping: unlinked, on the invalid list
         self.freed = False                 # committed: the TLB was flushed, then it was freed
 
     def __repr__(self):
         r = self.role
         return (f"<sp#{self.id} gfn={self.gfn:#x} L{r.level}{' direct' if r.direct else ''}"
-                f" q{r.quadrant} acc={r.access}>")
+                f" q{r.quadrant} acc={r.access}{' unsync' if self.unsync else ''}>")
 
 
 class PaeRoot:

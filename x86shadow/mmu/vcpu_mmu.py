@@ -21,6 +21,7 @@ from .. import paging as pg
 from ..exits import REASON_EXCEPTION, count_exit
 from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
+from . import unsync
 from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
@@ -127,6 +128,11 @@ class VcpuMmu:
         self.ctx = ctx
         self.fmt = pg.FORMATS.get(ctx.mode)             # None with paging off
         self._alloc_root()
+        if self.policy.unsync:
+            # kvm_mmu_load -> kvm_mmu_sync_roots; a CR3 write without PCID NOFLUSH also asks for
+            # KVM_REQ_MMU_SYNC (kvm_set_cr3 -> kvm_invalidate_pcid, Linux 6.18 x86.c). x86shadow
+            # models no PCIDs, so every CR3 write is a flushing one
+            unsync.sync_roots(self, "new root")
         self.requests |= REQ_TLB_FLUSH
         if ev.EXIT in self.events.subs:
             self.events.emit(ev.EXIT)
@@ -142,7 +148,7 @@ class VcpuMmu:
             self.pdpt_gfn = (ctx.cr3 & 0xFFFFFFE0) >> 12
             vm.track_add(self.pdpt_gfn)
         if ctx.mode == pg.Mode.LONG:
-            sp = vm.get_page(ctx, ctx.cr3 >> 12 & 0xFFFFFFFFFF, 0, 4, False, ACC_ALL)
+            sp = vm.get_page(ctx, ctx.cr3 >> 12 & 0xFFFFFFFFFF, 0, 4, False, ACC_ALL, self)
             sp.root_count += 1
             self.root, self.root_level = sp, 4
             return
@@ -155,7 +161,7 @@ class VcpuMmu:
                 gfn = (pdpte & 0x000F_FFFF_FFFF_F000) >> 12
             else:
                 gfn = (ctx.cr3 & 0xFFFFF000) >> 12
-            sp = vm.get_page(ctx, gfn, i << 30, 2, False, ACC_ALL)
+            sp = vm.get_page(ctx, gfn, i << 30, 2, False, ACC_ALL, self)
             sp.root_count += 1
             vm.link(root, i, sp)
         self.root, self.root_level = root, 3
@@ -183,6 +189,8 @@ class VcpuMmu:
         """KVM_REQ_MMU_RELOAD: a page of the root was zapped; build the root again."""
         self._free_root()
         self._alloc_root()
+        if self.policy.unsync:
+            unsync.sync_roots(self, "root reload")        # kvm_mmu_load
         self.requests |= REQ_TLB_FLUSH
 
     def _refresh_pdptes(self) -> bool:
@@ -351,14 +359,18 @@ class VcpuMmu:
                     # guest large page: a direct shadow page of 4 KiB sptes
                     span = 1 << (9 * (level - 1))
                     gfn = (w.gpa >> 12) & ~(span - 1)
-                    child = vm.get_page(self.ctx, gfn, va, level - 1, True, w.pte_access)
+                    child = vm.get_page(self.ctx, gfn, va, level - 1, True, w.pte_access, self)
                 else:
                     gl = level        # the guest entry at this level points to the table we shadow
                     for L in range(w.root_level, gl - 1, -1):   # rights of the entries above it
                         if fmt.carries_rights(L):
                             acc &= fmt.entry_access(w.ptes[L])
                     table_gfn = fmt.frame(gl, w.ptes[gl]) >> 12
-                    child = vm.get_page(self.ctx, table_gfn, va, level - 1, False, acc)
+                    child = vm.get_page(self.ctx, table_gfn, va, level - 1, False, acc, self)
+                    if child.unsync_children:
+                        # modern FNAME(fetch): a reused upper-level page is synced before it is
+                        # linked (a not-present -> present change needs no guest flush)
+                        unsync.sync_children(self, child, "fetch")
                     # the guest pte may have changed while we write-protected the table
                     cur = fmt.read_pte(self.mem, w.pte_gpa[gl])
                     if (cur | pg.PTE_A | pg.PTE_D) != (w.ptes[gl] | pg.PTE_A | pg.PTE_D):
@@ -369,7 +381,8 @@ class VcpuMmu:
         emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
                               w.pte_access & node.role.access if not node.role.direct
                               else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
-                              bool(access & pg.PFERR_U), pfn=pfn)
+                              bool(access & pg.PFERR_U), pfn=pfn,
+                              gpte=None if node.role.direct else w.ptes[1])
         return _TRACKED if emulate else _FIXED
 
     def other_exit(self) -> None:
@@ -379,14 +392,16 @@ class VcpuMmu:
 
     # ------------------------------------------------------------------ invlpg and pte writes
     def invlpg(self, va: int) -> None:
-        """The guest invalidated va. Every write to a shadowed guest table is trapped and applied
-        to the shadow at once, so the sptes are already in sync: like KVM before out-of-sync
-        pages (2.6.25 had no invlpg hook at all; later FNAME(invlpg) only syncs unsync pages) and
-        Xen 3.3 without OOS, nothing is dropped. (The CPU's TLB entry goes: the CPU executes the
-        invlpg itself.) Out-of-sync pages (not built yet) will resync here."""
+        """The guest invalidated va. Every write to a synced guest table is trapped and applied
+        to the shadow at once, so those sptes are already right: like KVM before out-of-sync
+        pages (2.6.25 had no invlpg hook at all) and Xen 3.3 without OOS, nothing is dropped.
+        An out-of-sync page on the way to va resyncs its one spte (mmu/unsync.py). (The CPU's
+        TLB entry goes: the CPU executes the invlpg itself.)"""
         self.counters["invlpg"] += 1
         if self.events.tracing:
             self.events.emit(ev.INVLPG, address=va)
+        if self.policy.unsync:
+            unsync.invlpg(self, va)
         if ev.EXIT in self.events.subs:
             self.events.emit(ev.EXIT)
 

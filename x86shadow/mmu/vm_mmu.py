@@ -18,13 +18,14 @@ from .. import events as ev
 from .. import paging as pg
 from ..counters import new_counters
 from ..memory.memslots import Memslots
+from . import unsync
 from .pages import ENTRIES, Role, ShadowPage
 from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 
 # KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
 REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
 REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
-REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync unsync pages (room for out-of-sync pages)
+REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync the unsync pages the root reaches
 
 
 _ACC_U, _ACC_W, _ACC_X = pg.ACC_U, pg.ACC_W, pg.ACC_X
@@ -123,10 +124,13 @@ class VmMmu:
             quadrant = (va >> (12 + 9 * level)) & ((1 << level) - 1)
         return Role(level, direct, access, gsize, quadrant, ctx.wp, ctx.smep, ctx.nxe)
 
-    def get_page(self, ctx, gfn, va, level, direct, access) -> ShadowPage:
-        """kvm_mmu_get_page: find or create the shadow page for (gfn, role)."""
+    def get_page(self, ctx, gfn, va, level, direct, access, mmu=None) -> ShadowPage:
+        """kvm_mmu_get_page: find or create the shadow page for (gfn, role). ``mmu``: the vCPU
+        asking (out-of-sync pages of gfn may have to be synced or zapped first)."""
         role = self.role(ctx, level, direct, access, va)
         key = (gfn, role)
+        if not direct and self.policy.unsync and gfn in self.sps_by_gfn:
+            self._unsync_pages_before_get(gfn, role, mmu)
         sp = self.hash.get(key)
         if sp is not None:
             return sp
@@ -138,11 +142,35 @@ class VmMmu:
         self.hash[key] = sp
         if not direct:
             self.sps_by_gfn[gfn][sp] = None
-            self.track_add(gfn)
+            if level > 1 or not self.policy.unsync:
+                sp.write_tracked = True
+                self.track_add(gfn)
+            else:
+                # modern account_shadowed: a 4 KiB leaf page is not write-tracked (it may go
+                # out of sync); its frame's sptes are only made read-only
+                self.write_protect(gfn)
         if self.events.tracing:
             self.events.emit(ev.GET_PAGE, gfn=gfn, level=level, direct=direct, quadrant=role.quadrant,
                              access=access, created=True, sp=sp.id)
         return sp
+
+    def _unsync_pages_before_get(self, gfn, role, mmu) -> None:
+        """Modern kvm_mmu_find_shadow_page (Linux 6.18 mmu.c): an unsync page of gfn with the
+        role asked for is refreshed from the guest table and stays unsync (kvm_sync_page
+        without write-protecting; a failed sync zaps it); when gfn is now wanted as an
+        upper-level table, its unsync pages of another role are zapped (the new page
+        write-tracks the frame)."""
+        for sp in list(self.sps_by_gfn.get(gfn, ())):
+            if not sp.unsync:
+                continue
+            if sp.role != role:
+                if role.level > 1:
+                    self.prepare_zap_page(sp, reason="unsync leaf of a frame now used as an "
+                                                     "upper-level table")
+            elif mmu is not None:
+                unsync.sync_page(mmu, sp, "get_page")
+        if self.invalid_list:
+            self.commit_zap()
 
     def _recycle(self) -> None:
         """KVM's kvm_mmu_free_some_pages: zap the oldest page that is not a root."""
@@ -154,15 +182,21 @@ class VmMmu:
 
     @staticmethod
     def link(parent, idx, child) -> None:
+        """__link_shadow_page: parent[idx] -> child; an unsync child (or one with unsync
+        children) marks the new path (mark_unsync)."""
         parent.spt[idx] = child.nonleaf_spte
         parent.children[idx] = child
         child.parents.add((parent, idx))
+        if child.unsync or child.unsync_children:
+            unsync.mark_unsync(parent, idx)
 
     def prepare_zap_page(self, sp: ShadowPage, reason: str = "") -> None:
         """kvm_mmu_prepare_zap_page: unlink children and parents, drop from the hash and put the
         page on the invalid list. Walks no longer reach it; it is freed by commit_zap()."""
         if sp.zapped:
             return
+        if sp.role.level > 1 and sp.unsync_children:
+            unsync.zap_unsync_children(self, sp)      # mmu_zap_unsync_children
         self.counters["mmu_shadow_zapped"] += 1
         if self.events.tracing:
             self.events.emit(ev.PREPARE_ZAP, sp=sp.id, gfn=sp.gfn, level=sp.role.level,
@@ -193,7 +227,10 @@ class VmMmu:
             peers.pop(sp, None)
             if not peers:
                 del self.sps_by_gfn[sp.gfn]
-            self.track_remove(sp.gfn)
+            if sp.write_tracked:
+                sp.write_tracked = False
+                self.track_remove(sp.gfn)
+        unsync.unlink_unsync_page(self, sp)
         sp.zapped = True
         policy = self.policy
         for v in self.vcpus:
@@ -245,6 +282,7 @@ class VmMmu:
         if sp.role.level == 1:
             self._rmap_remove(sp.gfns[idx], sp, idx)
             sp.gfns[idx] = None
+            sp.gptes[idx] = None
         else:
             child = sp.children[idx]
             child.parents.discard((sp, idx))
@@ -256,10 +294,15 @@ class VmMmu:
         sp.spt[idx] |= SPTE_A
 
     def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
-                 speculative=False, pfn=None) -> bool:
-        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots). Returns True
-        if the faulting write must be emulated (the frame is write-tracked). (Linux 6.x also
-        returns RET_PF_SPURIOUS for an unchanged spte: not modelled.)"""
+                 speculative=False, pfn=None, synchronizing=False, gpte=None) -> bool:
+        """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots), built from
+        guest pte ``gpte``. Returns True if the faulting write must be emulated (the frame is
+        write-tracked, or its shadows may not go out of sync). (Linux 6.x also returns
+        RET_PF_SPURIOUS for an unchanged spte: not modelled.)
+
+        A writable spte to a shadowed frame that is not write-tracked makes its shadows go out
+        of sync when the policy allows (make_spte -> mmu_try_to_unsync_pages, Linux 6.18
+        spte.c; only when the spte was not writable already)."""
         user = bool(pte_access & _ACC_U)
         writable = bool(pte_access & _ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
@@ -270,9 +313,16 @@ class VmMmu:
         if writable and not dirty:
             writable = False                      # dirty tracking: read-only until the first write
         emulate = False
-        if writable and gfn in self.write_track:
-            writable = False
-            emulate = write_fault
+        if writable:
+            if gfn in self.write_track:
+                writable = False
+                emulate = write_fault
+            elif gfn in self.sps_by_gfn:
+                old = sp.spt[idx]
+                if (not (old & SPTE_P and old & SPTE_W and sp.gfns[idx] == gfn)
+                        and not unsync.try_to_unsync(self, gfn, synchronizing, speculative)):
+                    writable = False
+                    emulate = write_fault
         if pfn is None:                           # (the fault path looked it up already)
             pfn = self.memslots.gfn_to_pfn(gfn)
         if pfn is None:
@@ -290,6 +340,7 @@ class VmMmu:
             self.rmap[gfn][(sp, idx)] = None
         sp.spt[idx] = spte
         sp.gfns[idx] = gfn
+        sp.gptes[idx] = gpte
         self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative, emulate)
         return emulate
 

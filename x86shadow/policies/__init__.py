@@ -13,12 +13,23 @@ POLICY_NAMES = list(POLICIES)
 DEFAULT_POLICY = "kvm"
 
 
-def make_policy(name: str) -> Policy:
+UNSYNC_POLICIES = ("kvm",)        # the policies with out-of-sync pages to turn on or off
+
+
+def make_policy(name: str, unsync: bool | None = None) -> Policy:
+    """The policy called name. ``unsync``: out-of-sync pages on or off (``--unsync``; None: the
+    policy's default -- on where it has them)."""
     try:
-        return POLICIES[name]()
+        cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})") from None
+    if name in UNSYNC_POLICIES:
+        return cls() if unsync is None else cls(unsync=unsync)
+    if unsync:
+        raise ValueError(f"policy {name!r} has no out-of-sync pages (--unsync on is for "
+                         f"{', '.join(UNSYNC_POLICIES)})")
+    return cls()
 
 
 __all__ = ["AHEAD", "EMULATE", "FAIL", "UNPROTECT", "Policy", "Verdict", "POLICIES", "POLICY_NAMES",
-           "DEFAULT_POLICY", "make_policy"]
+           "DEFAULT_POLICY", "UNSYNC_POLICIES", "make_policy"]

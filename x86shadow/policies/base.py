@@ -36,6 +36,9 @@ class Policy:
     """Base class: emulate everything, drop the affected sptes (the modern synced-page path)."""
 
     name = "base"
+    # out-of-sync shadow pages: None (off: every shadowed frame is write-tracked, KVM's
+    # oos_shadow=0) or the rule set of mmu/unsync.py the policy follows
+    unsync = None
     # 2.6.25's guest walker updates D with a cmpxchg and calls kvm_mmu_pte_write itself
     walker_dirty_is_pte_write = False
 

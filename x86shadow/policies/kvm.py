@@ -1,4 +1,4 @@
-"""Modern KVM (Linux >= 3.2 rules), before out-of-sync pages are modelled: ``kvm``.
+"""Modern KVM (Linux >= 3.2 rules): ``kvm``, with out-of-sync leaf pages unless turned off.
 
 Sources (docs/POLICY_SOURCES.md, "K5"): arch/x86/kvm/x86.c retry_instruction /
 reexecute_instruction, arch/x86/kvm/emulate.c x86_page_table_writing_insn (the PageTable flag),
@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from .. import events as ev
 from ..emulate.decode import misaligned_kvm
+from ..mmu.unsync import MODERN
 from .base import EMULATE, FAIL, UNPROTECT, Policy, Verdict
 
 FLOOD_THRESHOLD = 3        # detect_write_flooding: ++sp->write_flooding_count >= 3
 
 
 class Kvm(Policy):
+    """``unsync`` (default on): out-of-sync 4 KiB leaf pages with modern KVM's rules
+    (mmu/unsync.py, docs/UNSYNC.md); off is KVM's ``oos_shadow=0``: every shadowed frame is
+    write-tracked and every write to it takes the path below."""
+
     name = "kvm"
+
+    def __init__(self, unsync: bool = True):
+        self.unsync = MODERN if unsync else None
 
     def classify(self, mmu, st, w) -> Verdict:
         insn = w.insn
@@ -39,10 +47,14 @@ class Kvm(Policy):
             if sp.zapped:
                 continue
             misaligned = misaligned_kvm(offset, size, sp.role.gpte_size)
-            # modern KVM: flood detection is for non-leaf pages; leaf pages are handled like
-            # non-leaf ones until out-of-sync pages exist
-            sp.write_flooding_count += 1
-            flooded = sp.write_flooding_count >= FLOOD_THRESHOLD
+            if self.unsync and sp.role.level == 1:
+                # detect_write_flooding skips 4 KiB pages "because it can become unsync"
+                # (mmu.c, Linux >= 3.x): only with out-of-sync pages on; with them off, leaf
+                # pages are counted like the others
+                flooded = False
+            else:
+                sp.write_flooding_count += 1
+                flooded = sp.write_flooding_count >= FLOOD_THRESHOLD
             if misaligned or flooded:
                 mmu.counters["mmu_flooded"] += 1
                 reason = (f"zap: misaligned {size}-byte write at offset {offset:#x}" if misaligned
