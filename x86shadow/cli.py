@@ -38,7 +38,6 @@ def _policy_names():
     return POLICY_NAMES
 
 
-
 def _add_unsync(parser) -> None:
     parser.add_argument("--unsync", choices=("on", "off"), default=None,
                         type=str.lower, help="out-of-sync leaf page tables (policy kvm; default "
@@ -49,6 +48,7 @@ def _unsync_arg(args):
     """--unsync as make_policy takes it: None (the policy's default), True or False."""
     v = getattr(args, "unsync", None)
     return None if v is None else v == "on"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="x86shadow", description="Run x86 guest code under a KVM-style shadow MMU.")
@@ -221,7 +221,7 @@ def cmd_run(args) -> int:
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
-                        unsync=_unsync_arg(args) if args.mmu == "shadow" else None)
+                        unsync=_unsync_arg(args))
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None

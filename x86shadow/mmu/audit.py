@@ -99,8 +99,7 @@ def audit(vm) -> None:
                     p(f"{sp}[{idx}] direct spte maps gfn {gfn_mapped:#x}, expected {sp.gfn + idx:#x}")
                 continue
             fmt = pg.FORMATS[pg.Mode.LEGACY if gsize == 4 else pg.Mode.LONG]
-            gi = idx + (sp.role.quadrant << 9 if gsize == 4 else 0)
-            gpa = (sp.gfn << 12) + gi * gsize
+            gpa = sp.gpte_gpa(idx)
             gpte = fmt.read_pte(mem, gpa)
             if sp.unsync:
                 # the one legal difference: an out-of-sync page's sptes may lag behind the

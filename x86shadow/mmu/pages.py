@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .. import paging as pg
 from .spte import make_nonleaf
 
 
@@ -56,6 +57,13 @@ class ShadowPage:
         self.zapped = False                # prepared for zapping: unlinked, on the invalid list
         self.freed = False                 # committed: the TLB was flushed, then it was freed
 
+    def gpte_gpa(self, idx: int) -> int:
+        """Guest-physical address of the guest pte that spt[idx] of this non-direct page
+        shadows (a 2-level guest table is split into quadrants: FNAME(get_level1_sp_gpa))."""
+        gsize = self.role.gpte_size
+        gi = idx + (self.role.quadrant << 9 if gsize == 4 else 0)
+        return (self.gfn << 12) + gi * gsize
+
     def __repr__(self):
         r = self.role
         return (f"<sp#{self.id} gfn={self.gfn:#x} L{r.level}{' direct' if r.direct else ''}"
@@ -81,3 +89,11 @@ class PaeRoot:
 
     def __repr__(self):
         return "<pae_root>"
+
+
+def prefetch_invalid_gpte(ctx, gpte: int) -> bool:
+    """FNAME(prefetch_invalid_gpte) (arch/x86/kvm/mmu/paging_tmpl.h, v6.x): a guest pte a spte
+    must not be built from without a guest access -- not present, not accessed, or with
+    reserved bits (FNAME(is_rsvd_bits_set)). ``ctx``: a paging context with paging on."""
+    return (not gpte & pg.PTE_P or not gpte & pg.PTE_A
+            or bool(gpte & pg.rsvd_mask(ctx.mode, 1, ctx.nxe, maxphyaddr=ctx.maxphyaddr)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .. import events as ev
 from .. import paging as pg
-from .pages import ENTRIES, ShadowPage
+from .pages import ENTRIES, ShadowPage, prefetch_invalid_gpte
 from .spte import SPTE_P
 
 # KVM_PAGE_ARRAY_NR (2.6.29 mmu.c, modern mmu.c): entries (parents included) per sync batch
@@ -262,17 +262,13 @@ def sync_spte(mmu, sp, idx) -> int:
     if not spte & SPTE_P:
         return 0
     vm = mmu.vm
-    gsize = sp.role.gpte_size
-    gi = idx + (sp.role.quadrant << 9 if gsize == 4 else 0)
-    gpa = (sp.gfn << 12) + gi * gsize
+    gpa = sp.gpte_gpa(idx)
     if not vm.mem.contains(gpa):
         return -1
     fmt = mmu.fmt
     gpte = fmt.read_pte(vm.mem, gpa)
     ctx = mmu.ctx
-    # FNAME(prefetch_invalid_gpte): not present, not accessed, or reserved bits set
-    if (not gpte & pg.PTE_P or not gpte & pg.PTE_A
-            or gpte & pg.rsvd_mask(ctx.mode, 1, ctx.nxe, maxphyaddr=ctx.maxphyaddr)):
+    if prefetch_invalid_gpte(ctx, gpte):
         vm.drop_spte(sp, idx)
         return 1
     gfn = fmt.leaf_frame(gpte) >> 12

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .. import events as ev
 from .. import paging as pg
 from ..emulate.decode import misaligned_kvm2008
+from ..mmu.pages import prefetch_invalid_gpte
 from ..mmu.spte import SPTE_A, SPTE_P
 from .base import EMULATE, FAIL, UNPROTECT, Policy, Verdict
 
@@ -102,17 +103,14 @@ class Kvm2008(Policy):
     def _update_pte(self, mmu, sp, idx, gpte):
         """FNAME(update_pte): re-install only a Present AND Accessed guest pte, speculatively
         (no A bit in the spte), writable only if the guest pte is Dirty."""
-        if (gpte & (pg.PTE_P | pg.PTE_A)) != (pg.PTE_P | pg.PTE_A):
-            return
         fmt = mmu.fmt
         if fmt is None:                   # paging is off: nothing maps through guest tables
             return
-        ctx = mmu.ctx
-        if gpte & pg.rsvd_mask(ctx.mode, 1, ctx.nxe, maxphyaddr=ctx.maxphyaddr):
-            # K25's update_pte checks only P and A, so it would install this pte and the guest
-            # would miss its reserved-bit #PF (found by the differential fuzzer). We keep the
-            # guest architectural as later KVM does: FNAME(prefetch_invalid_gpte) drops a gpte
-            # with FNAME(is_rsvd_bits_set) (arch/x86/kvm/mmu/paging_tmpl.h, v6.x): no install.
+        if prefetch_invalid_gpte(mmu.ctx, gpte):
+            # K25's update_pte checks only P and A, so it would install a pte with reserved
+            # bits and the guest would miss its reserved-bit #PF (found by the differential
+            # fuzzer). We keep the guest architectural as later KVM does: its
+            # FNAME(prefetch_invalid_gpte) also refuses reserved bits: no install.
             return
         gfn = fmt.leaf_frame(gpte) >> 12
         if mmu.vm.memslots.gfn_to_pfn(gfn) is None:
