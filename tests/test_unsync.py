@@ -54,8 +54,9 @@ class Guest:
         self.c = self.vm.counters
         self.mmu = self.vm.add_vcpu()
         self.mmu.set_context(self.ctx())
-        self.synced = []
+        self.synced, self.unsynced = [], []
         self.vm.events.subscribe(lambda _k, f: self.synced.append(f["reason"]), (ev.SYNC_PAGE,))
+        self.vm.events.subscribe(lambda _k, f: self.unsynced.append(f["gfn"]), (ev.UNSYNC_PAGE,))
         assert self.fill(X) == DATA and self.fill(OTHER) == DATA + 0x3000
         r = self.mmu.hw_fill(WIN, R)
         assert r.kind == FILL_OK and not r.perms & PERM_W        # PT is shadowed: read-only
@@ -107,6 +108,7 @@ def test_a1_first_write_unsyncs_instead_of_emulating_and_the_cr3_reload_resyncs(
     assert c["pf_fixed"] == before["pf_fixed"] + 1
     assert c["insn_emulation"] == 0 and c["pf_emulate"] == 0 and c["mmu_pte_write"] == 0
     assert g.leaf.unsync and parents_mark(g.leaf)
+    assert g.unsynced == [g.pt >> 12]                  # the kvm_mmu_unsync_page event
     # second write: the spte is writable already, no fault at all
     faults = c["pf_fixed"]
     g.native_store(g.pte_other, (NEW + 0x3000) | PWU)            # no A: dropped at the sync
@@ -211,6 +213,19 @@ def test_try_to_unsync_refuses_while_synchronizing_for_prefetches_and_when_track
     g.vm.track_add(gfn)
     assert not unsync.try_to_unsync(g.vm, gfn, synchronizing=False, prefetch=False)
     g.vm.track_remove(gfn)
+
+
+def test_a_page_that_does_not_fit_the_context_is_zapped_instead_of_synced():
+    """kvm_sync_page_check: a page whose role differs from what the current context gives it
+    (here CR0.WP) cannot be synced; it is zapped (mmu_sync_zapped)."""
+    import dataclasses
+    g = Guest(LONG)
+    g.native_store(g.pte_x, NEW | PWU | A | D)
+    g.mmu.ctx = dataclasses.replace(g.mmu.ctx, wp=not g.mmu.ctx.wp)
+    assert not unsync.sync_page(g.mmu, g.leaf, "test")
+    g.vm.commit_zap()
+    assert g.leaf.zapped and g.c["mmu_sync_zapped"] == 1 and g.c["mmu_sync_pages"] == 0
+    assert g.c["mmu_unsync"] == 0
 
 
 def test_marking_climbs_only_when_a_count_goes_from_zero():
