@@ -203,15 +203,21 @@ def test_a3_invlpg_resyncs_one_spte_and_the_page_stays_unsync(mode):
 def test_try_to_unsync_refuses_while_synchronizing_for_prefetches_and_when_tracked():
     g = Guest(LONG)
     gfn = g.pt >> 12
-    assert not unsync.try_to_unsync(g.vm, gfn, synchronizing=True, prefetch=False)
-    assert not unsync.try_to_unsync(g.vm, gfn, synchronizing=False, prefetch=True)
+    rules = g.vm.policy.unsync
+
+    def may(synchronizing, prefetch):
+        return rules.may_unsync(g.vm, g.mmu, None, 0, gfn, True, False, prefetch, synchronizing)
+
+    assert not may(synchronizing=True, prefetch=False)
+    assert not may(synchronizing=False, prefetch=True)
     assert g.c["mmu_unsync"] == 0
-    assert unsync.try_to_unsync(g.vm, gfn, synchronizing=False, prefetch=False)
+    assert may(synchronizing=False, prefetch=False)
     assert g.c["mmu_unsync"] == 1
-    # an already-unsync page stays writable whatever the caller
-    assert unsync.try_to_unsync(g.vm, gfn, synchronizing=True, prefetch=True)
+    # an already-unsync page: a prefetch may map it writable, a resync never
+    assert may(synchronizing=False, prefetch=True)
+    assert not may(synchronizing=True, prefetch=False)
     g.vm.track_add(gfn)
-    assert not unsync.try_to_unsync(g.vm, gfn, synchronizing=False, prefetch=False)
+    assert not may(synchronizing=False, prefetch=False)
     g.vm.track_remove(gfn)
 
 
@@ -222,7 +228,7 @@ def test_a_page_that_does_not_fit_the_context_is_zapped_instead_of_synced():
     g = Guest(LONG)
     g.native_store(g.pte_x, NEW | PWU | A | D)
     g.mmu.ctx = dataclasses.replace(g.mmu.ctx, wp=not g.mmu.ctx.wp)
-    assert not unsync.sync_page(g.mmu, g.leaf, "test")
+    assert not g.vm.policy.unsync.sync_page(g.mmu, g.leaf, "test")
     g.vm.commit_zap()
     assert g.leaf.zapped and g.c["mmu_sync_zapped"] == 1 and g.c["mmu_sync_pages"] == 0
     assert g.c["mmu_unsync"] == 0

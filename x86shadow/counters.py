@@ -9,6 +9,8 @@ COUNTER_NAMES = (
     "mmu_shadow_zapped", "mmu_pte_write", "mmu_pte_updated", "mmu_pde_zapped", "mmu_flooded",
     "mmu_recycled", "mmu_cache_miss", "mmu_unsync", "mmu_unsync_events", "mmu_sync_pages",
     "mmu_sync_zapped", "remote_tlb_flush", "mmu_unprotect",
+    "shadow_unsync", "shadow_resync", "shadow_unsync_evict", "shadow_oos_fixup_add",
+    "shadow_oos_fixup_evict",
     "emulate_ahead", "wp_faults", "guest_insns",
 )
 

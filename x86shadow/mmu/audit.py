@@ -160,14 +160,20 @@ def _audit_unsync(vm, p) -> None:
     is unsync or has unsync children is marked in each parent that points at it (so the sync
     walk from the roots reaches it)."""
     n_unsync = 0
+    rules = vm.policy.unsync
+    marks = rules is not None and rules.marks_parents
     for sp in vm.hash.values():
         if sp.unsync:
             n_unsync += 1
-            if sp.role.level != 1 or sp.role.direct or not vm.policy.unsync:
+            if sp.role.level != 1 or sp.role.direct or not rules:
                 p(f"{sp} is unsync but cannot be")
         if sp.role.level == 1:
             if sp.unsync_children or sp.unsync_child_bitmap:
                 p(f"{sp} leaf page with unsync children")
+            continue
+        if not marks:
+            if sp.unsync_children or sp.unsync_child_bitmap:
+                p(f"{sp} has unsync marks but the rule set keeps none")
             continue
         if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
             p(f"{sp} unsync_children {sp.unsync_children} but {bin(sp.unsync_child_bitmap).count('1')}"
@@ -178,3 +184,5 @@ def _audit_unsync(vm, p) -> None:
                 p(f"{sp}[{idx}] -> {child} is unsync (or has unsync children) but not marked")
     if vm.counters["mmu_unsync"] != n_unsync:
         p(f"mmu_unsync is {vm.counters['mmu_unsync']} but {n_unsync} pages are unsync")
+    if rules:
+        rules.audit(vm, p)

@@ -21,7 +21,6 @@ from .. import paging as pg
 from ..exits import REASON_EXCEPTION, count_exit
 from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
-from . import unsync
 from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
@@ -92,7 +91,7 @@ def _no_rip():
 class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
-                 "guest_rip")
+                 "guest_rip", "oos")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -111,6 +110,7 @@ class VcpuMmu:
         self.pdpt_gfn = None                             # PAE: frame of the PDPT in use (tracked)
         self.requests = 0                                # REQ_* bits
         self.guest_rip = _no_rip                         # the CPU adapter's RIP reader (traces)
+        self.oos = None                                  # xen-oos: this vCPU's out-of-sync table
 
     # ------------------------------------------------------------------ requests
     def take_requests(self) -> int:
@@ -123,16 +123,17 @@ class VcpuMmu:
 
     # ------------------------------------------------------------------ context and roots
     def set_context(self, ctx: pg.PagingContext) -> None:
-        """New CR0/CR3/CR4/EFER state: drop the old root, load (or reuse) the new one."""
+        """New CR0/CR3/CR4/EFER state: drop the old root, load (or reuse) the new one; the
+        policy's out-of-sync rules sync what the guest's TLB flush asks for."""
+        rules = self.policy.unsync
+        if rules:
+            rules.before_root_switch(self)
         self._free_root()
         self.ctx = ctx
         self.fmt = pg.FORMATS.get(ctx.mode)             # None with paging off
         self._alloc_root()
-        if self.policy.unsync:
-            # kvm_mmu_load -> kvm_mmu_sync_roots; a CR3 write without PCID NOFLUSH also asks for
-            # KVM_REQ_MMU_SYNC (kvm_set_cr3 -> kvm_invalidate_pcid, Linux 6.18 x86.c). x86shadow
-            # models no PCIDs, so every CR3 write is a flushing one
-            unsync.sync_roots(self, "new root")
+        if rules:
+            rules.root_loaded(self, "new root")
         self.requests |= REQ_TLB_FLUSH
         if ev.EXIT in self.events.subs:
             self.events.emit(ev.EXIT)
@@ -190,7 +191,7 @@ class VcpuMmu:
         self._free_root()
         self._alloc_root()
         if self.policy.unsync:
-            unsync.sync_roots(self, "root reload")        # kvm_mmu_load
+            self.policy.unsync.root_loaded(self, "root reload")      # kvm_mmu_load
         self.requests |= REQ_TLB_FLUSH
 
     def _refresh_pdptes(self) -> bool:
@@ -259,10 +260,12 @@ class VcpuMmu:
             r = self.page_fault(va, access)
             kind = r.kind
             if kind == FILL_TRACKED:
-                sp, idx = shadow_leaf(self.root, self.root_level, va)
-                spte = sp.spt[idx]
-                return Fill(FILL_TRACKED, spte & SPTE_FRAME,
-                            PERM_R | PERM_W | (0 if spte & SPTE_NX else PERM_X))
+                leaf = shadow_leaf(self.root, self.root_level, va)
+                if leaf is not None:
+                    spte = leaf[0].spt[leaf[1]]
+                    return Fill(FILL_TRACKED, spte & SPTE_FRAME,
+                                PERM_R | PERM_W | (0 if spte & SPTE_NX else PERM_X))
+                kind = FILL_OK                  # (a sync on the way out dropped it: again)
             if kind != FILL_OK:
                 return r
             root = self.root
@@ -312,6 +315,8 @@ class VcpuMmu:
             # a guest pte changed while we write-protected its table (FNAME(fetch) returned NULL)
         else:
             raise MMUError(f"guest page tables keep changing under the fault at {va:#x}")
+        if policy.unsync:
+            policy.unsync.fault_done(self)
         if r is _TRACKED:
             if events.tracing:
                 events.emit(ev.PAGE_FAULT, address=va, error_code=access, result="write-protected",
@@ -367,10 +372,9 @@ class VcpuMmu:
                             acc &= fmt.entry_access(w.ptes[L])
                     table_gfn = fmt.frame(gl, w.ptes[gl]) >> 12
                     child = vm.get_page(self.ctx, table_gfn, va, level - 1, False, acc, self)
-                    if child.unsync_children:
-                        # modern FNAME(fetch): a reused upper-level page is synced before it is
-                        # linked (a not-present -> present change needs no guest flush)
-                        unsync.sync_children(self, child, "fetch")
+                    rules = self.policy.unsync
+                    if rules:
+                        rules.linking(self, child, level)
                     # the guest pte may have changed while we write-protected the table
                     cur = fmt.read_pte(self.mem, w.pte_gpa[gl])
                     if (cur | pg.PTE_A | pg.PTE_D) != (w.ptes[gl] | pg.PTE_A | pg.PTE_D):
@@ -383,6 +387,8 @@ class VcpuMmu:
                               else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
                               bool(access & pg.PFERR_U), pfn=pfn,
                               gpte=None if node.role.direct else w.ptes[1])
+        if node.unsync:
+            self.policy.unsync.leaf_installed(self, node, idx, w.ptes[1])
         return _TRACKED if emulate else _FIXED
 
     def other_exit(self) -> None:
@@ -395,13 +401,13 @@ class VcpuMmu:
         """The guest invalidated va. Every write to a synced guest table is trapped and applied
         to the shadow at once, so those sptes are already right: like KVM before out-of-sync
         pages (2.6.25 had no invlpg hook at all) and Xen 3.3 without OOS, nothing is dropped.
-        An out-of-sync page on the way to va resyncs its one spte (mmu/unsync.py). (The CPU's
-        TLB entry goes: the CPU executes the invlpg itself.)"""
+        What the policy does besides (resync the spte of an out-of-sync page, drop the leaf
+        spte...) is its ``invlpg`` hook. (The CPU's TLB entry goes: the CPU executes the invlpg
+        itself.)"""
         self.counters["invlpg"] += 1
         if self.events.tracing:
             self.events.emit(ev.INVLPG, address=va)
-        if self.policy.unsync:
-            unsync.invlpg(self, va)
+        self.policy.invlpg(self, va)
         if ev.EXIT in self.events.subs:
             self.events.emit(ev.EXIT)
 

@@ -20,12 +20,9 @@ from ..counters import new_counters
 from ..memory.memslots import Memslots
 from . import unsync
 from .pages import ENTRIES, Role, ShadowPage
+from .requests import REQ_MMU_RELOAD, REQ_TLB_FLUSH
 from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 
-# KVM_REQ_* (per-vCPU requests, serviced before the vCPU runs the guest again)
-REQ_TLB_FLUSH = 1          # KVM_REQ_TLB_FLUSH: flush the CPU's TLB
-REQ_MMU_RELOAD = 2         # KVM_REQ_MMU_RELOAD: a root was zapped; reload it
-REQ_MMU_SYNC = 4           # KVM_REQ_MMU_SYNC: sync the unsync pages the root reaches
 
 
 _ACC_U, _ACC_W, _ACC_X = pg.ACC_U, pg.ACC_W, pg.ACC_X
@@ -129,8 +126,9 @@ class VmMmu:
         asking (out-of-sync pages of gfn may have to be synced or zapped first)."""
         role = self.role(ctx, level, direct, access, va)
         key = (gfn, role)
-        if not direct and self.policy.unsync and gfn in self.sps_by_gfn:
-            self._unsync_pages_before_get(gfn, role, mmu)
+        rules = self.policy.unsync
+        if rules:
+            rules.before_get_page(self, mmu, gfn, role, direct)
         sp = self.hash.get(key)
         if sp is not None:
             return sp
@@ -142,35 +140,18 @@ class VmMmu:
         self.hash[key] = sp
         if not direct:
             self.sps_by_gfn[gfn][sp] = None
-            if level > 1 or not self.policy.unsync:
+            if level > 1 or not rules:
                 sp.write_tracked = True
                 self.track_add(gfn)
-            else:
+            elif not rules.page_created(self, mmu, sp):
                 # modern account_shadowed: a 4 KiB leaf page is not write-tracked (it may go
-                # out of sync); its frame's sptes are only made read-only
+                # out of sync); its frame's sptes are only made read-only (2.6.28
+                # kvm_mmu_get_page: rmap_write_protect)
                 self.write_protect(gfn)
         if self.events.tracing:
             self.events.emit(ev.GET_PAGE, gfn=gfn, level=level, direct=direct, quadrant=role.quadrant,
                              access=access, created=True, sp=sp.id)
         return sp
-
-    def _unsync_pages_before_get(self, gfn, role, mmu) -> None:
-        """Modern kvm_mmu_find_shadow_page (Linux 6.18 mmu.c): an unsync page of gfn with the
-        role asked for is refreshed from the guest table and stays unsync (kvm_sync_page
-        without write-protecting; a failed sync zaps it); when gfn is now wanted as an
-        upper-level table, its unsync pages of another role are zapped (the new page
-        write-tracks the frame)."""
-        for sp in list(self.sps_by_gfn.get(gfn, ())):
-            if not sp.unsync:
-                continue
-            if sp.role != role:
-                if role.level > 1:
-                    self.prepare_zap_page(sp, reason="unsync leaf of a frame now used as an "
-                                                     "upper-level table")
-            elif mmu is not None:
-                unsync.sync_page(mmu, sp, "get_page")
-        if self.invalid_list:
-            self.commit_zap()
 
     def _recycle(self) -> None:
         """KVM's kvm_mmu_free_some_pages: zap the oldest page that is not a root."""
@@ -232,6 +213,8 @@ class VmMmu:
                 self.track_remove(sp.gfn)
         unsync.unlink_unsync_page(self, sp)
         sp.zapped = True
+        if not sp.role.direct and sp.gfn not in self.sps_by_gfn and self.policy.unsync:
+            self.policy.unsync.gfn_unshadowed(self, sp.gfn)
         policy = self.policy
         for v in self.vcpus:
             policy.on_zap(v, v.policy_state, sp)
@@ -319,8 +302,10 @@ class VmMmu:
                 emulate = write_fault
             elif gfn in self.sps_by_gfn:
                 old = sp.spt[idx]
-                if (not (old & SPTE_P and old & SPTE_W and sp.gfns[idx] == gfn)
-                        and not unsync.try_to_unsync(self, gfn, synchronizing, speculative)):
+                rules = self.policy.unsync
+                if (not rules or not (old & SPTE_P and old & SPTE_W and sp.gfns[idx] == gfn)
+                        and not rules.may_unsync(self, vcpu, sp, idx, gfn, write_fault,
+                                                 user_fault, speculative, synchronizing)):
                     writable = False
                     emulate = write_fault
         if pfn is None:                           # (the fault path looked it up already)
@@ -341,7 +326,9 @@ class VmMmu:
         sp.spt[idx] = spte
         sp.gfns[idx] = gfn
         sp.gptes[idx] = gpte
-        self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative, emulate)
+        if not synchronizing:        # (a resync is set_spte, not mmu_set_spte, in KVM 2.6.28)
+            self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative,
+                                          emulate)
         return emulate
 
     # ------------------------------------------------------------------ the pte-write path helpers

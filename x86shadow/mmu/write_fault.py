@@ -91,8 +91,11 @@ def handle_trapped_write(mmu, w: TrappedWrite) -> str:
     mem = mmu.mem
     gpa, size = w.gpa, w.size
     gfn = gpa >> 12
-    if not vm.is_tracked(gfn):
-        # a stale mapping to the trap (the frame was unshadowed since the TLB entry was made):
+    rules = mmu.policy.unsync
+    if not vm.is_tracked(gfn) and not (rules and vm.is_shadowed(gfn)
+                                       and rules.write_must_trap(vm, gfn, w.cpl == 3)):
+        # a stale mapping to the trap (the frame was unshadowed since the TLB entry was made, or
+        # it may go out of sync now -- the fault after the flush makes its spte writable):
         # refuse the store and flush, so the instruction and those after it store natively
         # (without this a loop keeps trapping until the next fill); a store the CPU cannot
         # refuse cleanly is completed here

@@ -4,16 +4,20 @@ from __future__ import annotations
 from .base import AHEAD, EMULATE, FAIL, UNPROTECT, Policy, Verdict
 from .baselines import EmulateAll, UnshadowAll
 from .kvm import Kvm
-from .kvm2008 import Andrea, Kvm2008, Kvm2008AccessFix
-from .xen import Xen
+from .kvm2008 import Andrea, Kvm2008, Kvm2008AccessFix, Kvm2008Oos
+from .xen import Xen, XenOos
 
-POLICIES = {cls.name: cls for cls in (Kvm, Kvm2008, Kvm2008AccessFix, Andrea, Xen, EmulateAll,
-                                      UnshadowAll)}
+POLICIES = {cls.name: cls for cls in (Kvm, Kvm2008, Kvm2008AccessFix, Kvm2008Oos, Andrea, Xen,
+                                      XenOos, EmulateAll, UnshadowAll)}
 POLICY_NAMES = list(POLICIES)
 DEFAULT_POLICY = "kvm"
 
 
-UNSYNC_POLICIES = ("kvm",)        # the policies with out-of-sync pages to turn on or off
+# the policies whose out-of-sync pages ``--unsync`` turns on or off (KVM's oos_shadow module
+# parameter, 2.6.28-3.x); xen-oos always has them (Xen 3.3 builds them in: SHOPT_OUT_OF_SYNC),
+# and without them it is policy xen
+UNSYNC_POLICIES = ("kvm", "kvm-2008-oos")
+OOS_ALWAYS = {"xen-oos": "xen"}
 
 
 def make_policy(name: str, unsync: bool | None = None) -> Policy:
@@ -25,9 +29,14 @@ def make_policy(name: str, unsync: bool | None = None) -> Policy:
         raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})") from None
     if name in UNSYNC_POLICIES:
         return cls() if unsync is None else cls(unsync=unsync)
+    if name in OOS_ALWAYS:
+        if unsync is False:
+            raise ValueError(f"policy {name!r} always has out-of-sync pages (without them it is "
+                             f"policy {OOS_ALWAYS[name]!r})")
+        return cls()
     if unsync:
         raise ValueError(f"policy {name!r} has no out-of-sync pages (--unsync on is for "
-                         f"{', '.join(UNSYNC_POLICIES)})")
+                         f"{', '.join(UNSYNC_POLICIES + tuple(OOS_ALWAYS))})")
     return cls()
 
 

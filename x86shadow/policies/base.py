@@ -37,7 +37,7 @@ class Policy:
 
     name = "base"
     # out-of-sync shadow pages: None (off: every shadowed frame is write-tracked, KVM's
-    # oos_shadow=0) or the rule set of mmu/unsync.py the policy follows
+    # oos_shadow=0) or the rule set the policy follows (an mmu.unsync.UnsyncRules)
     unsync = None
     # 2.6.25's guest walker updates D with a cmpxchg and calls kvm_mmu_pte_write itself
     walker_dirty_is_pte_write = False
@@ -70,3 +70,8 @@ class Policy:
 
     def on_other_exit(self, mmu, st) -> None:
         pass
+
+    def invlpg(self, mmu, va) -> None:
+        """The guest invalidated va (VcpuMmu.invlpg): what the out-of-sync rules do, if any."""
+        if self.unsync:
+            self.unsync.invlpg(mmu, va)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import events as ev
 from ..emulate.decode import misaligned_kvm
-from ..mmu.unsync import MODERN
+from ..mmu.unsync import ModernRules
 from .base import EMULATE, FAIL, UNPROTECT, Policy, Verdict
 
 FLOOD_THRESHOLD = 3        # detect_write_flooding: ++sp->write_flooding_count >= 3
@@ -24,7 +24,7 @@ class Kvm(Policy):
     name = "kvm"
 
     def __init__(self, unsync: bool = True):
-        self.unsync = MODERN if unsync else None
+        self.unsync = ModernRules() if unsync else None
 
     def classify(self, mmu, st, w) -> Verdict:
         insn = w.insn

@@ -1,8 +1,11 @@
 """KVM before out-of-sync shadow pages (~2.6.24-2.6.26): ``kvm-2008``, ``kvm-2008-accessfix``,
-``andrea``. Sources (read through the code index; see docs/POLICY_SOURCES.md):
+``andrea``; and the first KVM with them (2.6.28): ``kvm-2008-oos``. Sources (read through the
+code index; see docs/POLICY_SOURCES.md):
 
 K25  torvalds/linux arch/x86/kvm/mmu.c + paging_tmpl.h at 947da538 (2.6.25)
 K26  torvalds/linux arch/x86/kvm/mmu.c at 1b7fcd3263e5 (Avi Kivity's access fix)
+T2628 arch/x86/kvm/mmu.c + paging_tmpl.h of the 2.6.28 baseline (sensysnetworks/linux-2.6.28-at91):
+     ``kvm-2008-oos``
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from .. import paging as pg
 from ..emulate.decode import misaligned_kvm2008
 from ..mmu.pages import prefetch_invalid_gpte
 from ..mmu.spte import SPTE_A, SPTE_P
+from ..mmu.unsync import Kvm2628Rules, invlpg_drop_leaf
 from .base import EMULATE, FAIL, UNPROTECT, Policy, Verdict
 
 
@@ -117,7 +121,7 @@ class Kvm2008(Policy):
             return
         acc = fmt.entry_access(gpte, mmu.ctx.nxe)
         mmu.vm.set_spte(mmu, sp, idx, gfn, acc & sp.role.access, bool(gpte & pg.PTE_D), False,
-                        False, speculative=True)
+                        False, speculative=True, gpte=gpte)
 
     def _access_page(self, mmu, st, gfn):
         pass
@@ -180,3 +184,30 @@ class Andrea(Kvm2008AccessFix):
         if w.cpl != 3 and insn is not None and insn.clears_accessed_bit:
             return Verdict(UNPROTECT, f"unprotect: {insn.kvm_class} clears a pte accessed bit (andrea)")
         return super().classify(mmu, st, w)
+
+
+class Kvm2008Oos(Kvm2008AccessFix):
+    """kvm-2008-accessfix + KVM 2.6.28's out-of-sync shadow pages (commit 4731d4c7a077 and the
+    2.6.28 tree, "T2628" in docs/POLICY_SOURCES.md): the rules of mmu/unsync.Kvm2628Rules
+    (single role, level 1 only, can_unsync false while syncing, every CR3 write syncs, get_page
+    syncs and write-protects every unsync shadow of the frame, a page left with no present spte
+    is zapped), and 2.6.28's INVLPG, which drops the leaf spte. ``unsync=False`` is 2.6.28 with
+    its ``oos_shadow`` module parameter 0: the rest of 2.6.28 stays (INVLPG still drops)."""
+
+    name = "kvm-2008-oos"
+
+    def __init__(self, unsync: bool = True):
+        self.unsync = Kvm2628Rules() if unsync else None
+
+    def classify(self, mmu, st, w) -> Verdict:
+        insn = w.insn
+        # T2628 set_spte / mmu_set_spte: no user_fault -> mmu_unshadow any more (2.6.25 had
+        # it); a CPL3 write that still traps is emulated like any other
+        if insn is None:
+            return Verdict(FAIL, "unprotect: emulation failed (instruction not decoded)")
+        return Verdict(EMULATE, f"emulate: {insn.kvm_class} (kvm-2008 emulates every write)")
+
+    def invlpg(self, mmu, va) -> None:
+        # T2628 FNAME(invlpg): the level-1 spte for va is dropped, in any page (2.6.28; 2.6.29
+        # re-instantiates it from the guest pte -- we model 2.6.28)
+        invlpg_drop_leaf(mmu, va)

@@ -1,4 +1,4 @@
-"""Xen 3.3 shadow paging without out-of-sync pages (``xen``).
+"""Xen 3.3 shadow paging without out-of-sync pages (``xen``), and with them (``xen-oos``).
 
 Source: Xen 3.3.1 xen/arch/x86/mm/shadow/multi.c (tumf/xen-3.3.1 at 4de6d963): sh_page_fault's
 emulate path, emulate_map_dest / emulate_unmap_dest, check_for_early_unshadow. See
@@ -9,6 +9,7 @@ from __future__ import annotations
 from .. import events as ev
 from .. import paging as pg
 from ..emulate.decode import is_zero_write, unaligned_xen
+from ..mmu.oos_xen import Xen33Rules
 from .base import AHEAD, EMULATE, FAIL, UNPROTECT, Policy, Verdict
 
 EMULATE_AHEAD_MAX = 4       # sh_page_fault: "emulate up to four extra instructions" (PAE guests)
@@ -99,3 +100,14 @@ class Xen(Policy):
         if st.ahead is not None:
             mmu.counters["emulate_ahead"] += len(st.ahead[1])
             st.ahead = None
+
+
+class XenOos(Xen):
+    """xen + Xen 3.3's out-of-sync L1 page tables (mmu/oos_xen.py: 3 per vCPU, snapshots,
+    fixups, resync at CR3 updates). Writes that still trap -- to upper-level tables, from user
+    mode, to a frame with several shadow types -- take the xen path above."""
+
+    name = "xen-oos"
+
+    def __init__(self):
+        self.unsync = Xen33Rules()
