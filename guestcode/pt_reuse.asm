@@ -9,17 +9,18 @@
 #     CR3 reload -> the others checked (page 3 must fault), and the untouched ptes 4 and 5.
 #   2 unlink: the level-2 entry for W1 cleared; INVLPG of page 0 -> page 0 faults; CR3 reload ->
 #     pages 1 and 6 fault.
-#   3 upper level: T zeroed and refilled as an upper-level table of window W2 -- mode 32: the root
-#     itself (identity PDEs copied in; CR3 := T), PAE: a PD (PDPTE 2 := T), 64: a PDPT (PML4E 2 := T)
-#     -- entry U0 reaching leaf table PT_A (64: through PD_X), entry U1 a large page (64: through PD_Y).
-#     Checked: 4 pages through U0, 2 in the large page, W1 still faults. Then U0 re-pointed at leaf
-#     table PT_B (64: through a new PD_Z) and U1 cleared: INVLPG of one page of U0 -> that page;
-#     CR3 reload -> the other U0 pages and the fault in U1.
+#   3 upper level: T's used ptes cleared (one rep stos) and T refilled as an upper-level table of
+#     window W2 -- mode 32: the root itself (identity PDEs copied in; CR3 := T), PAE: a PD
+#     (PDPTE 2 := T), 64: a PDPT (PML4E 2 := T) -- entry U0 reaching leaf table PT_A (64: through
+#     PD_X), entry U1 a large page (64: through PD_Y). Checked: 4 pages through U0, 2 in the large
+#     page, W1 still faults. Then U0 re-pointed at leaf table PT_B (64: through a new PD_Z) and U1
+#     cleared: INVLPG of one page of U0 -> that page; CR3 reload -> the other U0 pages and the
+#     fault in U1.
 #   4 leaf again: T unlinked from the upper level (mode 32: CR3 := R; PAE / 64: the root entry
-#     cleared + CR3 reload; W2 faults), zeroed, refilled as a leaf (pool frames 24..31) and linked as
-#     the leaf table of W3 (the level-2 entry next to W1's) + CR3 reload; read through. Then ptes 1, 2,
-#     3 re-pointed and pte 7 cleared: INVLPG of page 1 only -> page 1; CR3 reload -> pages 2, 3, the
-#     fault at 7, the untouched pages; W1 still faults.
+#     cleared + CR3 reload; W2 faults), its used entries cleared, refilled as a leaf (pool frames
+#     24..31) and linked as the leaf table of W3 (the level-2 entry next to W1's) + CR3 reload; read
+#     through. Then ptes 1, 2, 3 re-pointed and pte 7 cleared: INVLPG of page 1 only -> page 1; CR3
+#     reload -> pages 2, 3, the fault at 7, the untouched pages; W1 still faults.
 # Exit codes: 1..6 phase 1, 10..11 phase 2, 20..25 phase 3, 30..36 phase 4, 37 wrong number of page
 # faults, 40..42 #PF handler.
 
@@ -293,12 +294,19 @@ ptes_loop:
     POPA_
     ret
 
-# zero_t: T := zeroes (natively, through the identity map)
-zero_t:
+# clear_t: eax = first entry, ecx = number of entries: those entries of T := 0 with one `rep stos`
+# through the identity map (only the entries a phase used: a whole page would be 1024 emulated
+# stores under the policies that emulate every write)
+clear_t:
     PUSHA_
     mov edi, dword ptr [v_t]
+.if PAGING == 2
+    lea edi, [edi + eax * 4]
+.else
+    lea edi, [edi + eax * 8]
+    shl ecx, 1
+.endif
     xor eax, eax
-    mov ecx, PAGE / 4
     cld
     rep stosd
     POPA_
@@ -408,7 +416,9 @@ mk_pool:
     CHK R_W1, 6, 1, NOPAGE, 11
 
     # ---- 3: T as an upper-level table of W2
-    call zero_t
+    xor eax, eax
+    mov ecx, 8
+    call clear_t                       # the ptes of phase 1
     call pt_alloc
     mov dword ptr [v_pta], eax
     xor ebx, ebx
@@ -511,7 +521,14 @@ mk_pool:
     RELOAD_CR3
 .endif
     CHK R_U0, 0, 1, NOPAGE, 30
-    call zero_t
+    xor eax, eax
+.if PAGING == 2
+    mov ecx, ID_DWORDS
+    call clear_t                       # the identity PDEs copied in
+    mov eax, U0
+.endif
+    mov ecx, 2
+    call clear_t                       # U0, U1
     mov eax, dword ptr [v_t]
     xor ebx, ebx
     mov ecx, 8
