@@ -4,9 +4,10 @@
 # A pool of frames, frame k holding FMARK + k at +0; a large page at LARGE_PHYS (FMARK + 64 at +0,
 # FMARK + 69 at +0x5000). Root R identity-maps the low 64 MiB. Phases:
 #   1 leaf: T is linked as the leaf table of window W1 (the entry for W1 at level 2 := T); its ptes are
-#     written natively (pool frames 0..5), CR3 reloaded, the pages read through. Then ptes 0, 1, 2 re-pointed, pte 3
-#     cleared, pte 6 made present, all before any flush: INVLPG of page 0 only -> page 0 checked;
-#     CR3 reload -> the others checked (page 3 must fault), and the untouched ptes 4 and 5.
+#     written natively (pool frames 0..5), CR3 reloaded, the pages read through. Then ptes 0, 1, 2
+#     re-pointed, pte 3 cleared, pte 6 made present, all before any flush: INVLPG of page 0 only ->
+#     page 0 checked; CR3 reload -> the others checked (page 3 must fault), and the untouched ptes 4
+#     and 5.
 #   2 unlink: the level-2 entry for W1 cleared; INVLPG of page 0 -> page 0 faults; CR3 reload ->
 #     pages 1 and 6 fault.
 #   3 upper level: T's used ptes cleared (one rep stos) and T refilled as an upper-level table of
