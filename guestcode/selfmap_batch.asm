@@ -22,8 +22,11 @@
 #     through the cross map, PT_W[2], PT_W[3] re-pointed (frames 22, 23) through the self-map:
 #     INVLPG of WIN2 page 1 -> that page; INVLPG of WIN page 2 -> that page; CR3 reload -> the rest,
 #     and WIN2 page 3 unchanged
+#   E right after that reload (both tables synced again): PT_W2[3] and PT_W2[0] re-pointed through
+#     the cross map, PT_W[4] made present through the self-map: INVLPG of WIN2 page 0 -> that page;
+#     CR3 reload -> the other two
 # Exit codes: 1..4 batch A, 5..8 B, 9..12 C, 13..16 D, 17 wrong number of page faults, 18 a write
-# that must fault did not, 19 the initial reads, 40..42 #PF handler.
+# that must fault did not, 19 the initial reads, 20..21 E, 40..42 #PF handler.
 
 .include "lib/console.inc"
 .include "lib/paging.inc"
@@ -469,6 +472,16 @@ b_wfault:
     CHK R_WIN2, 2, 1, NOPAGE, 15
     CHK R_WIN2, 3, 1, 19, 15
     CHK R_WIN, 3, 1, 23, 16
+
+    # ---- E: right after the sync of both tables, more ptes through the aliases
+    SM_SET XMAP, 3, 12
+    SM_SET XMAP, 0, 13
+    SM_SET SMAP, 4, 14
+    FLUSH R_WIN2, 0
+    CHK R_WIN2, 0, 1, 13, 20
+    RELOAD_CR3
+    CHK R_WIN2, 3, 1, 12, 21
+    CHK R_WIN, 4, 1, 14, 21
 
     PASS
     MAIN_EPILOGUE
