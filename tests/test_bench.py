@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from x86shadow.bench import WORKLOADS
+from x86shadow.bench import BY_NAME, WORKLOADS, BenchError, Run, check_reported_ptes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROW_FIELDS = ("name", "guest_insns", "shadow_s", "native_s", "ratio", "exits", "us_per_exit")
@@ -85,8 +85,98 @@ def test_unsync_on_emulates_no_pte_write(tmp_path):
     assert "pt_write" not in row["us_per_exit"]
 
 
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The two fork workloads in every mode, out-of-sync pages on and off side by side."""
+    path = tmp_path_factory.mktemp("bench") / "both.json"
+    r = bench("--quick", "--silent", "--unsync", "both", "--mode", "all", "--workload", "fork",
+              "pt-writes-fork", "--json", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r, json.loads(path.read_text())
+
+
+MODES = ("32", "pae", "64")
+SIDE_FIELDS = ("shadow_s", "ratio", "exits", "us_per_pte", "counters")
+
+
+def test_fork_passes_in_every_mode_under_both_mmus(both):
+    # the bench raises (exit status 2) unless every run of a workload, native and shadow, ends
+    # with status 0 and PASS; so every row here is a passing run of each MMU
+    _, doc = both
+    rows = [row for row in doc["workloads"] if row["name"] == "fork"]
+    assert sorted((row["mode"], row["unsync"]) for row in rows) == \
+        sorted((m, u) for m in MODES for u in (True, False))
+    for row in rows:
+        assert row["guest_insns"] > 0 and row["exits"] > 0
+        assert row["shadow_s"] > 0 and row["native_s"] > 0
+        assert row["counters"]["pf_guest"] > 0          # the copy-on-write faults reached the guest
+        assert row["ptes_written"] == BY_NAME["fork"].ptes(row["n"])
+        assert "marker port" in row["ptes_written_method"]
+
+
+def test_unsync_both_gives_both_rows_with_the_fields(both):
+    r, doc = both
+    assert doc["meta"]["unsync"] == "both"
+    cmp = doc["unsync_compare"]
+    assert sorted((c["name"], c["mode"]) for c in cmp) == \
+        sorted((n, m) for n in ("fork", "pt-writes-fork") for m in MODES)
+    for c in cmp:
+        assert c["ptes_written"] == BY_NAME[c["name"]].ptes(c["n"]) > 0
+        assert c["native_s"] > 0 and c["native_us_per_pte"] > 0
+        for side in ("on", "off"):
+            for f in SIDE_FIELDS:
+                assert f in c[side], (c["name"], side, f)
+            assert c[side]["exits"] > 0 and c[side]["ratio"] > 0 and c[side]["us_per_pte"] > 0
+        # the same numbers as the rows of the two shadow configurations
+        for side, flag in (("on", True), ("off", False)):
+            row = next(w for w in doc["workloads"]
+                       if (w["name"], w["mode"], w["unsync"]) == (c["name"], c["mode"], flag))
+            assert (row["exits"], row["ratio"], row["us_per_pte"]) == \
+                (c[side]["exits"], c[side]["ratio"], c[side]["us_per_pte"])
+    # the printed side-by-side table: one row per workload and mode, both sides filled in
+    out = r.stdout.splitlines()
+    header = next(line for line in out if "on: ratio" in line)
+    for col in ("ptes written", "native us/pte", "on: exits", "on: us/pte", "off: ratio",
+                "off: exits", "off: us/pte"):
+        assert col in header, col
+    cols = [c.strip() for c in header.split("┃")[1:-1]]
+    start = out.index(header)
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out[start:]
+            if line.startswith("│")]
+    rows = [row for row in rows if len(row) == len(cols)]
+    assert sorted((row[0], row[1]) for row in rows) == \
+        sorted((n, m) for n in ("fork", "pt-writes-fork") for m in MODES)
+    for row in rows:
+        cell = dict(zip(cols, row))
+        for col in ("on: ratio", "off: ratio", "on: us/pte", "off: us/pte"):
+            float(cell[col])
+
+
+def test_unsync_on_traps_fewer_page_table_writes_than_off(both):
+    _, doc = both
+    for c in doc["unsync_compare"]:
+        on, off = c["on"]["counters"], c["off"]["counters"]
+        for k in ("wp_faults", "insn_emulation"):      # trapped, emulated
+            assert on[k] < off[k], (c["name"], c["mode"], k, on[k], off[k])
+        assert on["mmu_unsync_events"] > 0 and off["mmu_unsync_events"] == 0
+
+
+def test_a_reported_pte_count_must_match_the_definition():
+    w = BY_NAME["fork"]
+    check_reported_ptes(w, 2, Run(0.0, {}, markers=[w.ptes(2)]), "64", "test")
+    with pytest.raises(BenchError, match="its definition says"):
+        check_reported_ptes(w, 2, Run(0.0, {}, markers=[w.ptes(2) + 1]), "64", "test")
+    with pytest.raises(BenchError, match="no count"):
+        check_reported_ptes(w, 2, Run(0.0, {}), "64", "test")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--policy", "xen", "--unsync", "on"], "has no out-of-sync pages"),
+    (["--unsync", "both", "--policy", "xen"], "policy 'xen' has none"),
+    (["--unsync", "both", "--policy", "kvm-2008", "--json", "/proc/x86shadow-b.json"],
+     "policy 'kvm-2008' has none"),
+    (["--unsync", "both", "--growth"], "not --growth or --profile"),
+    (["--unsync", "sometimes"], "invalid choice"),
     (["--workload", "no-such-workload"], "unknown workload"),
     (["--mode", "16"], "unknown mode"),
     (["--rounds", "-1"], "--rounds"),

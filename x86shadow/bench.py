@@ -20,9 +20,17 @@ that repeats one kind of event is compared with a baseline that does the same mi
 (likewise on native; the difference of the two is the shadow MMU's overhead per event). The events
 are counted by the shadow run's counters (docs/COUNTERS.md) or by the instrumented run.
 
+With ``--unsync both`` (policies with out-of-sync pages) every workload has two shadow
+configurations, out-of-sync pages on and off, timed in the same rounds as one native run (on, off,
+native, on, off, native ...); a side-by-side table shows, for each, the ratio to native, the exits,
+the trapped and emulated page-table writes and the time per guest pte written. Ptes written per run
+come from each workload's definition (``Workload.ptes``); a workload that counts them itself
+(``fork``) reports its total through the marker port and must agree.
+
 The JSON (``--json``) is docs/JSON_RECORDS.md: ``{"workloads": [row, ...]}`` with ``name``, ``guest_insns``,
-``shadow_s``, ``native_s``, ``ratio``, ``exits``, ``us_per_exit`` per row, plus ``exit_costs`` and
-``meta``.
+``shadow_s``, ``native_s``, ``ratio``, ``exits``, ``us_per_exit``, ``unsync``, ``ptes_written``,
+``us_per_pte`` per row, plus ``exit_costs``, ``meta`` and, with ``--unsync both``,
+``unsync_compare``.
 
 ``growth()`` is the growth sweep (``x86shadow bench --growth``, ``tools/growth.py``): cost and
 shadow-MMU memory against the working set, the number of shadow pages and the guest RAM size.
@@ -40,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import resources
 
@@ -96,6 +105,11 @@ class Workload:
     baseline: str | None = None
     symbols: dict = field(default_factory=dict)
     target_ratio: float | None = None
+    # leaf (4 KiB) guest ptes the program's own code writes in one run at size n: every set_pte,
+    # pte_clear and locked read-modify-write of one pte counts once (a PAE entry's two halves are
+    # one), upper-level and large-page entries are not counted. Read off the program's loops.
+    ptes: Callable[[int], int] = lambda n: 0
+    reports_ptes: bool = False  # the guest also reports its own count through MARKER_PORT
 
     @property
     def path(self) -> Path:
@@ -108,28 +122,38 @@ WORKLOADS = (
     Workload("store-heavy", "store_heavy.asm", 150, 2,
              "8 stores/iteration over 128 pages (fit in the TLB)", target_ratio=1.0),
     Workload("tlb-miss-heavy", "tlb_miss_heavy.asm", 500, 4,
-             "512 pages 1 MiB apart: every access a TLB refill", event="tlb_fill", baseline="idle"),
+             "512 pages 1 MiB apart: every access a TLB refill", event="tlb_fill", baseline="idle",
+             ptes=lambda n: 512),
     Workload("demand-paging", "demand_paging.asm", 6000, 200,
              "guest #PF -> own handler maps the page -> iret -> retry", event="pf_guest",
-             baseline="idle"),
+             baseline="idle", ptes=lambda n: n),
+    # 1024 parent ptes mapped, then per fork 1024 each: W cleared, child pte, child pte cleared,
+    # W set again
     Workload("pt-writes-fork", "pt_writes_fork.asm", 40, 1,
-             "fork: copy 1024 ptes (write-protect parent), child runs, teardown"),
+             "fork: copy 1024 ptes (write-protect parent), child runs, teardown",
+             ptes=lambda n: 1024 + 4 * 1024 * n),
+    # the formula is fork.asm's header's (M = 1024); the guest checks it and reports its count
+    Workload("fork", "fork.asm", 8, 1,
+             "fork + copy-on-write faults (guest #PF handler) + child exit, 1024 pages",
+             ptes=lambda n: 1024 + n * 1024 * 17 // 4, reports_ptes=True),
     Workload("cr3-switch", "cr3_switch.asm", 3000, 40,
              "8 processes, CR3 load + 1 page touched per switch", event="cr3_switch",
-             baseline="cr3-switch-base", symbols={"SWITCH": 1}),
+             baseline="cr3-switch-base", symbols={"SWITCH": 1}, ptes=lambda n: 8),
     Workload("fault-in", "fault_in.asm", 131072, 1024,
              "each of N pre-mapped pages touched once: shadow faults", group="micro",
-             event="pf_fixed", baseline="idle"),
+             event="pf_fixed", baseline="idle", ptes=lambda n: n),
     Workload("pte-write", "pte_write.asm", 20000, 200,
              "re-point a shadowed pte, invlpg, read through it", group="micro",
-             event="pt_write", baseline="pte-write-base", symbols={"WRITE": 1}),
+             event="pt_write", baseline="pte-write-base", symbols={"WRITE": 1},
+             ptes=lambda n: 1 + n),
     Workload("io-loop", "io_loop.asm", 1000000, 2000,
              "out to an unused port in a loop", group="micro", event="io", baseline="idle"),
     Workload("cr3-switch-base", "cr3_switch.asm", 3000, 40,
-             "cr3-switch without the CR3 loads", group="baseline", symbols={"SWITCH": 0}),
+             "cr3-switch without the CR3 loads", group="baseline", symbols={"SWITCH": 0},
+             ptes=lambda n: 8),
     Workload("pte-write-base", "pte_write.asm", 20000, 200,
              "pte-write without the pte store (invlpg + read)", group="baseline",
-             symbols={"WRITE": 0}),
+             symbols={"WRITE": 0}, ptes=lambda n: 1),
     Workload("idle", "idle.asm", 1, 1, "boot and print PASS", group="baseline"),
 )
 BY_NAME = {w.name: w for w in WORKLOADS}
@@ -180,6 +204,7 @@ class Run:
     fills: int | None = None         # instrumented runs only
     cr3: int | None = None
     machine: object = None           # kept only when asked (memory accounting)
+    markers: list = field(default_factory=list)     # values the guest wrote to MARKER_PORT
 
 
 def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="kvm",
@@ -221,7 +246,7 @@ def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="
         raise BenchError(f"workload {w.name} (mode {mode}, --mmu {mmu}) failed: exit status "
                          f"{res.status}" + (f"; output: {tail!r}" if tail else "")
                          + (f"\n{res.report}" if res.report else ""))
-    r = Run(t, dict(res.counters))
+    r = Run(t, dict(res.counters), markers=[v for v, _ in m.markers])
     if instrument and m.vm_mmu is not None:
         r.fills = fills[0] if fills[0] else None
         r.cr3 = cr3[0] if (cr3[0] or not r.counters.get("exits")) else None
@@ -232,11 +257,24 @@ def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="
     return r
 
 
+def check_reported_ptes(w: Workload, n: int, r: Run, mode: str, what: str) -> None:
+    """A workload that counts its own pte writes reports the total as its last marker: it must be
+    what the workload's definition says for size n (else the definition is wrong)."""
+    if not w.reports_ptes:
+        return
+    got = r.markers[-1] if r.markers else None
+    if got != w.ptes(n):
+        raise BenchError(f"workload {w.name} (mode {mode}, {what}): the guest reports "
+                         f"{'no count' if got is None else f'{got} leaf pte writes'}, its "
+                         f"definition says {w.ptes(n)}")
+
+
 def count_insns(w: Workload, mode: str, n: int, ram_mib: int, policy: str, unsync=None):
     """Guest instructions of a native run at size n (Unicorn's counter)."""
     r = run_once(w, mode, "native", assemble(w, mode, n, ram_mib), ram_mib=ram_mib, policy=policy,
                  unsync=unsync,
                  max_insns=1 << 60)
+    check_reported_ptes(w, n, r, mode, "--mmu native")
     return r.counters.get("guest_insns", 0)
 
 
@@ -245,6 +283,16 @@ def count_insns(w: Workload, mode: str, n: int, ram_mib: int, policy: str, unsyn
 
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+def _per_pte(seconds, ptes):
+    return seconds / ptes * 1e6 if ptes and seconds is not None else None
+
+
+PTES_METHOD = ("workload definition (x86shadow/bench.py: the leaf pte writes of the program's "
+               "loops at size N)")
+PTES_METHOD_REPORTED = PTES_METHOD + (", equal to the count the guest reports through the marker "
+                                      "port (checked on every untimed run)")
 
 
 @dataclass
@@ -260,6 +308,7 @@ class Result:
     native_counters: dict
     fills: int | None
     cr3: int | None
+    unsync: bool = False     # out-of-sync pages on in the shadow runs
     us: dict = field(default_factory=dict)            # kind -> shadow us/event
     us_native: dict = field(default_factory=dict)     # kind -> native us/event
     us_overhead: dict = field(default_factory=dict)   # kind -> shadow - native us/event
@@ -280,17 +329,47 @@ class Result:
     def exits(self):
         return self.counters.get("exits", 0)
 
+    @property
+    def ptes(self) -> int:
+        """Leaf guest ptes the workload writes in one run (its definition)."""
+        return self.w.ptes(self.n)
+
+    @property
+    def us_per_pte(self):
+        return _per_pte(self.shadow_s, self.ptes)
+
+    @property
+    def native_us_per_pte(self):
+        return _per_pte(self.native_s, self.ptes)
+
     def events(self):
         return event_counts(self.counters, self.fills, self.cr3)
+
+
+def unsync_variants(policy, unsync) -> tuple:
+    """The shadow configurations to run: (None,) for the policy's default, (True,) / (False,) for
+    --unsync on / off, (True, False) for --unsync both (policies with out-of-sync pages only)."""
+    from .policies import UNSYNC_POLICIES
+    if unsync == "both":
+        if policy not in UNSYNC_POLICIES:
+            raise BenchError(f"--unsync both compares out-of-sync pages on and off; policy "
+                             f"{policy!r} has none (--unsync both is for "
+                             f"{', '.join(UNSYNC_POLICIES)})")
+        return (True, False)
+    return (unsync,)
 
 
 def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, policy="kvm",
               unsync=None,
               log=None) -> list:
-    """Run the selected workloads; returns a list of Result (one per workload and mode)."""
+    """Run the selected workloads; returns a list of Result (one per workload, mode and shadow
+    configuration: two with ``unsync="both"``, whose shadow runs with out-of-sync pages on and off
+    alternate with one native run per round, A B C A B C ...)."""
     log = log or (lambda msg: None)
     if rounds < 1:
         raise BenchError("--rounds must be at least 1")
+    variants = unsync_variants(policy, unsync)
+    both = len(variants) > 1
     wls = select(names)
     results = []
     for mode in modes:
@@ -298,33 +377,45 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
             n = w.n_quick if quick else w.n_full
             log(f"[{mode}] {w.name} (N={n}): counting")
             prog_fw = assemble(w, mode, n, ram_mib)
-            insns = count_insns(w, mode, n, ram_mib, policy, unsync)
+            insns = count_insns(w, mode, n, ram_mib, policy, None if both else unsync)
             method = "Unicorn's instruction counter, one --mmu native run at N"
-            warm = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
-                            unsync=unsync,
-                            instrument=True)
-            shadow, native = [], []
-            last_s = last_n = None
+            warm = {}
+            for v in variants:
+                warm[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
+                                   unsync=v, instrument=True)
+                check_reported_ptes(w, n, warm[v], mode, "--mmu shadow" + _unsync_label(v))
+            shadow = {v: [] for v in variants}
+            last_s = {}
+            native = []
+            last_n = None
             for r in range(rounds):
                 log(f"[{mode}] {w.name}: round {r + 1}/{rounds}")
-                last_s = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
-                                  unsync=unsync)
-                shadow.append(last_s.seconds)
+                for v in variants:
+                    last_s[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib,
+                                         policy=policy, unsync=v)
+                    shadow[v].append(last_s[v].seconds)
                 last_n = run_once(w, mode, "native", prog_fw, ram_mib=ram_mib, policy=policy)
                 native.append(last_n.seconds)
-            results.append(Result(w, mode, n, insns, method, shadow, native, last_s.counters,
-                                  last_n.counters, warm.fills, warm.cr3))
+            for v in variants:
+                results.append(Result(w, mode, n, insns, method, shadow[v], native,
+                                      last_s[v].counters, last_n.counters, warm[v].fills,
+                                      warm[v].cr3, unsync=_unsync_on(policy, v)))
     derive_costs(results)
     return results
 
 
+def _unsync_label(v) -> str:
+    return "" if v is None else f" --unsync {'on' if v else 'off'}"
+
+
 def derive_costs(results) -> None:
-    """Per-event costs by differential measurement against each workload's baseline."""
-    by = {(r.w.name, r.mode): r for r in results}
+    """Per-event costs by differential measurement against each workload's baseline (measured in
+    the same mode and shadow configuration)."""
+    by = {(r.w.name, r.mode, r.unsync): r for r in results}
     for r in results:
         if not r.w.event or not r.w.baseline:
             continue
-        b = by.get((r.w.baseline, r.mode))
+        b = by.get((r.w.baseline, r.mode, r.unsync))
         if b is None:
             continue
         k = r.w.event
@@ -338,7 +429,7 @@ def derive_costs(results) -> None:
 
 
 def exit_costs(results) -> list:
-    """One entry per measured exit kind and mode, plus the ratio targets."""
+    """One entry per measured exit kind, mode and shadow configuration, plus the ratio targets."""
     out = []
     for r in results:
         for k, us in r.us.items():
@@ -348,12 +439,51 @@ def exit_costs(results) -> list:
                         "baseline": b, "events": r.events()[k],
                         "shadow_us": round(us, 3), "native_us": round(r.us_native[k], 3),
                         "overhead_us": round(r.us_overhead[k], 3), "target_us": kind.target_us,
-                        "met": None if kind.target_us is None else us <= kind.target_us})
+                        "met": None if kind.target_us is None else us <= kind.target_us,
+                        "unsync": r.unsync})
     for r in results:
         if r.w.target_ratio is not None:
             out.append({"kind": "ratio", "label": f"{r.w.name} shadow/native", "mode": r.mode,
                         "measured_by": r.w.name, "ratio": round(r.ratio, 3),
-                        "target_ratio": r.w.target_ratio, "met": r.ratio <= r.w.target_ratio})
+                        "target_ratio": r.w.target_ratio, "met": r.ratio <= r.w.target_ratio,
+                        "unsync": r.unsync})
+    return out
+
+
+# what the on/off comparison shows of each shadow configuration's counters
+COMPARE_COUNTERS = ("wp_faults", "insn_emulation", "mmu_unprotect", "mmu_flooded",
+                    "mmu_unsync_events", "mmu_sync_pages", "pf_fixed", "pf_guest", "invlpg")
+
+
+def unsync_pairs(results) -> list:
+    """(on, off) Result pairs of the same workload and mode, in run order (--unsync both)."""
+    on = {}
+    pairs = []
+    for r in results:
+        key = (r.w.name, r.mode)
+        if r.unsync:
+            on[key] = r
+        elif key in on:
+            pairs.append((on.pop(key), r))
+    return pairs
+
+
+def _side(r) -> dict:
+    return {"shadow_s": _r(r.shadow_s), "ratio": _r(r.ratio, 3), "exits": r.exits,
+            "us_per_pte": _r(r.us_per_pte, 3),
+            "counters": {k: r.counters.get(k, 0) for k in COMPARE_COUNTERS}}
+
+
+def unsync_compare(results) -> list:
+    """The side-by-side record of --unsync both (docs/JSON_RECORDS.md)."""
+    out = []
+    for on, off in unsync_pairs(results):
+        out.append({"name": on.w.name, "mode": on.mode, "n": on.n, "ptes_written": on.ptes,
+                    "ptes_written_method": PTES_METHOD_REPORTED if on.w.reports_ptes
+                    else PTES_METHOD,
+                    "native_s": _r(on.native_s), "native_us_per_pte": _r(on.native_us_per_pte, 3),
+                    "on": _side(on), "off": _side(off),
+                    "off_over_on": _r(off.shadow_s / on.shadow_s, 3) if on.shadow_s else None})
     return out
 
 
@@ -385,17 +515,23 @@ def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
             "events": r.events(), "baseline": r.w.baseline,
             "shadow_runs_s": [_r(x) for x in r.shadow], "native_runs_s": [_r(x) for x in r.native],
             "counters": r.counters,
+            "unsync": r.unsync,
+            "ptes_written": r.ptes,
+            "ptes_written_method": PTES_METHOD_REPORTED if r.w.reports_ptes else PTES_METHOD,
+            "us_per_pte": _r(r.us_per_pte, 3), "native_us_per_pte": _r(r.native_us_per_pte, 3),
         })
-    return {
+    doc = {
         "workloads": rows,
         "exit_costs": exit_costs(results),
         "meta": {
             "rounds": rounds, "quick": quick, "policy": policy, "ram_mib": ram_mib,
-            "unsync": _unsync_on(policy, unsync),
+            "unsync": "both" if unsync == "both" else _unsync_on(policy, unsync),
             "timing": "wall time of Machine.run() only (no assembly, no machine creation); "
                       "medians of the rounds, shadow and native runs alternating",
             "us_per_exit": "shadow us per event = (shadow_s - shadow_s(baseline)) / "
                            "(events - events(baseline)); 'all' = (shadow_s - native_s) / exits",
+            "us_per_pte": "shadow_s (native_s) / ptes_written x 1e6: the whole run's time per leaf "
+                          "guest pte the workload writes",
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(),
             # other load on the machine inflates every time (2 shared cores here): keep it in view
@@ -403,6 +539,9 @@ def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
             else None,
         },
     }
+    if unsync == "both":
+        doc["unsync_compare"] = unsync_compare(results)
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,15 +570,24 @@ def _console(file=None):
     return Console(file=f, width=width, highlight=False, soft_wrap=False)
 
 
+def _on_off(v) -> str:
+    return "on" if v else "off"
+
+
 def print_results(results, *, rounds, quick, file=None) -> None:
     from rich.table import Table
     con = _console(file)
+    pairs = unsync_pairs(results)
+    both = bool(pairs)
     t = Table(title=f"x86shadow bench: shadow MMU vs Unicorn's own MMU (medians of {rounds} "
                     f"round{'s' if rounds != 1 else ''}{', --quick' if quick else ''})",
               title_justify="left")
-    for col, j in (("workload", "left"), ("mode", "left"), ("N", "right"), ("guest insns", "right"),
-                   ("shadow s", "right"), ("native s", "right"), ("ratio", "right"),
-                   ("exits", "right"), ("exit mix (shadow)", "left"), ("us/exit by kind", "left")):
+    cols = [("workload", "left"), ("mode", "left"), ("N", "right"), ("guest insns", "right"),
+            ("shadow s", "right"), ("native s", "right"), ("ratio", "right"),
+            ("exits", "right"), ("exit mix (shadow)", "left"), ("us/exit by kind", "left")]
+    if both:
+        cols.insert(2, ("unsync", "left"))
+    for col, j in cols:
         t.add_column(col, justify=j, no_wrap=True)
     for r in results:
         ev = r.events()
@@ -451,36 +599,77 @@ def print_results(results, *, rounds, quick, file=None) -> None:
         else:
             usk = "-"
         name = r.w.name if r.w.group == "main" else f"{r.w.name} ({r.w.group})"
-        t.add_row(name, r.mode, _fmt_count(r.n), _fmt_count(r.guest_insns), f"{r.shadow_s:.3f}",
-                  f"{r.native_s:.3f}", f"{r.ratio:.2f}", _fmt_count(r.exits), mix or "-", usk)
+        cells = [name, r.mode, _fmt_count(r.n), _fmt_count(r.guest_insns), f"{r.shadow_s:.3f}",
+                 f"{r.native_s:.3f}", f"{r.ratio:.2f}", _fmt_count(r.exits), mix or "-", usk]
+        if both:
+            cells.insert(2, _on_off(r.unsync))
+        t.add_row(*cells)
     con.print(t)
+    if both:
+        print_unsync_compare(pairs, con)
     costs = exit_costs(results)
-    if not costs:
-        return
-    t2 = Table(title="Exit costs and targets (us per event, differential: workload - baseline)",
-               title_justify="left")
-    for col, j in (("what", "left"), ("mode", "left"), ("measured by", "left"), ("events", "right"),
-                   ("shadow", "right"), ("native", "right"), ("shadow-native", "right"),
-                   ("target", "right"), ("met", "left")):
-        t2.add_column(col, justify=j, no_wrap=True)
-    for c in costs:
-        if c["kind"] == "ratio":
-            t2.add_row(c["label"], c["mode"], c["measured_by"], "-", f"{c['ratio']:.2f}", "", "",
-                       f"<= {c['target_ratio']:.1f}", "yes" if c["met"] else "NO")
-        else:
-            t2.add_row(c["label"], c["mode"], f"{c['measured_by']} - {c['baseline']}",
-                       _fmt_count(c["events"]), _fmt_us(c["shadow_us"]), _fmt_us(c["native_us"]),
-                       _fmt_us(c["overhead_us"]),
-                       "-" if c["target_us"] is None else f"<= {c['target_us']:g}",
-                       "-" if c["met"] is None else ("yes" if c["met"] else "NO"))
-    con.print(t2)
+    if costs:
+        t2 = Table(title="Exit costs and targets (us per event, differential: workload - baseline)",
+                   title_justify="left")
+        cols = [("what", "left"), ("mode", "left"), ("measured by", "left"), ("events", "right"),
+                ("shadow", "right"), ("native", "right"), ("shadow-native", "right"),
+                ("target", "right"), ("met", "left")]
+        if both:
+            cols.insert(2, ("unsync", "left"))
+        for col, j in cols:
+            t2.add_column(col, justify=j, no_wrap=True)
+        for c in costs:
+            if c["kind"] == "ratio":
+                cells = [c["label"], c["mode"], c["measured_by"], "-", f"{c['ratio']:.2f}", "", "",
+                         f"<= {c['target_ratio']:.1f}", "yes" if c["met"] else "NO"]
+            else:
+                cells = [c["label"], c["mode"], f"{c['measured_by']} - {c['baseline']}",
+                         _fmt_count(c["events"]), _fmt_us(c["shadow_us"]),
+                         _fmt_us(c["native_us"]), _fmt_us(c["overhead_us"]),
+                         "-" if c["target_us"] is None else f"<= {c['target_us']:g}",
+                         "-" if c["met"] is None else ("yes" if c["met"] else "NO")]
+            if both:
+                cells.insert(2, _on_off(c["unsync"]))
+            t2.add_row(*cells)
+        con.print(t2)
     if hasattr(os, "getloadavg"):
         con.print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
                   "(other load inflates the times; per-event costs most)")
     con.print("guest insns: Unicorn's instruction counter (Machine.run(max_insns)), one untimed "
-              "--mmu native run per workload at N.  Timing: Machine.run() only.  us/exit: shadow-side cost per event of the kind the "
-              "row measures, from the difference to its baseline (table below); 'all' = "
-              "(shadow_s - native_s) / exits.")
+              "--mmu native run per workload at N.  Timing: Machine.run() only.  us/exit: "
+              "shadow-side cost per event of the kind the row measures, from the difference to "
+              "its baseline (table below); 'all' = (shadow_s - native_s) / exits.")
+
+
+def print_unsync_compare(pairs, con) -> None:
+    """--unsync both: one row per workload and mode, out-of-sync pages on and off side by side."""
+    from rich.table import Table
+    t = Table(title="Out-of-sync pages on vs off (same guest, same run; native measured once)",
+              title_justify="left")
+    cols = [("workload", "left"), ("mode", "left"), ("ptes written", "right"),
+            ("native s", "right"), ("native us/pte", "right")]
+    for side in ("on", "off"):
+        cols += [(f"{side}: ratio", "right"), (f"{side}: exits", "right"),
+                 (f"{side}: trapped/emulated", "right"), (f"{side}: us/pte", "right")]
+    cols.append(("off/on", "right"))
+    for col, j in cols:
+        t.add_column(col, justify=j, no_wrap=True)
+    for on, off in pairs:
+        cells = [on.w.name, on.mode, _fmt_count(on.ptes) if on.ptes else "-",
+                 f"{on.native_s:.3f}", _fmt_us(on.native_us_per_pte)]
+        for r in (on, off):
+            cells += [f"{r.ratio:.2f}", _fmt_count(r.exits),
+                      f"{_fmt_count(r.counters.get('wp_faults', 0))}/"
+                      f"{_fmt_count(r.counters.get('insn_emulation', 0))}",
+                      _fmt_us(r.us_per_pte)]
+        cells.append(f"{off.shadow_s / on.shadow_s:.2f}" if on.shadow_s else "-")
+        t.add_row(*cells)
+    con.print(t)
+    con.print("ptes written: leaf guest ptes the workload writes per run (its definition in "
+              "x86shadow/bench.py; fork also reports its own count, which must agree).  us/pte: "
+              "the run's median time / ptes written.  trapped/emulated: stores to write-protected "
+              "page tables (wp_faults) / emulated (insn_emulation).  off/on: shadow time with "
+              "out-of-sync pages off over on.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,6 +906,11 @@ def main(args) -> int:
     modes = parse_modes(args.mode)
     if args.ram < 64:
         raise BenchError("--ram must be at least 64 (MiB)")
+    if args.unsync == "both":
+        if args.growth or args.profile:
+            raise BenchError("--unsync both is for the side-by-side bench, not --growth or "
+                             "--profile (give --unsync on or off)")
+        unsync_variants(args.policy, "both")    # a policy with out-of-sync pages
 
     def log(msg):
         if not args.silent:

@@ -38,10 +38,12 @@ def _policy_names():
     return POLICY_NAMES
 
 
-def _add_unsync(parser) -> None:
-    parser.add_argument("--unsync", choices=("on", "off"), default=None,
-                        type=str.lower, help="out-of-sync leaf page tables (policy kvm; default "
-                        "on; off = KVM's oos_shadow=0: every write to a shadowed table traps)")
+def _add_unsync(parser, both: bool = False) -> None:
+    parser.add_argument("--unsync", choices=("on", "off", "both") if both else ("on", "off"),
+                        default=None, type=str.lower,
+                        help="out-of-sync leaf page tables (policy kvm; default on; off = KVM's "
+                        "oos_shadow=0: every write to a shadowed table traps"
+                        + ("; both: every workload under each, side by side)" if both else ")"))
 
 
 def _unsync_arg(args):
@@ -325,7 +327,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--json", metavar="PATH", help="write the results as JSON (docs/JSON_RECORDS.md)")
     b.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="page-table write policy of the shadow runs (default kvm)")
-    _add_unsync(b)
+    _add_unsync(b, both=True)
     b.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (default 128)")
     b.add_argument("--growth", action="store_true",
                    help="instead: the growth sweep (working set, shadow pages, guest RAM; "
@@ -344,11 +346,14 @@ def cmd_bench(args) -> int:
     from .policies import make_policy
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be at least 1")
-    args.unsync = _unsync_arg(args)
-    try:
-        make_policy(args.policy, args.unsync)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    # --unsync both (each workload under the shadow MMU with out-of-sync pages on and off) is
+    # checked by bench.main before anything runs: a policy without them is a usage error there
+    if args.unsync != "both":
+        args.unsync = _unsync_arg(args)
+        try:
+            make_policy(args.policy, args.unsync)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         return bench_main(args)
     except BenchError as e:
