@@ -236,7 +236,11 @@ def test_cli_compare_json(tmp_path):
     d = json.loads(out.read_text())
     assert d["scenario"] == "kmap"
     from x86shadow.policies import POLICY_NAMES
-    assert [r["policy"] for r in d["runs"]] == POLICY_NAMES
+    # every policy, and kvm with out-of-sync pages off right after kvm
+    assert [r["policy"] for r in d["runs"]] == ["kvm"] + POLICY_NAMES
+    assert [r["label"] for r in d["runs"][:2]] == ["kvm", "kvm --unsync off"]
+    assert [r["unsync"] for r in d["runs"][:2]] == [True, False]
+    assert "kvm --unsync off" in p.stdout and "xen-oos" in p.stdout
     for r in d["runs"]:
         assert len(r["per_scan"]) == 2 and r["kmaps"] == 2 * 8 * 2
 

@@ -262,13 +262,14 @@ def cmd_scenario(args) -> int:
 
     from . import scenario as sc
     from .outputs import OutputError, check_writable
+    from .policies import comparison_configs
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     params = sc.KmapParams(mode=args.mode, variant=args.variant, order=args.order, tables=args.tables,
                            ptes=args.ptes, scans=args.scans, linearity=args.linearity, seed=args.seed,
                            ram_mib=args.ram)
-    con = Console(width=None if sys.stdout.isatty() else 160)
+    con = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
     chatty = sys.stderr.isatty()
     try:
@@ -281,7 +282,7 @@ def cmd_scenario(args) -> int:
                     check_writable(path, what)
         except OutputError as e:
             raise UsageError(str(e)) from None
-        policies = _policy_names() if args.compare else [args.policy]
+        policies = comparison_configs(_unsync_arg(args)) if args.compare else [args.policy]
 
         def progress(name, what):
             if chatty:

@@ -70,6 +70,11 @@ SHOWN = (
     ("invlpg", "invlpg"),
     ("fixmap_writes", "fixmap stores"),
     ("fixmap_writes_emulated", "fixmap stores emulated"),
+    ("user_pte_writes_emulated", "user pte stores emulated (btr)"),
+    ("mmu_unsync_events", "pages gone out of sync (KVM)"),
+    ("shadow_unsync", "frames gone out of sync (Xen)"),
+    ("mmu_sync_pages", "pages resynced"),
+    ("mmu_sync_zapped", "  zapped by the sync"),
 )
 
 
@@ -156,7 +161,7 @@ def _delta(a: dict, b: dict) -> dict:
 
 class _Snap:
     __slots__ = ("value", "counters", "emulated", "fix_emulated", "fix_zaps", "table_zaps", "guest", "t",
-                 "tables_shadowed", "fixmap_shadowed")
+                 "tables_shadowed", "fixmap_shadowed", "user_emulated")
 
 
 _image_cache: dict = {}
@@ -187,7 +192,7 @@ def _images(p: KmapParams):
 def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None) -> dict:
     """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md)."""
     from .machine import Machine
-    from .policies import make_policy
+    from .policies import config_label, make_policy
 
     p = params.check()
     ram = p.ram
@@ -230,6 +235,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
         s.fix_zaps = zapped.get(fgfn, 0)
         s.t = time.perf_counter()
         t0gfn = g["tables_pa"] >> 12
+        s.user_emulated = sum(emulated.get(t0gfn + i, 0) for i in range(p.tables))
         s.table_zaps = sum(zapped.get(t0gfn + i, 0) for i in range(p.tables))
         s.tables_shadowed = sum(1 for i in range(p.tables) if vm_mmu.is_shadowed(t0gfn + i))
         s.fixmap_shadowed = vm_mmu.is_shadowed(fgfn)
@@ -261,6 +267,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
             "kmap_skips": b.guest["kmap_skips"] - a.guest["kmap_skips"],
             "fixmap_writes": b.guest["fixmap_writes"] - a.guest["fixmap_writes"],
             "fixmap_writes_emulated": b.fix_emulated - a.fix_emulated,
+            "user_pte_writes_emulated": b.user_emulated - a.user_emulated,
             "emulated_writes": b.emulated - a.emulated,
             "fixmap_pt_zaps": b.fix_zaps - a.fix_zaps,
             "user_table_zaps": b.table_zaps - a.table_zaps,
@@ -286,13 +293,15 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
     info, totals = figures(starts[0], starts[-1])
     kmaps = info["kmaps"]
     run = {
-        "policy": policy_name, "unsync": bool(policy.unsync), "mode": p.mode,
+        "policy": policy_name, "unsync": bool(policy.unsync),
+        "label": config_label(policy_name, bool(policy.unsync)), "mode": p.mode,
         "variant": p.variant, "order": p.order,
         "tables": p.tables, "ptes": p.ptes, "scans": p.scans,
         "linearity": p.linearity, "seed": p.seed, "ram_mib": ram,
         "kmaps": kmaps,
         "fixmap_writes": info["fixmap_writes"],
         "fixmap_writes_emulated": info["fixmap_writes_emulated"],
+        "user_pte_writes_emulated": info["user_pte_writes_emulated"],
         "kmap_skips": info["kmap_skips"],
         "emulated_writes": info["emulated_writes"],
         "fixmap_pt_zaps": info["fixmap_pt_zaps"],
@@ -306,6 +315,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
                       (("exits", totals["exits"]), ("emulated_writes", info["emulated_writes"]),
                        ("fixmap_writes", info["fixmap_writes"]),
                        ("fixmap_writes_emulated", info["fixmap_writes_emulated"]),
+                       ("user_pte_writes_emulated", info["user_pte_writes_emulated"]),
                        ("wp_faults", totals["wp_faults"]))} if kmaps else {}),
         "warmup_counters": dict(starts[0].counters),
         "run_counters": dict(result.counters),
@@ -335,37 +345,40 @@ def scan_metric(run: dict, k: int, key: str) -> int:
 # ---------------------------------------------------------------------------------- running several
 def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None,
              unsync=None):
-    """Run the scenario under each policy. With ``isolate`` every run is a forked child process (so
-    wall time and peak RSS are that run's own), ``jobs`` of them at a time; results in order.
-    ``unsync`` (on/off/None) applies to the policies that have out-of-sync pages; with several
-    policies the others run as they are."""
+    """Run the scenario under each policy. ``policies``: names, or (name, unsync) pairs. With
+    ``isolate`` every run is a forked child process (so wall time and peak RSS are that run's
+    own), ``jobs`` of them at a time; results in order. ``unsync`` (on/off/None) applies to the
+    names given without a pair when they have out-of-sync pages; with several policies the
+    others run as they are."""
     params.check()
     from .policies import UNSYNC_POLICIES
 
-    def unsync_of(name):
-        return unsync if len(policies) == 1 or name in UNSYNC_POLICIES else None
+    def config(entry):
+        if not isinstance(entry, str):
+            return entry
+        return entry, (unsync if len(policies) == 1 or entry in UNSYNC_POLICIES else None)
+    configs = [config(e) for e in policies]
     if not isolate or not hasattr(os, "fork"):
         out = []
-        for name in policies:
+        for name, u in configs:
             if progress:
                 progress(name, "start")
             out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress),
-                                unsync=unsync_of(name)))
+                                unsync=u))
             if progress:
                 progress(name, "done")
         return out
     import multiprocessing as mp
     _images(params)                 # assemble once, before the children fork
     ctx = mp.get_context("fork")
-    pending = list(enumerate(policies))
+    pending = list(enumerate(configs))
     running = {}
-    results = [None] * len(policies)
+    results = [None] * len(configs)
     while pending or running:
         while pending and len(running) < max(1, jobs):
-            i, name = pending.pop(0)
+            i, (name, u) = pending.pop(0)
             rx, tx = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(params, name, tx, progress, unsync_of(name)),
-                               daemon=True)
+            proc = ctx.Process(target=_child, args=(params, name, tx, progress, u), daemon=True)
             proc.start()
             tx.close()
             running[rx] = (i, name, proc)
@@ -431,7 +444,7 @@ def describe(params: KmapParams) -> str:
 def table_single(run: dict):
     """One run: each figure as total, per scan (mean) and per kmap."""
     from rich.table import Table
-    t = Table(title=f"policy {run['policy']}", title_justify="left")
+    t = Table(title=f"policy {run['label']}", title_justify="left")
     t.add_column("figure")
     t.add_column("total", justify="right")
     t.add_column("per scan", justify="right")
@@ -455,7 +468,7 @@ def table_scans(runs: list) -> object:
     t = Table()
     t.add_column("scan", justify="right")
     for r in runs:
-        t.add_column(r["policy"], justify="right")
+        t.add_column(r["label"], justify="right")
     for k in range(runs[0]["scans"]):
         cells = []
         for r in runs:
@@ -471,13 +484,15 @@ def table_compare(runs: list) -> object:
     t = Table(title="totals over the scans", title_justify="left")
     t.add_column("figure")
     for r in runs:
-        t.add_column(r["policy"], justify="right")
+        t.add_column(r["label"], justify="right")
     for key, head in SHOWN:
         t.add_row(head, *[_fmt(metric(r, key)) for r in runs])
     t.add_row("kmap_atomic calls", *[_fmt(r["kmaps"]) for r in runs])
     t.add_section()
     for key, head in (("exits", "exits / kmap"), ("emulated_writes", "emulated / kmap"),
-                      ("fixmap_writes_emulated", "fixmap emulated / kmap")):
+                      ("fixmap_writes_emulated", "fixmap emulated / kmap"),
+                      ("user_pte_writes_emulated", "btrs emulated / kmap"),
+                      ("pf_fixed", "pf fixed / kmap")):
         t.add_row(head, *[_fmt(metric(r, key) / r["kmaps"]) if r["kmaps"] else "-" for r in runs])
     t.add_row("exits / scan (first)", *[_fmt(r["per_scan"][0]["exits"]) for r in runs])
     t.add_row("exits / scan (last)", *[_fmt(r["per_scan"][-1]["exits"]) for r in runs])
@@ -485,6 +500,7 @@ def table_compare(runs: list) -> object:
               *[f"{r['scan_details'][-1]['user_tables_shadowed_after_kscand']}/{r['tables']}" for r in runs])
     t.add_section()
     t.add_row("wall time (s, scans)", *[_fmt(r["scans_wall_s"]) for r in runs])
+    t.add_row("wall time (ms / scan)", *[_fmt(1000 * r["scans_wall_s"] / r["scans"]) for r in runs])
     t.add_row("peak RSS (MB)", *[_fmt(r["peak_rss_mb"]) for r in runs])
     return t
 
@@ -525,7 +541,7 @@ def plot(path, runs: list, params: KmapParams) -> None:
         width = 1.2 + (3.0 * (n - 1 - i) / (n - 1) if n > 1 else 0)
         ax.plot(xs, [s["exits"] for s in r["per_scan"]], marker=markers[i % len(markers)],
                 markersize=4 + width * 1.5, linewidth=width, linestyle=styles[i % len(styles)],
-                label=r["policy"], alpha=0.8)
+                label=r["label"], alpha=0.8)
     ax.set_ylim(bottom=0)                 # from zero: a 20% difference looks like one
     ax.set_xlabel("scan (kscand pass + the process touching its pages), numbered from 1")
     ax.set_ylabel("exits in the scan")
@@ -544,4 +560,5 @@ def plot(path, runs: list, params: KmapParams) -> None:
 
 
 __all__ = ["KmapParams", "ScenarioError", "run_kmap", "run_many", "min_ram_mib", "VARIANTS", "ORDERS",
-           "table_single", "table_compare", "table_scans", "write_json", "plot", "check_plot", "describe"]
+           "table_single", "table_compare", "table_scans", "write_json", "plot", "check_plot",
+           "describe"]

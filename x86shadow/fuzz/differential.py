@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 from ..asm import AsmError, assemble_firmware, assemble_program
 from ..machine import Machine
-from ..policies import POLICY_NAMES
+from ..policies import comparison_configs, config_label, policy_of_label
+
+# every policy, and kvm with out-of-sync pages off (docs/UNSYNC.md)
+CONFIGS = [config_label(n, u is not False) for n, u in comparison_configs()]
 
 DEFAULT_MAX_INSNS = 2_000_000
 DEFAULT_TIMEOUT_S = 30.0          # wall clock per run: a livelock executes no instructions
@@ -64,10 +67,10 @@ class Divergence:
         return f"{self.policy}: {self.what} differs from --mmu native: {self.detail}"
 
 
-def run_source(source: str, mode: str, frames, *, policies=POLICY_NAMES,
+def run_source(source: str, mode: str, frames, *, policies=CONFIGS,
                max_insns=DEFAULT_MAX_INSNS, ram_mib=128, timeout=DEFAULT_TIMEOUT_S):
-    """Assemble ``source`` and run it natively and under each policy; returns (native Outcome,
-    [shadow Outcome])."""
+    """Assemble ``source`` and run it natively and under each policy (a config_label: a policy
+    name, or "kvm --unsync off"); returns (native Outcome, [shadow Outcome])."""
     fd, path = tempfile.mkstemp(suffix=".asm", prefix="x86shadow-fuzz-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -83,7 +86,8 @@ def run_source(source: str, mode: str, frames, *, policies=POLICY_NAMES,
 
 
 def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib, timeout) -> Outcome:
-    m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, audit=(mmu == "shadow"))
+    m = Machine(mode, mmu=mmu, policy=policy_of_label(policy) if policy else None,
+                ram_mib=ram_mib, audit=(mmu == "shadow"))
     m.load(program, firmware)
     with Watchdog(m.vcpu, timeout):
         r = m.run(max_insns)

@@ -40,5 +40,35 @@ def make_policy(name: str, unsync: bool | None = None) -> Policy:
     return cls()
 
 
+# ------------------------------------------------------------------ configurations compared
+UNSYNC_OFF = " --unsync off"
+
+
+def config_label(name: str, unsync_on: bool) -> str:
+    """The name of a (policy, out-of-sync pages) configuration in comparisons: the policy, with
+    " --unsync off" where it can turn them off and they are off."""
+    return name if unsync_on or name not in UNSYNC_POLICIES else name + UNSYNC_OFF
+
+
+def comparison_configs(unsync: bool | None = None) -> list:
+    """What comparisons run (``scenario kmap --compare``, the differential fuzzer): every policy
+    as it comes and -- unless ``unsync`` decides for all -- kvm with out-of-sync pages off right
+    after kvm (KVM's oos_shadow=0), as (name, unsync) pairs for make_policy."""
+    out = []
+    for name in POLICY_NAMES:
+        out.append((name, unsync if name in UNSYNC_POLICIES else None))
+        if name == "kvm" and unsync is None:
+            out.append((name, False))
+    return out
+
+
+def policy_of_label(label: str) -> Policy:
+    """The policy a config_label names."""
+    if label.endswith(UNSYNC_OFF):
+        return make_policy(label[:-len(UNSYNC_OFF)], False)
+    return make_policy(label)
+
+
 __all__ = ["AHEAD", "EMULATE", "FAIL", "UNPROTECT", "Policy", "Verdict", "POLICIES", "POLICY_NAMES",
-           "DEFAULT_POLICY", "UNSYNC_POLICIES", "make_policy"]
+           "DEFAULT_POLICY", "UNSYNC_POLICIES", "OOS_ALWAYS", "make_policy", "config_label",
+           "comparison_configs", "policy_of_label"]
