@@ -190,6 +190,41 @@ def test_kvm_with_unsync_lets_every_user_table_go_out_of_sync():
     assert c["mmu_unsync_events"] > 0 and c["mmu_sync_pages"] > 0
 
 
+def test_kvm_2008_oos_emulates_no_kmap_store_and_zaps_emptied_user_tables_at_the_sync():
+    """KVM 2.6.28: the fixmap table and the user tables go out of sync (single role, leaf), so no
+    fixmap store and no btr is emulated; kscand's btr clears A in every pte of a user table, so the
+    CR3 load's sync drops every spte of it and zaps the emptied page (FNAME(sync_page) returns
+    !nr_present): one zap and one re-shadow fault per user table per scan, which modern kvm (the
+    same run otherwise) keeps."""
+    old = kmap("kvm-2008-oos")
+    new = kmap("kvm")
+    for r in (old, new):
+        assert r["fixmap_writes_emulated"] == 0 and r["user_pte_writes_emulated"] == 0
+        assert r["emulated_writes"] == 0
+    assert old["counters"]["mmu_sync_zapped"] == N * S == old["user_table_zaps"]
+    assert old["reshadow_faults"] == N * S
+    assert new["counters"]["mmu_sync_zapped"] == 0 == new["user_table_zaps"]
+    # with oos_shadow=0 it emulates what kvm-2008-accessfix emulates (both PAE halves, the btrs),
+    # but 2.6.28's INVLPG drops the fixmap spte, which the next access faults back in
+    off = kmap("kvm-2008-oos", unsync=False)
+    fix = kmap("kvm-2008-accessfix")
+    for key in ("fixmap_writes_emulated", "user_pte_writes_emulated", "emulated_writes"):
+        assert off[key] == fix[key], key
+    assert off["fixmap_writes_emulated"] == off["fixmap_writes"]
+    assert off["counters"]["pf_fixed"] > fix["counters"]["pf_fixed"]
+
+
+def test_xen_oos_takes_the_kmap_stores_natively_but_its_three_slots_evict():
+    """Xen 3.3: the fixmap table and each user table go out of sync on their first write (no
+    emulation); with 3 slots per vCPU, kscand's walk over more tables evicts (resyncs) them."""
+    r = kmap("xen-oos")
+    c = r["counters"]
+    assert r["emulated_writes"] == 0 and c["wp_faults"] == 0
+    assert c["shadow_unsync"] > N and c["shadow_unsync_evict"] > 0
+    assert c["shadow_resync"] >= c["shadow_unsync_evict"]
+    assert c["mmu_unsync_events"] == 0 and c["mmu_unsync"] >= 0
+
+
 def test_xen_catches_the_second_pae_half_without_an_exit():
     """Xen, PAE: after the exit for set_pte's high half, the next instructions are emulated one by
     one; the low-half store is one of them and writes a page table, so it costs no exit: one
