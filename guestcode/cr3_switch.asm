@@ -27,6 +27,7 @@
 .include "lib/paging.inc"
 .include "lib/idt.inc"
 .include "lib/main.inc"
+.include "lib/probe.inc"
 
 .if BITS == 64
 .set WIN, 0x0000008000000000           # PML4 index 1
@@ -36,8 +37,9 @@
 .set O_SHARED, 0
 .set O_PRIV, 0x400000
 .set O_BC, 0x40000000
+.set FAULTED, 0                        # what win_read (probe) returns for a not-present page
 
-# variables
+# variables (and pf_count, exp_faults, pf_exp_cr2: lib/probe.inc)
 .set v_roots, PROG_VARS + 0x00         # 3 quads
 .set exp_priv, PROG_VARS + 0x40        # [space * 2 + i] dwords: expected marker (0: must fault)
 .set exp_shared, PROG_VARS + 0x60      # [i] dwords
@@ -45,9 +47,6 @@
 .set v_pt_s, PROG_VARS + 0x80          # the shared page table
 .set v_pde_priv, PROG_VARS + 0x88      # 3 quads: address of each space's PDE for WIN + O_PRIV
 .set v_l3_bc, PROG_VARS + 0xa0         # 3 quads: address of each space's level-3 entry for WIN + O_BC
-.set pf_count, PROG_VARS + 0xc0
-.set exp_faults, PROG_VARS + 0xc4
-.set pf_exp_cr2, PROG_VARS + 0xc8      # quad
 .set v_round, PROG_VARS + 0xd0
 .set v_space, PROG_VARS + 0xd4
 .set v_s3frame, PROG_VARS + 0xd8       # the original frame of shared page 3
@@ -69,198 +68,101 @@ win_va:
 .endif
     ret
 
+# probe: esi (rsi) = va -> eax = the dword there, or FAULTED (0) after a not-present #PF;
+# probe_cmp: esi (rsi) = va, edx = expected marker (0: the page must fault) -> eax = what was read,
+# ZF = it matched (lib/probe.inc)
+    PROBE_ROUTINES
+
 # win_read: ecx = offset -> eax = the dword at WIN + offset, or 0 when it faults (not present)
 win_read:
-.if BITS == 64
-    push rsi
+    PUSHR esi, rsi
     call win_va
-    mov rax, pf_exp_cr2
-    mov qword ptr [rax], rsi
-    mov eax, dword ptr [rsi]
-win_read_resume:
-    pop rsi
-.else
-    push esi
-    call win_va
-    mov dword ptr [pf_exp_cr2], esi
-    mov eax, dword ptr [esi]
-win_read_resume:
-    pop esi
-.endif
+    call probe
+    POPR esi, rsi
     ret
 
 # win_write: ecx = offset, edx = value
 win_write:
-.if BITS == 64
-    push rsi
+    PUSHR esi, rsi
     call win_va
-    mov dword ptr [rsi], edx
-    pop rsi
-.else
-    push esi
-    call win_va
-    mov dword ptr [esi], edx
-    pop esi
-.endif
+    STSI 0, edx
+    POPR esi, rsi
     ret
 
 # win_invlpg: ecx = offset
 win_invlpg:
-.if BITS == 64
-    push rsi
+    PUSHR esi, rsi
     call win_va
-    invlpg [rsi]
-    pop rsi
-.else
-    push esi
-    call win_va
-    invlpg [esi]
-    pop esi
-.endif
+    INVLPG_SI
+    POPR esi, rsi
     ret
 
 # switch_to: ecx = space (0..2): CR3 := its root
 switch_to:
-    mov dword ptr [v_space], ecx
-.if BITS == 64
-    push rax
-    mov rax, v_roots
-    mov rax, qword ptr [rax + rcx * 8]
-    mov cr3, rax
-    pop rax
-.else
-    push eax
-    mov eax, dword ptr [v_roots + ecx * 8]
-    mov cr3, eax
-    pop eax
-.endif
+    SWITCH_CR3 v_roots, v_space
     ret
 
 # new_frame: eax = marker -> eax = a fresh frame holding the marker at offset 0
 new_frame:
-.if BITS == 64
-    push rdx
-.else
-    push edx
-.endif
+    PUSHR edx, rdx
     mov edx, eax
     call pt_alloc
     mov dword ptr [eax], edx
-.if BITS == 64
-    pop rdx
-.else
-    pop edx
-.endif
+    POPR edx, rdx
     ret
 
 # pte_addr: ebx = space, ecx = offset -> eax = address of the pte mapping WIN + offset in that space
 pte_addr:
-.if BITS == 64
-    push rdi
-    push rsi
-    push rdx
-    push rcx
-    mov rax, v_roots
-    mov rdi, qword ptr [rax + rbx * 8]
-.else
-    push edi
-    push esi
-    push edx
-    push ecx
+    PUSHR edi, rdi
+    PUSHR esi, rsi
+    PUSHR edx, rdx
+    PUSHR ecx, rcx
     mov edi, dword ptr [v_roots + ebx * 8]
-.endif
     call win_va
     mov edx, 1
     xor ecx, ecx
     call pt_entry
-.if BITS == 64
-    pop rcx
-    pop rdx
-    pop rsi
-    pop rdi
-.else
-    pop ecx
-    pop edx
-    pop esi
-    pop edi
-.endif
+    POPR ecx, rcx
+    POPR edx, rdx
+    POPR esi, rsi
+    POPR edi, rdi
     ret
 
 # entry_addr: ebx = space, ecx = offset, edx = level -> eax = entry address (allocating tables)
 entry_addr:
-.if BITS == 64
-    push rdi
-    push rsi
-    push rcx
-    mov rax, v_roots
-    mov rdi, qword ptr [rax + rbx * 8]
-.else
-    push edi
-    push esi
-    push ecx
+    PUSHR edi, rdi
+    PUSHR esi, rsi
+    PUSHR ecx, rcx
     mov edi, dword ptr [v_roots + ebx * 8]
-.endif
     call win_va
     mov ecx, 1
     call pt_entry
-.if BITS == 64
-    pop rcx
-    pop rsi
-    pop rdi
-.else
-    pop ecx
-    pop esi
-    pop edi
-.endif
+    POPR ecx, rcx
+    POPR esi, rsi
+    POPR edi, rdi
     ret
 
 # map_in: ebx = space, ecx = offset, eax = frame: maps WIN + offset -> frame (P|W) in that space
 map_in:
-.if BITS == 64
-    push rdi
-    push rsi
-    push rcx
-    push rdx
-    push rax
-    mov rax, v_roots
-    mov rdi, qword ptr [rax + rbx * 8]
-    pop rax
-.else
-    push edi
-    push esi
-    push ecx
-    push edx
+    PUSHR edi, rdi
+    PUSHR esi, rsi
+    PUSHR ecx, rcx
+    PUSHR edx, rdx
     mov edi, dword ptr [v_roots + ebx * 8]
-.endif
     call win_va
     or eax, PTE_P | PTE_W
     xor edx, edx
     mov ecx, 1
     call pt_map
-.if BITS == 64
-    pop rdx
-    pop rcx
-    pop rsi
-    pop rdi
-.else
-    pop edx
-    pop ecx
-    pop esi
-    pop edi
-.endif
+    POPR edx, rdx
+    POPR ecx, rcx
+    POPR esi, rsi
+    POPR edi, rdi
     ret
 
 # sweep: ecx = rounds; for each round, spaces 0, 1, 2: read every window page, compare
 sweep:
-.if BITS == 64
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rdi
-.else
-    pushal
-.endif
+    PUSHA_
     mov dword ptr [v_round], ecx
 sw_round:
     xor ebx, ebx
@@ -273,15 +175,11 @@ sw_priv:
     mov ecx, edi
     shl ecx, 12
     add ecx, O_PRIV
-    call win_read
+    call win_va
     lea edx, [ebx + ebx]
     add edx, edi
     mov edx, dword ptr [exp_priv + edx * 4]
-    test edx, edx
-    jnz sw_priv_cmp
-    inc dword ptr [exp_faults]
-sw_priv_cmp:
-    cmp eax, edx
+    call probe_cmp
     je sw_priv_ok
     call sweep_where
     FAILV 10, "sweep: private page holds the wrong marker", eax
@@ -295,13 +193,9 @@ sw_shared:
     mov ecx, edi
     shl ecx, 12
     add ecx, O_SHARED
-    call win_read
+    call win_va
     mov edx, dword ptr [exp_shared + edi * 4]
-    test edx, edx
-    jnz sw_shared_cmp
-    inc dword ptr [exp_faults]
-sw_shared_cmp:
-    cmp eax, edx
+    call probe_cmp
     je sw_shared_ok
     call sweep_where
     FAILV 11, "sweep: shared page holds the wrong marker", eax
@@ -311,9 +205,9 @@ sw_shared_ok:
     jb sw_shared
 .if PAGING >= 3
     mov ecx, O_BC
-    call win_read
-    mov edx, dword ptr [exp_bc + ebx * 4]
-    cmp eax, edx
+    call win_va
+    mov edx, dword ptr [exp_bc + ebx * 4]    # (never 0: the third window is always mapped)
+    call probe_cmp
     je sw_bc_ok
     xor edi, edi
     call sweep_where
@@ -325,81 +219,31 @@ sw_bc_ok:
     jb sw_space
     dec dword ptr [v_round]
     jnz sw_round
-    mov eax, dword ptr [pf_count]
-    cmp eax, dword ptr [exp_faults]
-    je sw_faults_ok
-    FAILV 13, "sweep: wrong number of page faults", eax
-sw_faults_ok:
-.if BITS == 64
-    pop rdi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.else
-    popal
-.endif
+    CHECK_FAULTS 13, "sweep: wrong number of page faults"
+    POPA_
     ret
 
 # print "space S page I: " before a sweep failure (ebx = space, edi = page)
 sweep_where:
-    PRINT "space "
-.if BITS == 64
-    push rax
-.else
-    push eax
-.endif
-    mov eax, ebx
-    call putdec
-    PRINT " page "
-    mov eax, edi
-    call putdec
-    PRINT " expected "
-    mov eax, edx
-    call puthex
+    PUSHR eax, rax
+    PRINT_DEC "space ", ebx
+    PRINT_DEC " page ", edi
+    PRINT_HEX " expected ", edx
     PRINT ": "
-.if BITS == 64
-    pop rax
-.else
-    pop eax
-.endif
+    POPR eax, rax
     ret
 
 # ------------------------------------------------------------------ main
 main:
     MAIN_PROLOGUE
     call pt_init
-    mov dword ptr [pf_count], 0
-    mov dword ptr [exp_faults], 0
-
-    call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    PF_SETUP pf_handler
 
     # ---- roots: space 0 gets the identity map, 1 and 2 copy its first root entries
-    call pt_alloc
-    mov dword ptr [v_roots], eax
-    mov dword ptr [v_roots + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_roots
     mov ebx, 1
 mk_root:
-    call pt_alloc
-    mov dword ptr [v_roots + ebx * 8], eax
-    mov dword ptr [v_roots + ebx * 8 + 4], 0
-    mov edi, eax
-    mov esi, dword ptr [v_roots]
-    mov ecx, 16                        # mode 32: PDEs 0..15; PAE: PDPTE 0; 64: PML4E 0
-.if BITS == 64
-    cld
-    rep movsd dword ptr [rdi], dword ptr [rsi]
-.else
-    cld
-    rep movsd dword ptr es:[edi], dword ptr [esi]
-.endif
+    SHARED_ROOT v_roots, ebx           # mode 32: PDEs 0..15; PAE: PDPTE 0; 64: PML4E 0
     inc ebx
     cmp ebx, 3
     jb mk_root
@@ -687,47 +531,4 @@ step2:
     MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ #PF handler: only win_read may fault
-pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rax, cr2
-    mov rcx, pf_exp_cr2
-    cmp rax, qword ptr [rcx]
-.else
-    mov eax, cr2
-    cmp eax, dword ptr [pf_exp_cr2]
-.endif
-    je pf_cr2_ok
-    FAILV 20, "#PF at an unexpected address", eax
-pf_cr2_ok:
-.if BITS == 64
-    mov eax, dword ptr [rsp + FRAME_ERR]
-.else
-    mov eax, dword ptr [esp + FRAME_ERR]
-.endif
-    CHECK_EQ eax, 0, 21, "#PF: error code is not 0 (not-present read)"
-.if BITS == 64
-    mov rax, qword ptr [rsp + FRAME_IP]
-    mov rcx, win_read
-    cmp rax, rcx
-    jb pf_bad_ip
-    mov rcx, win_read_resume
-    cmp rax, rcx
-    jae pf_bad_ip
-    mov rcx, win_read_resume
-    mov qword ptr [rsp + FRAME_IP], rcx
-    mov qword ptr [rsp + 112], 0       # saved rax: the read returns 0
-.else
-    mov eax, dword ptr [esp + FRAME_IP]
-    cmp eax, win_read
-    jb pf_bad_ip
-    cmp eax, win_read_resume
-    jae pf_bad_ip
-    mov dword ptr [esp + FRAME_IP], win_read_resume
-    mov dword ptr [esp + 28], 0        # saved eax: the read returns 0
-.endif
-    inc dword ptr [pf_count]
-    RESTORE_ALL
-    IRET_ERR
-pf_bad_ip:
-    FAILV 22, "#PF outside win_read", eax
+    PROBE_PF_HANDLER 20, win_read

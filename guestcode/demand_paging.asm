@@ -118,10 +118,7 @@ no_nx:
 .endif
 
     call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    SET_GATE 14, pf_handler
 
     # ---- 1: read, no page table yet
     EXPECT_PF 1, WIN + 0x123, 0, ACT_MAP

@@ -32,6 +32,7 @@
 .include "lib/paging.inc"
 .include "lib/idt.inc"
 .include "lib/main.inc"
+.include "lib/probe.inc"                # pf_count, exp_faults, pf_exp_cr2, PF_SETUP, CHECK_FAULTS
 
 .set N, 48
 .set HALF, 24
@@ -41,11 +42,6 @@
 .set UWIN, 0x40000000
 .endif
 .set UBASE, UWIN + LARGE_PAGE - HALF * PAGE    # a leaf table covers LARGE_PAGE: 24 pages in each
-.if PAGING == 2
-.set ID_DWORDS, 16                     # root entries of the identity map: PDEs 0..15
-.else
-.set ID_DWORDS, 2                      # PDPTE 0 (PAE) / PML4E 0 (64)
-.endif
 .set MARK, 0x66000000
 .set MARK2, 0x77000000
 .set PRE, 0x50000000
@@ -62,10 +58,7 @@
 # variables
 .set v_root, PROG_VARS + 0x00          # 2 quads: parent, child
 .set v_cur, PROG_VARS + 0x10           # the process whose CR3 is loaded
-.set pf_count, PROG_VARS + 0x14
-.set exp_faults, PROG_VARS + 0x18
 .set pf_copies, PROG_VARS + 0x1c
-.set pf_exp_cr2, PROG_VARS + 0x20      # quad
 .set pf_cr2, PROG_VARS + 0x28          # quad
 .set pf_reuses, PROG_VARS + 0x30
 .set v_cnt_w, PROG_VARS + 0x34
@@ -76,73 +69,15 @@
 .set written, PROG_VARS + 0x400        # [p * N + i] dwords: 1 once process p wrote page i
 .set written_c, written + N * 4
 
-.macro PUSHR r32, r64
-.if BITS == 64
-    push \r64
-.else
-    push \r32
-.endif
-.endm
-
-.macro POPR r32, r64
-.if BITS == 64
-    pop \r64
-.else
-    pop \r32
-.endif
-.endm
-
-.macro PUSHA_
-.if BITS == 64
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-.else
-    pushal
-.endif
-.endm
-
-.macro POPA_
-.if BITS == 64
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.else
-    popal
-.endif
-.endm
-
-.macro CHECK_FAULTS code
-    mov eax, dword ptr [pf_count]
-    cmp eax, dword ptr [exp_faults]
-    je cf_ok_\@
-    FAILV \code, "wrong number of COW faults after a phase", eax
-cf_ok_\@:
+# CHECK_COW_FAULTS code: fail with code unless the COW faults taken are the first writes counted
+.macro CHECK_COW_FAULTS code
+    CHECK_FAULTS \code, "wrong number of COW faults after a phase"
 .endm
 
 # ------------------------------------------------------------------ helpers
 # uva: ebx = page index -> esi (rsi) = UBASE + index * 4 KiB
 uva:
-.if BITS == 64
-    push rax
-    mov rsi, UBASE
-    mov eax, ebx
-    shl eax, 12
-    add rsi, rax
-    pop rax
-.else
-    mov esi, ebx
-    shl esi, 12
-    add esi, UBASE
-.endif
+    PAGE_VA UBASE, ebx
     ret
 
 # pte_of: ecx = process, ebx = page index -> eax (rax) = address of its pte (0: no table)
@@ -164,26 +99,14 @@ pte_of:
 
 # switch_to: ecx = process: CR3 := its root
 switch_to:
-    mov dword ptr [v_cur], ecx
-    PUSHR eax, rax
-    mov eax, dword ptr [v_root + ecx * 8]
-.if BITS == 64
-    mov cr3, rax
-.else
-    mov cr3, eax
-.endif
-    POPR eax, rax
+    SWITCH_CR3 v_root, v_cur
     ret
 
 # where: print "process ecx page ebx: " (before a failure report)
 where:
     PUSHR eax, rax
-    PRINT "process "
-    mov eax, ecx
-    call putdec
-    PRINT " page "
-    mov eax, ebx
-    call putdec
+    PRINT_DEC "process ", ecx
+    PRINT_DEC " page ", ebx
     PRINT ": "
     POPR eax, rax
     ret
@@ -264,41 +187,27 @@ vf_proc:
     xor ebx, ebx
 vf_page:
     call uva
-.if BITS == 64
-    mov eax, dword ptr [rsi]
-.else
-    mov eax, dword ptr [esi]
-.endif
+    LDSI eax, 0
     lea edx, [ebx + MARK]
     cmp eax, edx
     je vf_m0_ok
     call where
     FAILV 10, "marker at +0 wrong", eax
 vf_m0_ok:
-.if BITS == 64
-    mov eax, dword ptr [rsi + 4]
-.else
-    mov eax, dword ptr [esi + 4]
-.endif
+    LDSI eax, 4
     imul edx, ecx, N
     add edx, ebx
     mov edx, dword ptr [exp_val + edx * 4]
     cmp eax, edx
     je vf_v_ok
     call where
-    PRINT "expected "
     PUSHR eax, rax
-    mov eax, edx
-    call puthex
+    PRINT_HEX "expected ", edx
     POPR eax, rax
     PRINT ": "
     FAILV 11, "the process does not read its own data at +4", eax
 vf_v_ok:
-.if BITS == 64
-    mov eax, dword ptr [rsi + 0xffc]
-.else
-    mov eax, dword ptr [esi + 0xffc]
-.endif
+    LDSI eax, 0xffc
     lea edx, [ebx + MARK2]
     cmp eax, edx
     je vf_m1_ok
@@ -395,12 +304,8 @@ main:
     MAIN_PROLOGUE
     call pt_init
     xor eax, eax
-    mov dword ptr [pf_count], eax
-    mov dword ptr [exp_faults], eax
     mov dword ptr [pf_copies], eax
     mov dword ptr [pf_reuses], eax
-    mov dword ptr [pf_exp_cr2], eax
-    mov dword ptr [pf_exp_cr2 + 4], eax
     xor ecx, ecx
 clr_vars:
     mov dword ptr [written + ecx * 4], 0
@@ -408,11 +313,7 @@ clr_vars:
     cmp ecx, 2 * N
     jb clr_vars
 
-    call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    PF_SETUP pf_handler
 
     # ---- the parent's pages and address space
     xor ebx, ebx
@@ -426,12 +327,7 @@ mk_frames:
     inc ebx
     cmp ebx, N
     jb mk_frames
-    call pt_alloc
-    mov dword ptr [v_root], eax
-    mov dword ptr [v_root + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_root
     xor ebx, ebx
 mk_map:
     call uva
@@ -450,11 +346,7 @@ mk_map:
     xor ebx, ebx
 touch:
     call uva
-.if BITS == 64
-    mov eax, dword ptr [rsi]
-.else
-    mov eax, dword ptr [esi]
-.endif
+    LDSI eax, 0
     lea edx, [ebx + MARK]
     cmp eax, edx
     je touch_ok
@@ -463,11 +355,7 @@ touch:
     FAILV 3, "the parent does not read its marker before the fork", eax
 touch_ok:
     lea edx, [ebx + PRE]
-.if BITS == 64
-    mov dword ptr [rsi + 4], edx
-.else
-    mov dword ptr [esi + 4], edx
-.endif
+    STSI 4, edx
     mov dword ptr [exp_val + ebx * 4], edx
     mov dword ptr [exp_val + N * 4 + ebx * 4], edx
     inc ebx
@@ -475,22 +363,7 @@ touch_ok:
     jb touch
 
     # ---- fork: the child's root shares the identity-map entries
-    call pt_alloc
-    mov dword ptr [v_root + 8], eax
-    mov dword ptr [v_root + 12], 0
-.if BITS == 64
-    mov rdi, rax
-    mov esi, dword ptr [v_root]
-    mov ecx, ID_DWORDS
-    cld
-    rep movsd dword ptr [rdi], dword ptr [rsi]
-.else
-    mov edi, eax
-    mov esi, dword ptr [v_root]
-    mov ecx, ID_DWORDS
-    cld
-    rep movsd dword ptr es:[edi], dword ptr [esi]
-.endif
+    SHARED_ROOT v_root, 1
     # ... and a write-protected copy of each pte (the parent's write-protected in place)
     xor ebx, ebx
 fk_copy:
@@ -532,14 +405,9 @@ fk_wp_done:
     jb fk_copy
 
     # ---- the stale window: only page 0 is flushed; a write there must fault at once
-.if BITS == 64
-    mov rsi, UBASE
-    invlpg [rsi]
-.else
-    mov esi, UBASE
-    invlpg [esi]
-.endif
     xor ebx, ebx
+    call uva
+    INVLPG_SI
     mov edx, TAG_A
     call uwrite
     mov eax, dword ptr [pf_count]
@@ -550,25 +418,25 @@ fk_wp_done:
     mov ecx, 0x09                      # parent {0,3}
     mov edx, TAG_B
     call write_set
-    CHECK_FAULTS 2
+    CHECK_COW_FAULTS 2
     mov ecx, 1
     call switch_to
     mov ecx, 0x15                      # child {0,2,4}
     mov edx, TAG_C
     call write_set
-    CHECK_FAULTS 2
+    CHECK_COW_FAULTS 2
     xor ecx, ecx
     call switch_to
     mov ecx, 0x05                      # parent {0,2}
     mov edx, TAG_D
     call write_set
-    CHECK_FAULTS 2
+    CHECK_COW_FAULTS 2
     mov ecx, 1
     call switch_to
     mov ecx, 0x08                      # child {3}
     mov edx, TAG_E
     call write_set
-    CHECK_FAULTS 2
+    CHECK_COW_FAULTS 2
     call verify
 
     # ---- both again, round robin, over the pages each owns: no new faults
@@ -589,7 +457,7 @@ rr_write:
     inc ebx
     cmp ebx, 4
     jb rr_loop
-    CHECK_FAULTS 2
+    CHECK_COW_FAULTS 2
     call verify
 
     xor ecx, ecx
@@ -599,12 +467,7 @@ rr_write:
 
 # ------------------------------------------------------------------ #PF handler: COW
 pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rbp, rsp
-.else
-    mov ebp, esp
-.endif
+    SAVE_ALL frame=1
     mov eax, dword ptr [ebp + FRAME_ERR]
     CHECK_EQ eax, PF_PW, 40, "#PF: error code is not P|W"
 .if BITS == 64
@@ -657,11 +520,7 @@ pf_orig:
     mov edi, eax
     mov ecx, PAGE / 4
     cld
-.if BITS == 64
-    rep movsd dword ptr [rdi], dword ptr [rsi]
-.else
-    rep movsd dword ptr es:[edi], dword ptr [esi]
-.endif
+    rep movsd
     mov ecx, edx
     and ecx, 0xfff
     or ecx, PTE_W

@@ -29,6 +29,7 @@
 .include "lib/paging.inc"
 .include "lib/idt.inc"
 .include "lib/main.inc"
+.include "lib/probe.inc"
 
 .set NP, 8
 .set NS, 8                             # shared ptes
@@ -48,25 +49,17 @@
 .set S_IDX, 1
 .endif
 .endif
-.if PAGING == 2
-.set ID_DWORDS, 16
-.else
-.set ID_DWORDS, 2
-.endif
 .set S_OFF, S_IDX * PTE_SIZE
 .set FMARK, 0x3c000000
-.set FAULTED, 0xfa17fa17
+.set FAULTED, 0xfa17fa17                # what probe returns for a not-present page
 .set PTE_PWU, PTE_P | PTE_W | PTE_U
 
-# variables
+# variables (and pf_count, exp_faults, pf_exp_cr2: lib/probe.inc)
 .set v_roots, PROG_VARS + 0x000        # NP quads
 .set v_ptp, PROG_VARS + 0x060          # NP dwords: each process's private leaf table
 .set v_pts, PROG_VARS + 0x090          # PT_S
 .set v_cur, PROG_VARS + 0x094          # process whose CR3 is loaded
 .set v_turn, PROG_VARS + 0x098
-.set pf_count, PROG_VARS + 0x09c
-.set pf_exp_cr2, PROG_VARS + 0x0a0     # quad
-.set exp_faults, PROG_VARS + 0x0a8
 .set v_k1, PROG_VARS + 0x0b0
 .set v_k2, PROG_VARS + 0x0b4
 .set v_j1, PROG_VARS + 0x0b8
@@ -77,127 +70,24 @@
 .set exp_s, PROG_VARS + 0x140          # NS dwords: expected marker of each shared page (0: must fault)
 .set exp_p, PROG_VARS + 0x180          # [p * NPP + k] dwords: expected marker of private page k
 
-.macro PUSHR r32, r64
-.if BITS == 64
-    push \r64
-.else
-    push \r32
-.endif
-.endm
-
-.macro POPR r32, r64
-.if BITS == 64
-    pop \r64
-.else
-    pop \r32
-.endif
-.endm
-
-.macro PUSHA_
-.if BITS == 64
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-.else
-    pushal
-.endif
-.endm
-
-.macro POPA_
-.if BITS == 64
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.else
-    popal
-.endif
-.endm
-
-# PTE_LEA dst, table, index: dst := address of entry index of the table
-.macro PTE_LEA dst, table, index
-.if PAGING == 2
-    lea \dst, [\table + \index * 4]
-.else
-    lea \dst, [\table + \index * 8]
-.endif
-.endm
-
 # ------------------------------------------------------------------ helpers
 # sva / pva: ecx = index -> esi (rsi) = SWIN / PWIN + index * 4 KiB
 sva:
-.if BITS == 64
-    push rax
-    mov rsi, SWIN
-    mov eax, ecx
-    shl eax, 12
-    add rsi, rax
-    pop rax
-.else
-    mov esi, ecx
-    shl esi, 12
-    add esi, SWIN
-.endif
+    PAGE_VA SWIN, ecx
     ret
 
 pva:
-.if BITS == 64
-    push rax
-    mov rsi, PWIN
-    mov eax, ecx
-    shl eax, 12
-    add rsi, rax
-    pop rax
-.else
-    mov esi, ecx
-    shl esi, 12
-    add esi, PWIN
-.endif
+    PAGE_VA PWIN, ecx
     ret
 
-# probe: esi (rsi) = va -> eax = the dword there, or FAULTED after a not-present #PF
-probe:
-.if BITS == 64
-    mov rax, pf_exp_cr2
-    mov qword ptr [rax], rsi
-    mov eax, dword ptr [rsi]
-.else
-    mov dword ptr [pf_exp_cr2], esi
-    mov eax, dword ptr [esi]
-.endif
-probe_resume:
-    ret
-
+# probe: esi (rsi) = va -> eax = the dword there, or FAULTED after a not-present #PF;
 # probe_cmp: esi (rsi) = va, edx = expected marker (0: the page must fault) -> eax = what was read,
-# ZF = it matched; edx = what was expected (FAULTED for 0)
-probe_cmp:
-    test edx, edx
-    jnz pc_read
-    mov edx, FAULTED
-    inc dword ptr [exp_faults]
-pc_read:
-    call probe
-    cmp eax, edx
-    ret
+# ZF = it matched; edx = what was expected (FAULTED for 0)  (lib/probe.inc)
+    PROBE_ROUTINES
 
 # switch_to: ecx = process: CR3 := its root
 switch_to:
-    mov dword ptr [v_cur], ecx
-    PUSHR eax, rax
-    mov eax, dword ptr [v_roots + ecx * 8]
-.if BITS == 64
-    mov cr3, rax
-.else
-    mov cr3, eax
-.endif
-    POPR eax, rax
+    SWITCH_CR3 v_roots, v_cur
     ret
 
 # where: print "turn T process P pte I expected X: " (ecx = pte index, edx = expected)
@@ -209,15 +99,24 @@ where:
     PRINT " process "
     mov eax, dword ptr [v_cur]
     call putdec
-    PRINT " pte "
-    mov eax, ecx
-    call putdec
-    PRINT " expected "
-    mov eax, edx
-    call puthex
+    PRINT_DEC " pte ", ecx
+    PRINT_HEX " expected ", edx
     PRINT ": "
     POPR eax, rax
     ret
+
+# shared_cmp / priv_cmp: ecx = j / k, esi (rsi) = the address of shared page j / of the current
+# process's private page k: probe_cmp against the model (edx := the marker expected there)
+shared_cmp:
+    mov edx, dword ptr [exp_s + ecx * 4]
+    jmp probe_cmp
+
+priv_cmp:
+    mov edx, dword ptr [v_cur]
+    shl edx, 2                         # * NPP
+    add edx, ecx
+    mov edx, dword ptr [exp_p + edx * 4]
+    jmp probe_cmp
 
 # sweep: the current process reads every shared and private page and compares with the model
 sweep:
@@ -225,8 +124,7 @@ sweep:
     xor ecx, ecx
 sw_shared:
     call sva
-    mov edx, dword ptr [exp_s + ecx * 4]
-    call probe_cmp
+    call shared_cmp
     je sw_shared_ok
     call where
     FAILV 10, "a shared page differs from the model (edits of other processes not seen?)", eax
@@ -235,13 +133,9 @@ sw_shared_ok:
     cmp ecx, NS
     jb sw_shared
     xor ecx, ecx
-    mov ebx, dword ptr [v_cur]
-    shl ebx, 2                         # * NPP
 sw_priv:
     call pva
-    lea edx, [ebx + ecx]
-    mov edx, dword ptr [exp_p + edx * 4]
-    call probe_cmp
+    call priv_cmp
     je sw_priv_ok
     call where
     FAILV 11, "a private page differs from the model", eax
@@ -249,11 +143,7 @@ sw_priv_ok:
     inc ecx
     cmp ecx, NPP
     jb sw_priv
-    mov eax, dword ptr [pf_count]
-    cmp eax, dword ptr [exp_faults]
-    je sw_faults_ok
-    FAILV 12, "wrong number of page faults", eax
-sw_faults_ok:
+    CHECK_FAULTS 12
     POPA_
     ret
 
@@ -285,18 +175,42 @@ pick_done:
     POPR ecx, rcx
     ret
 
+# repoint: edi = the model's dword of a page (exp_s / exp_p), edx = slot: a new frame for the page
+# (pick); [edi] := its marker -> edx = the new pte (frame | P|W|U)
+repoint:
+    PUSHR eax, rax
+    mov eax, dword ptr [edi]
+    call pick
+    lea edx, [eax + FMARK]
+    mov dword ptr [edi], edx
+    mov edx, dword ptr [v_pool + eax * 4]
+    or edx, PTE_PWU
+    POPR eax, rax
+    ret
+
+# map_pool: edi (rdi) = root, esi (rsi) = va, eax = pool frame index: maps va -> that frame (P|W|U)
+# -> eax = the leaf table that maps it
+map_pool:
+    PUSHR ecx, rcx
+    PUSHR edx, rdx
+    mov eax, dword ptr [v_pool + eax * 4]
+    or eax, PTE_PWU
+    xor edx, edx
+    mov ecx, 1
+    call pt_map
+    and eax, 0xfffff000
+    POPR edx, rdx
+    POPR ecx, rcx
+    ret
+
 # edit_priv: ecx = k, edx = slot: the current process re-points its private pte k (no flush)
 edit_priv:
     PUSHA_
-    mov ebx, dword ptr [v_cur]
-    shl ebx, 2
-    add ebx, ecx                       # exp_p index
-    mov eax, dword ptr [exp_p + ebx * 4]
-    call pick
-    lea edx, [eax + FMARK]
-    mov dword ptr [exp_p + ebx * 4], edx
-    mov edx, dword ptr [v_pool + eax * 4]
-    or edx, PTE_PWU
+    mov edi, dword ptr [v_cur]
+    shl edi, 2
+    add edi, ecx                       # exp_p index
+    lea edi, [exp_p + edi * 4]
+    call repoint
     mov eax, dword ptr [v_cur]
     mov eax, dword ptr [v_ptp + eax * 4]
     PTE_LEA eax, eax, ecx
@@ -315,25 +229,12 @@ edit_shared:
     PTE_CLEAR ebx, rbx
     jmp es_done
 es_frame:
-    mov eax, dword ptr [exp_s + ecx * 4]
-    call pick
-    lea edx, [eax + FMARK]
-    mov dword ptr [exp_s + ecx * 4], edx
-    mov edx, dword ptr [v_pool + eax * 4]
-    or edx, PTE_PWU
+    lea edi, [exp_s + ecx * 4]
+    call repoint
     PTE_SET ebx, edx, rbx, rdx
 es_done:
     POPA_
     ret
-
-# invlpg_at: esi (rsi) = va
-.macro INVLPG_SI
-.if BITS == 64
-    invlpg [rsi]
-.else
-    invlpg [esi]
-.endif
-.endm
 
 # turn: ebp = turn number, ebx = process
 turn:
@@ -388,11 +289,7 @@ tn_j2:
     mov ecx, dword ptr [v_k1]
     call pva
     INVLPG_SI
-    mov eax, dword ptr [v_cur]
-    shl eax, 2
-    add eax, ecx
-    mov edx, dword ptr [exp_p + eax * 4]
-    call probe_cmp
+    call priv_cmp
     je tn_k1_ok
     call where
     FAILV 1, "private pte re-pointed + invlpg: new frame not seen", eax
@@ -401,8 +298,7 @@ tn_k1_ok:
     mov ecx, dword ptr [v_j1]
     call sva
     INVLPG_SI
-    mov edx, dword ptr [exp_s + ecx * 4]
-    call probe_cmp
+    call shared_cmp
     je tn_j1_ok
     call where
     FAILV 2, "shared pte re-pointed + invlpg: new frame not seen", eax
@@ -411,19 +307,14 @@ tn_j1_ok:
     RELOAD_CR3
     mov ecx, dword ptr [v_k2]
     call pva
-    mov eax, dword ptr [v_cur]
-    shl eax, 2
-    add eax, ecx
-    mov edx, dword ptr [exp_p + eax * 4]
-    call probe_cmp
+    call priv_cmp
     je tn_k2_ok
     call where
     FAILV 3, "private pte re-pointed, CR3 reloaded: new frame not seen", eax
 tn_k2_ok:
     mov ecx, dword ptr [v_j2]
     call sva
-    mov edx, dword ptr [exp_s + ecx * 4]
-    call probe_cmp
+    call shared_cmp
     je tn_j2_ok
     call where
     FAILV 4, "shared pte changed, CR3 reloaded: new translation not seen", eax
@@ -440,47 +331,21 @@ tn_j2_ok:
 main:
     MAIN_PROLOGUE
     call pt_init
-    xor eax, eax
-    mov dword ptr [pf_count], eax
-    mov dword ptr [exp_faults], eax
-    mov dword ptr [v_turn], eax
-    call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    mov dword ptr [v_turn], 0
+    PF_SETUP pf_handler
 
     # the pool
-    xor ebx, ebx
-mk_pool:
-    call pt_alloc
-    lea edx, [ebx + FMARK]
-    mov dword ptr [eax], edx
-    mov dword ptr [v_pool + ebx * 4], eax
-    inc ebx
-    cmp ebx, F
-    jb mk_pool
+    MARKED_FRAMES v_pool, F, FMARK
 
     # root 0: identity map and the shared window (PT_S: shared page j -> pool frame j)
-    call pt_alloc
-    mov dword ptr [v_roots], eax
-    mov dword ptr [v_roots + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_roots
     xor ecx, ecx
 mk_shared:
     call sva
-    mov eax, dword ptr [v_pool + ecx * 4]
     lea edx, [ecx + FMARK]
     mov dword ptr [exp_s + ecx * 4], edx
-    or eax, PTE_PWU
-    xor edx, edx
-    PUSHR ecx, rcx
-    mov ecx, 1
-    call pt_map
-    POPR ecx, rcx
-    and eax, 0xfffff000
+    mov eax, ecx
+    call map_pool
     mov dword ptr [v_pts], eax
     inc ecx
     cmp ecx, NS
@@ -489,19 +354,7 @@ mk_shared:
     # the other roots: the identity-map and shared-window root entries of root 0
     mov ebx, 1
 mk_root:
-    call pt_alloc
-    mov dword ptr [v_roots + ebx * 8], eax
-    mov dword ptr [v_roots + ebx * 8 + 4], 0
-    mov edi, eax
-    mov esi, dword ptr [v_roots]
-    mov ecx, ID_DWORDS
-.if BITS == 64
-    cld
-    rep movsd dword ptr [rdi], dword ptr [rsi]
-.else
-    cld
-    rep movsd dword ptr es:[edi], dword ptr [esi]
-.endif
+    SHARED_ROOT v_roots, ebx
     mov esi, dword ptr [v_roots]
     mov ecx, dword ptr [esi + S_OFF]
     mov dword ptr [eax + S_OFF], ecx
@@ -527,14 +380,7 @@ mk_priv_k:
     add ebx, ecx
     mov dword ptr [exp_p + ebx * 4], edx
     POPR ebx, rbx
-    mov eax, dword ptr [v_pool + eax * 4]
-    or eax, PTE_PWU
-    xor edx, edx
-    PUSHR ecx, rcx
-    mov ecx, 1
-    call pt_map
-    POPR ecx, rcx
-    and eax, 0xfffff000
+    call map_pool
     mov dword ptr [v_ptp + ebx * 4], eax
     inc ecx
     cmp ecx, NPP
@@ -573,46 +419,4 @@ final:
     MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ #PF handler: only probe may fault
-pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rax, cr2
-    mov rcx, pf_exp_cr2
-    cmp rax, qword ptr [rcx]
-.else
-    mov eax, cr2
-    cmp eax, dword ptr [pf_exp_cr2]
-.endif
-    je pf_cr2_ok
-    FAILV 20, "#PF at an unexpected address", eax
-pf_cr2_ok:
-.if BITS == 64
-    mov eax, dword ptr [rsp + FRAME_ERR]
-.else
-    mov eax, dword ptr [esp + FRAME_ERR]
-.endif
-    CHECK_EQ eax, 0, 21, "#PF: error code is not 0 (not-present read)"
-.if BITS == 64
-    mov rax, qword ptr [rsp + FRAME_IP]
-    mov rcx, probe
-    cmp rax, rcx
-    jb pf_bad_ip
-    mov rcx, probe_resume
-    cmp rax, rcx
-    jae pf_bad_ip
-    mov qword ptr [rsp + FRAME_IP], rcx
-    mov dword ptr [rsp + 112], FAULTED # saved rax (low half): the read returns FAULTED
-.else
-    mov eax, dword ptr [esp + FRAME_IP]
-    cmp eax, probe
-    jb pf_bad_ip
-    cmp eax, probe_resume
-    jae pf_bad_ip
-    mov dword ptr [esp + FRAME_IP], probe_resume
-    mov dword ptr [esp + 28], FAULTED
-.endif
-    inc dword ptr [pf_count]
-    RESTORE_ALL
-    IRET_ERR
-pf_bad_ip:
-    FAILV 22, "#PF outside probe", eax
+    PROBE_PF_HANDLER 20

@@ -29,6 +29,7 @@
 .include "lib/paging.inc"
 .include "lib/idt.inc"
 .include "lib/main.inc"
+.include "lib/probe.inc"
 
 .if BITS == 64
 .set W1, 0x0000008000000000            # PML4E 1 -> PDPT -> PD entry 0 -> T
@@ -49,14 +50,10 @@
 .set W3, W1 + LARGE_PAGE               # the level-2 entry after W1's
 .set LARGE_PHYS, 0x3000000             # 48 MiB: aligned for 4 and 2 MiB pages, above the pool
 .set FMARK, 0x2e000000
-.set FAULTED, 0xfa17fa17
-.set NOPAGE, 0xffffffff                # `want` of a page that must fault
+.set FAULTED, 0xfa17fa17                # what probe returns for a not-present page
 .set NPOOL, 40
 .set PTE_PWU, PTE_P | PTE_W | PTE_U
 .set LARGE_ENTRY, LARGE_PHYS | PTE_PS | PTE_P | PTE_W | PTE_U
-.if PAGING == 2
-.set ID_DWORDS, 16
-.endif
 
 # region numbers (index of `regions`)
 .set R_W1, 0
@@ -64,209 +61,39 @@
 .set R_U1, 2
 .set R_W3, 3
 
-# variables
+# variables (and pf_count, exp_faults, pf_exp_cr2: lib/probe.inc)
 .set v_root, PROG_VARS + 0x00          # quad: R
 .set v_t, PROG_VARS + 0x08             # T
 .set v_pde1, PROG_VARS + 0x0c          # address of the level-2 entry for W1
 .set v_pde3, PROG_VARS + 0x10          # ... for W3
 .set v_pta, PROG_VARS + 0x14
 .set v_ptb, PROG_VARS + 0x18
-.set pf_count, PROG_VARS + 0x1c
-.set exp_faults, PROG_VARS + 0x20
-.set pf_exp_cr2, PROG_VARS + 0x28      # quad
 .set v_pool, PROG_VARS + 0x100         # NPOOL dwords
 
 regions:
     .quad W1, W2, W2_U1, W3
 
-.macro PUSHA_
-.if BITS == 64
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-.else
-    pushal
-.endif
-.endm
-
-.macro POPA_
-.if BITS == 64
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.else
-    popal
-.endif
-.endm
-
-# CHK region, first page, count, want, code: pages first.. of the region must read pool frame want,
-# want + 1, ... (want = NOPAGE: each must fault)
-.macro CHK region, page, count, want, code
-    mov eax, \region
-    mov ebx, \page
-    mov ecx, \count
-    mov edx, \want
-    mov edi, \code
-    call chk
-.endm
-
-# FLUSH region, page: INVLPG of that page
-.macro FLUSH region, page
-    mov eax, \region
-    mov ebx, \page
-    call flush
-.endm
-
 # ------------------------------------------------------------------ helpers
-# va_of: eax = region, ebx = page -> esi (rsi) = its virtual address
-va_of:
-.if BITS == 64
-    push rdi
-    mov rdi, regions
-    mov rsi, qword ptr [rdi + rax * 8]
-    mov edi, ebx
-    shl edi, 12
-    add rsi, rdi
-    pop rdi
-.else
-    push edi
-    mov esi, dword ptr [regions + eax * 8]
-    mov edi, ebx
-    shl edi, 12
-    add esi, edi
-    pop edi
-.endif
-    ret
+# probe: esi (rsi) = va -> eax = the dword there, or FAULTED after a not-present #PF (lib/probe.inc)
+    PROBE_ROUTINES
 
-flush:
-.if BITS == 64
-    push rsi
-    call va_of
-    invlpg [rsi]
-    pop rsi
-.else
-    push esi
-    call va_of
-    invlpg [esi]
-    pop esi
-.endif
-    ret
+# va_of (eax = region, ebx = page -> esi/rsi), flush, chk (lib/probe.inc). In main:
+#   CHK region, first page, count, want, code: pages first.. of the region must read pool frame
+#   want, want + 1, ... (want = NOPAGE: each must fault); FLUSH region, page: INVLPG of that page
+    REGION_CHECKS regions, FMARK, 37, "region ", "the page does not read what its tables map now"
 
-# probe: esi (rsi) = va -> eax = the dword there, or FAULTED after a not-present #PF
-probe:
-.if BITS == 64
-    mov rax, pf_exp_cr2
-    mov qword ptr [rax], rsi
-    mov eax, dword ptr [rsi]
-.else
-    mov dword ptr [pf_exp_cr2], esi
-    mov eax, dword ptr [esi]
-.endif
-probe_resume:
-    ret
-
-# chk: eax = region, ebx = first page, ecx = count, edx = first wanted pool frame (NOPAGE: fault),
-# edi = exit code on a mismatch
-chk:
-    PUSHA_
-chk_loop:
-    PUSHA_
-    call va_of
-    cmp edx, NOPAGE
-    jne chk_mark
-    mov edx, FAULTED
-    inc dword ptr [exp_faults]
-    jmp chk_read
-chk_mark:
-    add edx, FMARK
-chk_read:
-    mov ebp, eax
-    call probe
-    cmp eax, edx
-    jne chk_bad
-    POPA_
-    inc ebx
-    cmp edx, NOPAGE
-    je chk_next
-    inc edx
-chk_next:
-    dec ecx
-    jnz chk_loop
-    mov eax, dword ptr [pf_count]
-    cmp eax, dword ptr [exp_faults]
-    je chk_faults_ok
-    FAILV 37, "wrong number of page faults", eax
-chk_faults_ok:
-    POPA_
-    ret
-chk_bad:
-    PRINT "region "
-    xchg eax, ebp
-    call putdec
-    PRINT " page "
-    mov eax, ebx
-    call putdec
-    PRINT " expected "
-    mov eax, edx
-    call puthex
-    PRINT ": "
-    SAVEVAL ebp
-    LOADSTR "the page does not read what its tables map now"
-    mov ecx, edi
-    jmp fail_report_v
-
-# ent_store: eax = entry address, edx = new value (low 32 bits, high 0): written as Linux would
-# (0: PTE_CLEAR, otherwise PTE_SET)
-ent_store:
-.if BITS == 64
-    push rdx
-    mov edx, edx
-    mov qword ptr [rax], rdx
-    pop rdx
-.else
-    test edx, edx
-    jnz es_set
-    PTE_CLEAR eax
-    ret
-es_set:
-    PTE_SET eax, edx
-.endif
-    ret
-
-# ent_set: eax = table, ebx = index, edx = new value: entry ebx of the table := edx
+# ent_set: eax = table, ebx = index, edx = new value: entry ebx of the table := edx, written as
+# Linux would (0: PTE_CLEAR, otherwise PTE_SET: lib/paging.inc's pte_store)
 ent_set:
-.if BITS == 64
-    push rax
-    lea eax, [eax + ebx * 8]
-    call ent_store
-    pop rax
-.else
-    push eax
-.if PAGING == 2
-    lea eax, [eax + ebx * 4]
-.else
-    lea eax, [eax + ebx * 8]
-.endif
-    call ent_store
-    pop eax
-.endif
+    PUSHR eax, rax
+    PTE_LEA eax, eax, ebx
+    call pte_store
+    POPR eax, rax
     ret
 
 # pte_to: eax = table, ebx = index, edx = pool frame (NOPAGE: clear the pte)
 pte_to:
-.if BITS == 64
-    push rdx
-.else
-    push edx
-.endif
+    PUSHR edx, rdx
     cmp edx, NOPAGE
     jne pt_frame
     xor edx, edx
@@ -276,11 +103,7 @@ pt_frame:
     or edx, PTE_PWU
 pt_store:
     call ent_set
-.if BITS == 64
-    pop rdx
-.else
-    pop edx
-.endif
+    POPR edx, rdx
     ret
 
 # ptes_to: eax = table, ebx = first index, ecx = count, edx = first pool frame (consecutive)
@@ -301,10 +124,8 @@ ptes_loop:
 clear_t:
     PUSHA_
     mov edi, dword ptr [v_t]
-.if PAGING == 2
-    lea edi, [edi + eax * 4]
-.else
-    lea edi, [edi + eax * 8]
+    PTE_LEA edi, edi, eax
+.if PAGING != 2
     shl ecx, 1
 .endif
     xor eax, eax
@@ -313,49 +134,18 @@ clear_t:
     POPA_
     ret
 
-.macro LOAD_CR3_VAR var
-.if BITS == 64
-    mov eax, dword ptr [\var]
-    mov cr3, rax
-.else
-    mov eax, dword ptr [\var]
-    mov cr3, eax
-.endif
-.endm
-
 # ------------------------------------------------------------------ main
 main:
     MAIN_PROLOGUE
     call pt_init
-    xor eax, eax
-    mov dword ptr [pf_count], eax
-    mov dword ptr [exp_faults], eax
-    call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
-
-    xor ebx, ebx
-mk_pool:
-    call pt_alloc
-    lea edx, [ebx + FMARK]
-    mov dword ptr [eax], edx
-    mov dword ptr [v_pool + ebx * 4], eax
-    inc ebx
-    cmp ebx, NPOOL
-    jb mk_pool
+    PF_SETUP pf_handler
+    MARKED_FRAMES v_pool, NPOOL, FMARK
     mov eax, LARGE_PHYS
     mov dword ptr [eax], FMARK + 64
     mov dword ptr [eax + 0x5000], FMARK + 69
 
     # R, the level-2 entries for W1 and W3 (upper tables allocated on the way), T
-    call pt_alloc
-    mov dword ptr [v_root], eax
-    mov dword ptr [v_root + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_root
 .if BITS == 64
     mov rsi, W1
 .else
@@ -374,13 +164,13 @@ mk_pool:
     mov dword ptr [v_pde3], eax
     call pt_alloc
     mov dword ptr [v_t], eax
-    LOAD_CR3_VAR v_root
+    LOAD_CR3 v_root
 
     # ---- 1: T as the leaf table of W1
     mov edx, dword ptr [v_t]
     or edx, PTE_INTER
     mov eax, dword ptr [v_pde1]
-    call ent_store
+    call pte_store
     mov eax, dword ptr [v_t]
     xor ebx, ebx
     mov ecx, 6
@@ -410,7 +200,7 @@ mk_pool:
     # ---- 2: T unlinked
     mov eax, dword ptr [v_pde1]
     xor edx, edx
-    call ent_store
+    call pte_store
     FLUSH R_W1, 0
     CHK R_W1, 0, 1, NOPAGE, 10
     RELOAD_CR3
@@ -470,9 +260,7 @@ mk_pool:
 .if PAGING == 2
     mov edi, eax
     mov esi, dword ptr [v_root]
-    mov ecx, ID_DWORDS
-    cld
-    rep movsd dword ptr es:[edi], dword ptr [esi]   # the identity PDEs
+    ID_COPY                            # the identity PDEs
     mov cr3, eax                       # T is the root
 .else
     mov edx, eax
@@ -514,7 +302,7 @@ mk_pool:
 
     # ---- 4: T a leaf table again, of W3
 .if PAGING == 2
-    LOAD_CR3_VAR v_root
+    LOAD_CR3 v_root
 .else
     mov eax, dword ptr [v_root]
     mov ebx, 2
@@ -539,7 +327,7 @@ mk_pool:
     mov edx, eax
     or edx, PTE_INTER
     mov eax, dword ptr [v_pde3]
-    call ent_store
+    call pte_store
     RELOAD_CR3
     CHK R_W3, 0, 8, 24, 31
     mov eax, dword ptr [v_t]
@@ -563,46 +351,4 @@ mk_pool:
     MAIN_EPILOGUE
 
 # ------------------------------------------------------------------ #PF handler: only probe may fault
-pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rax, cr2
-    mov rcx, pf_exp_cr2
-    cmp rax, qword ptr [rcx]
-.else
-    mov eax, cr2
-    cmp eax, dword ptr [pf_exp_cr2]
-.endif
-    je pf_cr2_ok
-    FAILV 40, "#PF at an unexpected address", eax
-pf_cr2_ok:
-.if BITS == 64
-    mov eax, dword ptr [rsp + FRAME_ERR]
-.else
-    mov eax, dword ptr [esp + FRAME_ERR]
-.endif
-    CHECK_EQ eax, 0, 41, "#PF: error code is not 0 (not-present read)"
-.if BITS == 64
-    mov rax, qword ptr [rsp + FRAME_IP]
-    mov rcx, probe
-    cmp rax, rcx
-    jb pf_bad_ip
-    mov rcx, probe_resume
-    cmp rax, rcx
-    jae pf_bad_ip
-    mov qword ptr [rsp + FRAME_IP], rcx
-    mov dword ptr [rsp + 112], FAULTED # saved rax (low half): the read returns FAULTED
-.else
-    mov eax, dword ptr [esp + FRAME_IP]
-    cmp eax, probe
-    jb pf_bad_ip
-    cmp eax, probe_resume
-    jae pf_bad_ip
-    mov dword ptr [esp + FRAME_IP], probe_resume
-    mov dword ptr [esp + 28], FAULTED
-.endif
-    inc dword ptr [pf_count]
-    RESTORE_ALL
-    IRET_ERR
-pf_bad_ip:
-    FAILV 42, "#PF outside probe", eax
+    PROBE_PF_HANDLER 40

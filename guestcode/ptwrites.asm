@@ -270,21 +270,8 @@ cad_next:
 .endif
     ret
 
-# memory access through esi (rsi in mode 64, where the A/D windows lie above 4 GiB)
-.macro LDSI reg, off
-.if BITS == 64
-    mov \reg, dword ptr [rsi + \off]
-.else
-    mov \reg, dword ptr [esi + \off]
-.endif
-.endm
-.macro STSI off, value
-.if BITS == 64
-    mov dword ptr [rsi + \off], \value
-.else
-    mov dword ptr [esi + \off], \value
-.endif
-.endm
+# memory access through esi (rsi in mode 64, where the A/D windows lie above 4 GiB): LDSI, STSI
+# (lib/main.inc)
 
 # ------------------------------------------------------------------ main
 main:
@@ -302,10 +289,7 @@ no_nx:
 .endif
 
     call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    SET_GATE 14, pf_handler
 
     # root, identity map, PT_W (created by mapping WIN + 31 pages: F15, kept to the end)
     call pt_alloc

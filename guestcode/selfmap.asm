@@ -87,90 +87,59 @@ rec_addr_l2:
 
 # rec_write: esi = va, edx = level, ecx = new entry (low 32 bits; high bits 0), written through the window
 rec_write:
+    PUSHR eax, rax
+    call rec_addr
 .if BITS == 64
-    push rax
-    call rec_addr
-    mov ecx, ecx
-    mov qword ptr [rax], rcx
-    pop rax
-.else
-    push eax
-    call rec_addr
-    PTE_SET eax, ecx
-    pop eax
+    mov ecx, ecx                       # the high bits 0
 .endif
+    PTE_SET eax, ecx, rax, rcx
+    POPR eax, rax
     ret
 
 # rec_read: esi = va, edx = level -> ecx = low 32 bits of the entry, read through the window
 rec_read:
+    PUSHR eax, rax
+    call rec_addr
 .if BITS == 64
-    push rax
-    call rec_addr
     mov ecx, dword ptr [rax]
-    pop rax
 .else
-    push eax
-    call rec_addr
     mov ecx, dword ptr [eax]
-    pop eax
 .endif
+    POPR eax, rax
     ret
 
 # rec_invlpg: invlpg the page of the window that holds the entry (esi = va, edx = level)
 rec_invlpg:
+    PUSHR eax, rax
+    call rec_addr
 .if BITS == 64
-    push rax
-    call rec_addr
     invlpg [rax]
-    pop rax
 .else
-    push eax
-    call rec_addr
     invlpg [eax]
-    pop eax
 .endif
+    POPR eax, rax
     ret
 
 # junk_frame: eax = a frame filled with JUNK (through the identity map)
 junk_frame:
-.if BITS == 64
-    push rcx
-    push rdi
-.else
-    push ecx
-    push edi
-.endif
+    PUSHR ecx, rcx
+    PUSHR edi, rdi
     call pt_alloc
     mov edi, eax
     mov ecx, PAGE / 4
-.if BITS == 64
-    push rax
+    PUSHR eax, rax
     mov eax, JUNK
     cld
     rep stosd
-    pop rax
-    pop rdi
-    pop rcx
-.else
-    push eax
-    mov eax, JUNK
-    cld
-    rep stosd
-    pop eax
-    pop edi
-    pop ecx
-.endif
+    POPR eax, rax
+    POPR edi, rdi
+    POPR ecx, rcx
     ret
 
 # check_zero: eax = frame: fail (code in ebx) unless the whole frame reads 0 through the identity map
 check_zero:
-.if BITS == 64
-    push rcx
-    push rdx
-.else
-    push ecx
-    push edx
-.endif
+    PUSHR ecx, rcx
+    PUSHR edx, rdx
     xor ecx, ecx
 cz_loop:
     mov edx, dword ptr [eax + ecx * 4]
@@ -184,47 +153,35 @@ cz_next:
     inc ecx
     cmp ecx, PAGE / 4
     jb cz_loop
-.if BITS == 64
-    pop rdx
-    pop rcx
-.else
-    pop edx
-    pop ecx
-.endif
+    POPR edx, rdx
+    POPR ecx, rcx
     ret
 
 # zero_through_window: esi = va, edx = level of the table to clear: rep stos over the table's page as
 # seen through the recursive window (the table that the entry at level edx + 1 points to)
 zero_through_window:
-.if BITS == 64
-    push rax
-    push rcx
-    push rdi
+    PUSHR eax, rax
+    PUSHR ecx, rcx
+    PUSHR edi, rdi
     call rec_addr
+.if BITS == 64
     and rax, -4096
     mov rdi, rax
     xor eax, eax
     mov ecx, PAGE / 8
     cld
     rep stosq
-    pop rdi
-    pop rcx
-    pop rax
 .else
-    push eax
-    push ecx
-    push edi
-    call rec_addr
     and eax, 0xfffff000
     mov edi, eax
     xor eax, eax
     mov ecx, PAGE / 4
     cld
     rep stosd
-    pop edi
-    pop ecx
-    pop eax
 .endif
+    POPR edi, rdi
+    POPR ecx, rcx
+    POPR eax, rax
     ret
 
 main:
@@ -244,12 +201,7 @@ mk_frames:
     jb mk_frames
 
     # root + identity map + PT_W (pte 0 not present, pte 2 -> frame 0)
-    call pt_alloc
-    mov dword ptr [v_root], eax
-    mov dword ptr [v_root + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_root
     mov esi, WIN + 0x2000
     mov eax, dword ptr [v_frame]
     or eax, PTE_P | PTE_W
@@ -393,11 +345,7 @@ chain:
     mov eax, dword ptr [esi + 0x10]
 .endif
     CHECK_EQ eax, 0, 13, "step 4: page mapped through the new chain: wrong data at +0x10"
-.if BITS == 64
-    mov eax, dword ptr [rsi]
-.else
-    mov eax, dword ptr [esi]
-.endif
+    LDSI eax, 0
     CHECK_EQ eax, 0x4d000003, 14, "step 4: page mapped through the new chain: wrong marker"
     # the chain, walked through the identity map, ends at frame 3
     mov edi, dword ptr [v_root]

@@ -32,6 +32,7 @@
 .include "lib/paging.inc"
 .include "lib/idt.inc"
 .include "lib/main.inc"
+.include "lib/probe.inc"
 
 .set WIN, 0x40000000                   # every mode: below 4 GiB (64: PML4E 0 -> PDPTE 1)
 .set WIN2, WIN + LARGE_PAGE
@@ -40,8 +41,7 @@
 .set SMAP, WIN + SELF * PAGE           # PT_W seen as data
 .set XMAP, WIN + CROSS * PAGE          # PT_W2 seen as data
 .set FMARK, 0x5e000000
-.set FAULTED, 0xfa17fa17
-.set NOPAGE, 0xffffffff
+.set FAULTED, 0xfa17fa17                # what probe returns for a not-present page
 .set NPOOL, 24
 .set AD_MASK, 0xffffff9f
 .set PTE_PW, PTE_P | PTE_W
@@ -53,66 +53,16 @@
 .set R_WIN, 0
 .set R_WIN2, 1
 
-# variables
+# variables (and pf_count, exp_faults, pf_exp_cr2: lib/probe.inc)
 .set v_root, PROG_VARS + 0x00          # quad
 .set v_ptw, PROG_VARS + 0x08
 .set v_ptw2, PROG_VARS + 0x0c
-.set pf_count, PROG_VARS + 0x10
-.set exp_faults, PROG_VARS + 0x14
-.set pf_exp_cr2, PROG_VARS + 0x18
 .set pf_exp_err, PROG_VARS + 0x1c
 .set pf_resume, PROG_VARS + 0x20       # quad: where the handler resumes (0: no fault expected)
 .set v_pool, PROG_VARS + 0x100         # NPOOL dwords
 
 regions:
-    .long WIN, WIN2
-
-.macro PUSHA_
-.if BITS == 64
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-.else
-    pushal
-.endif
-.endm
-
-.macro POPA_
-.if BITS == 64
-    pop rbp
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-.else
-    popal
-.endif
-.endm
-
-# CHK region, first page, count, want, code: those pages must read pool frames want, want + 1, ...
-# (want = NOPAGE: each must fault)
-.macro CHK region, page, count, want, code
-    mov eax, \region
-    mov ebx, \page
-    mov ecx, \count
-    mov edx, \want
-    mov edi, \code
-    call chk
-.endm
-
-# FLUSH region, page: INVLPG of that page
-.macro FLUSH region, page
-    mov eax, \region
-    mov ebx, \page
-    call va_of
-    invlpg [esi]
-.endm
+    .quad WIN, WIN2
 
 # SM_SET alias, index, frame: entry index of the table seen at alias := pool frame | P | W
 # (frame NOPAGE: cleared), written through the alias
@@ -124,23 +74,6 @@ regions:
 .endm
 
 # ------------------------------------------------------------------ helpers
-# va_of: eax = region, ebx = page -> esi = its virtual address (all below 4 GiB)
-va_of:
-    mov esi, dword ptr [regions + eax * 4]
-.if BITS == 64
-    push rbx
-.else
-    push ebx
-.endif
-    shl ebx, 12
-    add esi, ebx
-.if BITS == 64
-    pop rbx
-.else
-    pop ebx
-.endif
-    ret
-
 # probe: esi = va -> eax = the dword there, or FAULTED after a not-present #PF
 probe:
     mov dword ptr [pf_exp_cr2], esi
@@ -169,82 +102,16 @@ pw_resume:
     mov eax, dword ptr [lib_scratch]
     ret
 
-# chk: eax = region, ebx = first page, ecx = count, edx = first wanted pool frame (NOPAGE: fault),
-# edi = exit code on a mismatch
-chk:
-    PUSHA_
-chk_loop:
-    PUSHA_
-    call va_of
-    cmp edx, NOPAGE
-    jne chk_mark
-    mov edx, FAULTED
-    inc dword ptr [exp_faults]
-    jmp chk_read
-chk_mark:
-    add edx, FMARK
-chk_read:
-    mov ebp, eax
-    call probe
-    cmp eax, edx
-    jne chk_bad
-    POPA_
-    inc ebx
-    cmp edx, NOPAGE
-    je chk_next
-    inc edx
-chk_next:
-    dec ecx
-    jnz chk_loop
-    mov eax, dword ptr [pf_count]
-    cmp eax, dword ptr [exp_faults]
-    je chk_faults_ok
-    FAILV 17, "wrong number of page faults", eax
-chk_faults_ok:
-    POPA_
-    ret
-chk_bad:
-    PRINT "window "
-    xchg eax, ebp
-    call putdec
-    PRINT " page "
-    mov eax, ebx
-    call putdec
-    PRINT " expected "
-    mov eax, edx
-    call puthex
-    PRINT ": "
-    SAVEVAL ebp
-    LOADSTR "the page does not read what its table maps now"
-    mov ecx, edi
-    jmp fail_report_v
-
-# ent_store: eax = address of an entry, edx = new value (low 32 bits, high 0; 0: cleared)
-ent_store:
-.if BITS == 64
-    push rdx
-    mov edx, edx
-    mov qword ptr [eax], rdx
-    pop rdx
-.else
-    test edx, edx
-    jnz es_set
-    PTE_CLEAR eax
-    ret
-es_set:
-    PTE_SET eax, edx
-.endif
-    ret
+# va_of (eax = region, ebx = page -> esi/rsi), flush, chk (lib/probe.inc; chk reads through the probe
+# above). In main: CHK region, first page, count, want, code: those pages must read pool frames
+# want, want + 1, ... (want = NOPAGE: each must fault); FLUSH region, page: INVLPG of that page
+    REGION_CHECKS regions, FMARK, 17, "window ", "the page does not read what its table maps now"
 
 # alias_set: eax = the table's address (an alias or its physical address), ebx = index,
 # edx = pool frame or NOPAGE
 alias_set:
     PUSHA_
-.if PAGING == 2
-    lea eax, [eax + ebx * 4]
-.else
-    lea eax, [eax + ebx * 8]
-.endif
+    PTE_LEA eax, eax, ebx
     cmp edx, NOPAGE
     jne as_frame
     xor edx, edx
@@ -253,7 +120,7 @@ as_frame:
     mov edx, dword ptr [v_pool + edx * 4]
     or edx, PTE_PW
 as_store:
-    call ent_store
+    call pte_store
     POPA_
     ret
 
@@ -261,19 +128,14 @@ as_store:
 # entry, A/D masked, is that frame | P | W (read through the identity map)
 pte_is:
     PUSHA_
-.if PAGING == 2
-    mov ecx, dword ptr [eax + ebx * 4]
-.else
-    mov ecx, dword ptr [eax + ebx * 8]
-.endif
+    PTE_LEA ecx, eax, ebx
+    mov ecx, dword ptr [ecx]
     and ecx, AD_MASK
     mov edx, dword ptr [v_pool + edx * 4]
     or edx, PTE_PW
     cmp ecx, edx
     je pi_ok
-    PRINT "pte "
-    mov eax, ebx
-    call putdec
+    PRINT_DEC "pte ", ebx
     PRINT ": "
     SAVEVAL ecx
     LOADSTR "the table does not hold the value written through the self-map"
@@ -287,34 +149,13 @@ pi_ok:
 main:
     MAIN_PROLOGUE
     call pt_init
-    xor eax, eax
-    mov dword ptr [pf_count], eax
-    mov dword ptr [exp_faults], eax
-    mov dword ptr [pf_resume], eax
-    mov dword ptr [pf_resume + 4], eax
-    call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
-
-    xor ebx, ebx
-mk_pool:
-    call pt_alloc
-    lea edx, [ebx + FMARK]
-    mov dword ptr [eax], edx
-    mov dword ptr [v_pool + ebx * 4], eax
-    inc ebx
-    cmp ebx, NPOOL
-    jb mk_pool
+    mov dword ptr [pf_resume], 0
+    mov dword ptr [pf_resume + 4], 0
+    PF_SETUP pf_handler
+    MARKED_FRAMES v_pool, NPOOL, FMARK
 
     # R; PT_W and PT_W2 (allocated by mapping their first page)
-    call pt_alloc
-    mov dword ptr [v_root], eax
-    mov dword ptr [v_root + 4], 0
-    mov edi, eax
-    mov eax, PTE_P | PTE_W
-    call pt_identity
+    NEW_ROOT v_root
     mov esi, WIN
     mov eax, dword ptr [v_pool]
     or eax, PTE_PW
@@ -351,24 +192,14 @@ mk_w2:
     mov edx, eax
     or edx, PTE_PW
     lea eax, [eax + OFF_SELF]
-    call ent_store                     # PT_W[SELF] -> PT_W
+    call pte_store                     # PT_W[SELF] -> PT_W
     mov eax, dword ptr [v_ptw]
     mov ebx, CROSS
     mov edx, dword ptr [v_ptw2]
     or edx, PTE_PW
-.if PAGING == 2
-    lea eax, [eax + ebx * 4]
-.else
-    lea eax, [eax + ebx * 8]
-.endif
-    call ent_store                     # PT_W[CROSS] -> PT_W2
-.if BITS == 64
-    mov eax, dword ptr [v_root]
-    mov cr3, rax
-.else
-    mov eax, dword ptr [v_root]
-    mov cr3, eax
-.endif
+    PTE_LEA eax, eax, ebx
+    call pte_store                     # PT_W[CROSS] -> PT_W2
+    LOAD_CR3 v_root
 
     # every page read once; pte 2 read through the self-map
     CHK R_WIN, 0, 7, 0, 19
@@ -448,7 +279,7 @@ b_wfault:
     mov edx, eax
     or edx, PTE_PW
     lea eax, [eax + OFF_SELF]
-    call ent_store                     # the self-map back (through the identity map)
+    call pte_store                     # the self-map back (through the identity map)
     FLUSH R_WIN, SELF
     mov eax, SMAP
     mov ecx, dword ptr [eax + PTE_SIZE]
@@ -488,12 +319,7 @@ b_wfault:
 
 # ------------------------------------------------------------------ #PF handler: probe / probe_write
 pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rbp, rsp
-.else
-    mov ebp, esp
-.endif
+    SAVE_ALL frame=1
 .if BITS == 64
     mov rax, cr2
 .else
@@ -515,10 +341,10 @@ pf_err_ok:
 pf_resume_ok:
 .if BITS == 64
     mov qword ptr [rbp + FRAME_IP], rax
-    mov dword ptr [rbp + 112], FAULTED # saved rax (low half)
+    mov dword ptr [rbp + FRAME_AX], FAULTED    # saved rax (low half)
 .else
     mov dword ptr [ebp + FRAME_IP], eax
-    mov dword ptr [ebp + 28], FAULTED
+    mov dword ptr [ebp + FRAME_AX], FAULTED
 .endif
     inc dword ptr [pf_count]
     RESTORE_ALL

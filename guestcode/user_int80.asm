@@ -210,14 +210,8 @@ fill_array:
 
     # ---- IDT
     call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
-    mov ecx, 0x80
-    mov eax, int80_handler
-    mov edx, GATE_INT3
-    call idt_set
+    SET_GATE 14, pf_handler
+    SET_GATE 0x80, int80_handler, GATE_INT3
 
     mov edi, dword ptr [v_root]
 .if BITS == 64
@@ -287,12 +281,7 @@ back_in_kernel:
 
 # ------------------------------------------------------------------ #PF handler (from CPL3)
 pf_handler:
-    SAVE_ALL
-.if BITS == 64
-    mov rbp, rsp
-.else
-    mov ebp, esp
-.endif
+    SAVE_ALL frame=1
     mov ax, cs
     and eax, 3
     CHECK_EQ eax, 0, 20, "#PF handler not at CPL0"

@@ -40,10 +40,7 @@ main:
     mov dword ptr [pf_count], 0
     MARKED_FRAMES v_frames, 64
     call idt_init
-    mov ecx, 14
-    mov eax, pf_handler
-    mov edx, GATE_INT0
-    call idt_set
+    SET_GATE 14, pf_handler
     call new_root
     mov dword ptr [v_root], eax
     mov dword ptr [v_root + 4], 0

@@ -62,11 +62,6 @@
 .else
 .set UWIN, 0x40000000
 .endif
-.if PAGING == 2
-.set KERNEL_DWORDS, 16                 # root entries of the identity map: 16 PDEs of 4 MiB
-.else
-.set KERNEL_DWORDS, 2                  # PDPTE 0 (PAE) / PML4E 0 (64)
-.endif
 
 .set v_parent, PROG_VARS + 0x00        # quad: the parent's root
 .set v_child, PROG_VARS + 0x08         # quad: the child's root
@@ -187,10 +182,7 @@ main:
     PUSHA_
     call pt_init
     call idt_init
-    mov ecx, 14
-    mov eax, fk_pf
-    mov edx, GATE_INT0
-    call idt_set
+    SET_GATE 14, fk_pf
     mov dword ptr [v_ptes], 0
     mov dword ptr [v_copies], 0
     mov dword ptr [v_reuses], 0
@@ -298,7 +290,7 @@ fk_kernel_half:
     mov edx, dword ptr [esi + ecx * 4]
     mov dword ptr [eax + ecx * 4], edx
     inc ecx
-    cmp ecx, KERNEL_DWORDS
+    cmp ecx, ID_DWORDS
     jb fk_kernel_half
     xor ebx, ebx
 fk_copy:

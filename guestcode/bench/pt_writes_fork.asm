@@ -27,11 +27,6 @@
 .else
 .set UWIN, 0x40000000
 .endif
-.if PAGING == 2
-.set ID_DWORDS, 16                     # the root entries of the identity map: PDEs 0..15
-.else
-.set ID_DWORDS, 2                      # PDPTE 0 (PAE) / PML4E 0 (64)
-.endif
 .set v_parent, PROG_VARS + 0x00        # quad
 .set v_child, PROG_VARS + 0x08         # quad
 .set v_mark, PROG_VARS + 0x10          # allocator mark: the child's frames start here

@@ -286,10 +286,7 @@ user_pdes:
 
     # IDT: int 0x80 reachable from CPL3; every other vector still reaches the firmware (a crash)
     call idt_init
-    mov ecx, 0x80
-    mov eax, int80_handler
-    mov edx, GATE_INT3
-    call idt_set
+    SET_GATE 0x80, int80_handler, GATE_INT3
 
     mov eax, dword ptr [v_root]
     mov cr3, eax
