@@ -38,10 +38,17 @@ WIN = 0x0080_0000
 
 
 class Guest:
-    """One VM and vCPU over a bytearray, X's table shadowed (read once through X and WIN)."""
+    """One VM and vCPU over a bytearray, X's table shadowed (read once through X and WIN), under
+    ``policy``: ``make_policy(policy, unsync_on)`` (xen-oos takes unsync_on None or True only).
+    ``setup(guest)``, if given, adds guest mappings after the base ones, before the VM exists
+    (so no shadowed table is edited behind the MMU's back).
 
-    def __init__(self, mode, unsync_on=True):
+    Trace records: ``synced`` (the reason of each kvm_mmu_sync_page), ``syncs`` (its fields),
+    ``unsynced`` (the gfn of each kvm_mmu_unsync_page)."""
+
+    def __init__(self, mode, unsync_on=True, policy="kvm", setup=None):
         self.mode = mode
+        self.policy = policy
         self.t = t = GuestTables(mode, PhysMem(bytearray(RAM)), 0x0060_0000, 0x0080_0000)
         self.mem = t.mem
         self.pte_x = t.map(X, DATA, PWU | A | D)
@@ -50,12 +57,15 @@ class Guest:
         # the window's pte is clean: a read through it builds a read-only spte (a dirty one
         # would make the spte writable and unsync PT at once: test_a_writable_spte_...)
         t.map(WIN, self.pt, PWU | A)
-        self.vm = VmMmu(self.mem, policy=make_policy("kvm", unsync_on))
+        if setup is not None:
+            setup(self)
+        self.vm = VmMmu(self.mem, policy=make_policy(policy, unsync_on))
         self.c = self.vm.counters
         self.mmu = self.vm.add_vcpu()
         self.mmu.set_context(self.ctx())
-        self.synced, self.unsynced = [], []
-        self.vm.events.subscribe(lambda _k, f: self.synced.append(f["reason"]), (ev.SYNC_PAGE,))
+        self.synced, self.syncs, self.unsynced = [], [], []
+        self.vm.events.subscribe(lambda _k, f: (self.synced.append(f["reason"]),
+                                                self.syncs.append(dict(f))), (ev.SYNC_PAGE,))
         self.vm.events.subscribe(lambda _k, f: self.unsynced.append(f["gfn"]), (ev.UNSYNC_PAGE,))
         assert self.fill(X) == DATA and self.fill(OTHER) == DATA + 0x3000
         r = self.mmu.hw_fill(WIN, R)
@@ -283,14 +293,20 @@ DATA_U = 0x0200_0000
 
 
 @pytest.mark.parametrize("mode", ["32", "pae", "64"])
-@pytest.mark.parametrize("unsync_on", [True, False], ids=["unsync-on", "unsync-off"])
-def test_guest_sees_the_remap_after_invlpg_under_both_mmus(mode, unsync_on):
+@pytest.mark.parametrize("policy,unsync_on", [
+    ("kvm", True), ("kvm", False), ("kvm-2008-oos", True), ("kvm-2008-oos", False),
+    ("xen-oos", None)],
+    ids=["kvm-unsync-on", "kvm-unsync-off", "kvm-2008-oos-unsync-on", "kvm-2008-oos-unsync-off",
+         "xen-oos"])
+def test_guest_sees_the_remap_after_invlpg_under_both_mmus(mode, policy, unsync_on):
     """A guest remaps X by a store through the window, invlpg's it and reads it: the value of
     the new frame, under Unicorn's own MMU and under the shadow MMU with and without out-of-sync
-    pages; with them on, nothing is emulated."""
+    pages; with them on, nothing is emulated. The invlpg is each policy's: kvm resyncs the one
+    spte (__kvm_mmu_invalidate_addr), kvm-2008-oos drops the leaf spte (2.6.28 FNAME(invlpg)),
+    xen-oos empties it because the table is out of sync (sh_invlpg)."""
     results = {}
     for mmu in ("native", "shadow"):
-        lab = FaultLab(mode, policy="kvm", ram_mib=64, unsync=unsync_on)
+        lab = FaultLab(mode, policy=policy, ram_mib=64, unsync=unsync_on)
         lab.map(X_U, DATA_U)
         lab.map(X_U + 0x1000, DATA_U + 0x1000)
         lab.map_table_window(WIN_U, X_U)
@@ -306,7 +322,9 @@ def test_guest_sees_the_remap_after_invlpg_under_both_mmus(mode, unsync_on):
         results[mmu] = r.read(0x3000000, 4)
         if mmu == "shadow":
             c = r.counters
-            if unsync_on:
+            if policy == "xen-oos":
+                assert c["shadow_unsync"] >= 1 and c["insn_emulation"] == 0
+            elif unsync_on:
                 assert c["mmu_unsync_events"] >= 1 and c["insn_emulation"] == 0
             else:
                 assert c["mmu_unsync_events"] == 0 and c["insn_emulation"] == 1

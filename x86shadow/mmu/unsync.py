@@ -24,7 +24,7 @@ from .. import paging as pg
 from .pages import ENTRIES, ShadowPage, prefetch_invalid_gpte
 from .requests import REQ_MMU_SYNC
 from .shadow_walk import shadow_leaf
-from .spte import SPTE_P
+from .spte import SPTE_P, SPTE_W
 
 # KVM_PAGE_ARRAY_NR (2.6.29 mmu.c, modern mmu.c): entries (parents included) per sync batch
 PAGE_ARRAY_NR = 16
@@ -222,8 +222,7 @@ def sync_spte(mmu, sp, idx, rebuild_same: bool = False) -> int:
     dirty = bool(gpte & pg.PTE_D)
     old_gpte = sp.gptes[idx]
     if (not rebuild_same and old_gpte is not None
-            and _protected(sp.role.access & fmt.entry_access(old_gpte, ctx.nxe),
-                           old_gpte & pg.PTE_D) == _protected(access, dirty)):
+            and _recorded_access(sp, spte, old_gpte, fmt, ctx.nxe) == _protected(access, dirty)):
         sp.gptes[idx] = gpte             # the same rights: the spte stands for this gpte too
         return 0
     # rebuilt as a prefetch while synchronizing: never more writable than a fault would make it
@@ -236,6 +235,18 @@ def _protected(access, dirty):
     """The rights KVM records for a spte (kvm_mmu_page_get_access): FNAME(protect_clean_gpte)
     takes W away from a clean guest pte."""
     return access if dirty else access & ~pg.ACC_W
+
+
+def _recorded_access(sp, spte, old_gpte, fmt, nxe):
+    """kvm_mmu_page_get_access for sp[idx] built from old_gpte: the protected guest rights, or,
+    when the spte is writable although they lack W, what FNAME(page_fault) recorded for a
+    supervisor write with CR0.WP=0 (W granted, U taken away). Without the override a resync
+    kept such a spte writable for a guest pte that had become W but clean, and the guest's next
+    write through it did not set D."""
+    acc = _protected(sp.role.access & fmt.entry_access(old_gpte, nxe), old_gpte & pg.PTE_D)
+    if spte & SPTE_W and not acc & pg.ACC_W:
+        acc = (acc | pg.ACC_W) & ~pg.ACC_U
+    return acc
 
 
 def zap_unsync_children(vm, parent) -> int:
