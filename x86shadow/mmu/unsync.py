@@ -238,11 +238,11 @@ def _protected(access, dirty):
 
 
 def _recorded_access(sp, spte, old_gpte, fmt, nxe):
-    """kvm_mmu_page_get_access for sp[idx] built from old_gpte: the protected guest rights, or,
-    when the spte is writable although they lack W, what FNAME(page_fault) recorded for a
-    supervisor write with CR0.WP=0 (W granted, U taken away). Without the override a resync
-    kept such a spte writable for a guest pte that had become W but clean, and the guest's next
-    write through it did not set D."""
+    """kvm_mmu_page_get_access (Linux 6.18) for a spte of sp built from old_gpte: the protected
+    guest rights or, when the spte is writable although they lack W, what FNAME(page_fault)
+    (paging_tmpl.h) records for a supervisor write with CR0.WP=0: W granted, U taken away.
+    (Comparing without the override, a resync kept such a spte writable for a guest pte that
+    had become W but clean, and the guest's next write through it did not set D.)"""
     acc = _protected(sp.role.access & fmt.entry_access(old_gpte, nxe), old_gpte & pg.PTE_D)
     if spte & SPTE_W and not acc & pg.ACC_W:
         acc = (acc | pg.ACC_W) & ~pg.ACC_U
