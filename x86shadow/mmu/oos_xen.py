@@ -75,11 +75,6 @@ def is_oos(vm, gfn) -> bool:
     return bool(sps) and next(iter(sps)).unsync
 
 
-def _index_of(sp, idx) -> int:
-    """Index of the guest entry that sp[idx] shadows, in the whole guest page."""
-    return idx + (sp.role.quadrant << 9 if sp.role.gpte_size == 4 else 0)
-
-
 def _propagate(mmu, sp, idx, gpte) -> None:
     """l1e_propagate_from_guest(ft_prefetch) + shadow_set_l1e: rebuild sp[idx] from gpte --
     nothing if it is not present, not accessed (or has reserved bits); read-only if it is clean
@@ -125,9 +120,7 @@ class Xen33Rules(UnsyncRules):
         if next(iter(sps)).unsync:
             self._fixup_add(vm, gfn, sp, idx)
             return True
-        if len({s.role.gpte_size for s in sps}) > 1:      # sh_page_has_multiple_shadows
-            return False
-        if any(v.ctx.mode == pg.Mode.OFF for v in vm.vcpus):
+        if _unsync_refused(vm, sps):
             return False
         self._hash_add(vcpu, gfn)
         vm.counters["shadow_unsync"] += 1
@@ -144,8 +137,7 @@ class Xen33Rules(UnsyncRules):
             return True
         if next(iter(sps)).unsync:
             return False
-        return (len({s.role.gpte_size for s in sps}) > 1
-                or any(v.ctx.mode == pg.Mode.OFF for v in vm.vcpus))
+        return _unsync_refused(vm, sps)
 
     @staticmethod
     def _mark(vm, sp) -> None:
@@ -236,7 +228,7 @@ class Xen33Rules(UnsyncRules):
                 for idx in range(512):
                     if not spt[idx] & SPTE_P:
                         continue
-                    o = _index_of(sp, idx) * gsize
+                    o = sp.gpte_index(idx) * gsize
                     if cur[o:o + gsize] != snap[o:o + gsize]:
                         _propagate(mmu, sp, idx, int.from_bytes(cur[o:o + gsize], "little"))
                         changed += 1
@@ -304,14 +296,14 @@ class Xen33Rules(UnsyncRules):
         v, i = found
         slot = v.oos[i]
         gsize = sp.role.gpte_size
-        gi = _index_of(sp, idx)
+        gi = sp.gpte_index(idx)
         raw = gpte.to_bytes(gsize, "little")
         o = gi * gsize
         if slot.snapshot[o:o + gsize] != raw:
             for other in list(vm.sps_by_gfn.get(sp.gfn, ())):
                 if other is sp or other.role.gpte_size != gsize:
                     continue
-                j = gi - (other.role.quadrant << 9 if gsize == 4 else 0)
+                j = gi - other.gpte_index(0)
                 if 0 <= j < 512 and other.spt[j] & SPTE_P:
                     _propagate(mmu, other, j, gpte)
             slot.snapshot = slot.snapshot[:o] + raw + slot.snapshot[o + gsize:]
@@ -375,6 +367,14 @@ class Xen33Rules(UnsyncRules):
         for sp in vm.hash.values():
             if sp.unsync and sp.gfn not in seen:
                 p(f"{sp} is unsync but its frame is in no out-of-sync table")
+
+
+def _unsync_refused(vm, sps) -> bool:
+    """sh_unsync's refusals for a frame shadowed only as leaf pages: more than one shadow type
+    (sh_page_has_multiple_shadows; here two guest pte sizes), or a vCPU with paging off
+    (oos_active)."""
+    return (len({s.role.gpte_size for s in sps}) > 1
+            or any(v.ctx.mode == pg.Mode.OFF for v in vm.vcpus))
 
 
 def _remove_write(fixup, gfn) -> None:

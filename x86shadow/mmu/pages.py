@@ -57,12 +57,15 @@ class ShadowPage:
         self.zapped = False                # prepared for zapping: unlinked, on the invalid list
         self.freed = False                 # committed: the TLB was flushed, then it was freed
 
+    def gpte_index(self, idx: int) -> int:
+        """Index in the whole guest table of the guest pte that spt[idx] of this non-direct
+        page shadows (a 2-level guest table is split into quadrants)."""
+        return idx + (self.role.quadrant << 9 if self.role.gpte_size == 4 else 0)
+
     def gpte_gpa(self, idx: int) -> int:
-        """Guest-physical address of the guest pte that spt[idx] of this non-direct page
-        shadows (a 2-level guest table is split into quadrants: FNAME(get_level1_sp_gpa))."""
-        gsize = self.role.gpte_size
-        gi = idx + (self.role.quadrant << 9 if gsize == 4 else 0)
-        return (self.gfn << 12) + gi * gsize
+        """Guest-physical address of the guest pte that spt[idx] shadows
+        (FNAME(get_level1_sp_gpa))."""
+        return (self.gfn << 12) + self.gpte_index(idx) * self.role.gpte_size
 
     def __repr__(self):
         r = self.role

@@ -208,13 +208,13 @@ class VmMmu:
             peers.pop(sp, None)
             if not peers:
                 del self.sps_by_gfn[sp.gfn]
+                if self.policy.unsync:
+                    self.policy.unsync.gfn_unshadowed(self, sp.gfn)
             if sp.write_tracked:
                 sp.write_tracked = False
                 self.track_remove(sp.gfn)
         unsync.unlink_unsync_page(self, sp)
         sp.zapped = True
-        if not sp.role.direct and sp.gfn not in self.sps_by_gfn and self.policy.unsync:
-            self.policy.unsync.gfn_unshadowed(self, sp.gfn)
         policy = self.policy
         for v in self.vcpus:
             policy.on_zap(v, v.policy_state, sp)
