@@ -41,7 +41,8 @@ def test_one_kvm_exit_per_exit(path, mmu):
         assert len(injected) == c["exception_injections"]
         assert c["irq_injections"] == 0                  # no interrupt source exists
         if mmu == "shadow":
-            assert c["pf_taken"] == c["pf_fixed"] + c["pf_guest"] + c["wp_faults"]
+            assert c["pf_taken"] == (c["pf_fixed"] + c["pf_guest"] + c["wp_faults"]
+                                     + c["pf_retry"])
             assert all(e["rip"] is not None for e in exits)
             reasons = {e["reason"] for e in exits}
             assert reasons <= {"EXCEPTION_NMI", "IO_INSTRUCTION", "CR_ACCESS", "INVLPG",
@@ -56,7 +57,7 @@ def test_our_events_are_prefixed_and_kvm_names_are_kvm_tracepoints():
     assert {k for k in ev.TRACEPOINTS if k.startswith("kvm_")} == {
         "kvm_exit", "kvm_entry", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
         "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_unsync_page", "kvm_mmu_sync_page",
-        "kvm_inj_exception"}
+        "kvm_inj_exception", "kvm_unmap_hva_range", "kvm_age_hva"}
 
 
 def test_instruction_count_in_every_event_when_counted():

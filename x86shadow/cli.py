@@ -52,6 +52,49 @@ def _unsync_arg(args):
     return None if v is None else v == "on"
 
 
+def _add_host(parser) -> None:
+    """Host memory under the guest (docs/HOST_MEMORY.md); any of these turns it on."""
+    g = parser.add_argument_group("host memory (needs --mmu shadow; docs/HOST_MEMORY.md)")
+    g.add_argument("--host", metavar="OP:N[,...]", default=None,
+                   help="host operations: OP:N every N exits, OP@POINT[:N] at a named point of "
+                        "the fault path; OP = swap, reclaim, migrate, ksm, age; POINT = "
+                        "after_seq_snapshot, after_gfn_to_pfn, pte_prefetch_after_gfn_to_pfn")
+    g.add_argument("--host-seed", type=int, default=0, metavar="S",
+                   help="seed of the host's choice of pages (default 0)")
+    g.add_argument("--host-target", choices=("mapped", "tlb"), default=None,
+                   help="pages the operations pick from: mapped by the shadow MMU (default) or "
+                        "in a vCPU's TLB now")
+    g.add_argument("--notifiers", choices=("2008", "modern"), default=None,
+                   help="KVM's MMU-notifier era: 2008 (2.6.27: invalidate_page, count/seq, flush "
+                        "after unlock) or modern (6.x: in_progress and range, flush before "
+                        "unlock; default)")
+    g.add_argument("--break", dest="break_rule", choices=("flush-before-free",), default=None,
+                   help="break a rule on purpose (teaching and testing): flush-before-free defers "
+                        "the notifier's TLB flush past the host's free, as the tlbs_dirty bug "
+                        "did; the host detects it (exit status 6)")
+
+
+def _host_config(args):
+    """The HostConfig the host options ask for (None: no host memory)."""
+    if (args.host is None and args.notifiers is None and args.break_rule is None
+            and args.host_target is None):
+        return None
+    from .machine import HostConfig
+    from .memory.schedule import parse_schedule
+    if args.mmu != "shadow":
+        raise UsageError("--host, --notifiers and --break need --mmu shadow: under Unicorn's "
+                         "own MMU guest-physical memory is host memory")
+    if args.host is not None:
+        try:
+            parse_schedule(args.host)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return HostConfig(schedule=args.host or "", seed=args.host_seed,
+                      notifiers=args.notifiers or "modern",
+                      break_flush=args.break_rule == "flush-before-free",
+                      target=args.host_target or "mapped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="x86shadow", description="Run x86 guest code under a KVM-style shadow MMU.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -75,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-insns", type=int, default=None, metavar="N",
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
+    _add_host(r)
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
     return p
@@ -199,6 +243,7 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _check_program_path(args.program)
+    host = _host_config(args)
     try:
         for d in args.include:
             if not os.path.isdir(d):
@@ -223,7 +268,7 @@ def cmd_run(args) -> int:
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
-                        unsync=_unsync_arg(args))
+                        unsync=_unsync_arg(args), host=host)
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -12,6 +12,10 @@ COUNTER_NAMES = (
     "shadow_unsync", "shadow_resync", "shadow_unsync_evict", "shadow_oos_fixup_add",
     "shadow_oos_fixup_evict",
     "emulate_ahead", "wp_faults", "guest_insns",
+    "pf_retry", "pte_prefetch_retry", "mmu_notifier_invalidate", "mmu_notifier_zapped",
+    "mmu_notifier_flush", "mmu_notifier_flush_deferred",
+    "host_swap_out", "host_swap_in", "host_swap_young", "host_migrate", "host_ksm_merge",
+    "host_cow_break", "host_munmap",
 )
 
 

@@ -30,10 +30,16 @@ INVLPG = "x86shadow_invlpg"
 NEW_ROOT = "x86shadow_new_root"
 RELOAD_PDPTES = "x86shadow_reload_pdptes"
 TRACE_MARKER = "x86shadow_marker"      # value: the guest wrote MARKER_PORT
+HOST_OP = "x86shadow_host_op"          # op, hva ...: the host swapped, migrated, merged ... a page
+MMU_NOTIFIER = "x86shadow_mmu_notifier"  # notifier: the mm called KVM's notifier op
+HOST_UNMAP_HVA = "kvm_unmap_hva_range"  # KVM zapped the sptes of an hva range
+HOST_AGE_HVA = "kvm_age_hva"           # KVM aged an hva range (young: the answer)
+PF_RETRY = "x86shadow_pf_retry"        # a fault raced an invalidation: nothing installed
 TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT,
                          GET_PAGE, PREPARE_ZAP, UNSYNC_PAGE, SYNC_PAGE, INJ_EXCEPTION,
                          WRITE_PROTECT_FAULT, POLICY, UNPROTECT, INVLPG, NEW_ROOT, RELOAD_PDPTES,
-                         TRACE_MARKER})
+                         TRACE_MARKER, HOST_OP, MMU_NOTIFIER, HOST_UNMAP_HVA, HOST_AGE_HVA,
+                         PF_RETRY})
 
 # observer kinds (in-process only)
 TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)

@@ -1,5 +1,6 @@
-"""The VM: guest RAM, the VM-wide shadow MMU, the port bus and its devices, the event sink, one
-vCPU, and the run loop that turns the vCPU's exits into a run result."""
+"""The VM: guest RAM (and, on request, the host memory under it), the VM-wide shadow MMU, the
+port bus and its devices, the event sink, one vCPU, and the run loop that turns the vCPU's exits
+into a run result."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,11 +16,33 @@ from .devices.bus import Bus
 from .devices.pc import attach_pc_devices
 from .exits import ExitKind
 from .faults import GuestCrash, vector_name
+from .memory.host import HostFault, HostMM, HostPages, HostViolation
 from .memory.ram import PhysMem
+from .mmu.audit import AuditError
 
 MODES = ("32", "pae", "64")
 MMUS = ("shadow", "native")
 INTERRUPTED_STATUS = 130             # a run stopped from outside (request_stop: Ctrl-C, watchdog)
+VIOLATION_STATUS = 6                 # the host caught the flush-before-free rule broken, or the
+                                     # audit an invariant (docs/GUEST_CONTRACT.md)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Host memory under the guest (docs/HOST_MEMORY.md): memslots -> host pages the host may
+    swap, migrate and merge. ``schedule``: the --host rules (memory/schedule.py; "" = host pages
+    but no scheduled operation); ``notifiers``: KVM's notifier era, "2008" or "modern";
+    ``break_flush``: --break flush-before-free; ``target``: where operations pick their page;
+    ``spare_pages``: host pages beyond guest RAM (default RAM / 8, at least 1024);
+    ``tlb_check``: the host refuses to free a page a vCPU's TLB may still map (HostViolation);
+    False leaves detection to the poison check and the guest (a test knob)."""
+    schedule: str = ""
+    seed: int = 0
+    notifiers: str = "modern"
+    break_flush: bool = False
+    target: str = "mapped"
+    spare_pages: int | None = None
+    tlb_check: bool = True
 
 
 @dataclass
@@ -52,7 +75,8 @@ class Machine:
     ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``."""
 
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
-                 trace=None, audit: bool = False, serial_out=None, unsync=None):
+                 trace=None, audit: bool = False, serial_out=None, unsync=None,
+                 host: HostConfig | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
@@ -61,9 +85,25 @@ class Machine:
         self.mode = mode
         self.mmu_kind = mmu
         self.ram_size = ram_mib << 20
-        self.mem = PhysMem(self.ram_size)
         self.counters = new_counters()
         self.events = ev.EventBus()
+        self.host = self.host_schedule = None
+        rules = []
+        if host is not None:
+            from .memory.schedule import parse_schedule
+            if mmu != "shadow":
+                raise ValueError("host memory (--host, --notifiers, --break) needs --mmu shadow: "
+                                 "under Unicorn's own MMU guest-physical memory is host memory")
+            rules = parse_schedule(host.schedule) if host.schedule else []
+            frames = self.ram_size >> 12
+            spare = host.spare_pages if host.spare_pages is not None else max(1024, frames // 8)
+            self.host_phys = PhysMem(self.ram_size + (spare << 12))
+            self.host = HostMM(HostPages(self.host_phys, frames), frames, host.notifiers,
+                               self.counters, self.events)
+            self.host.pages.clock = self._host_clock
+            self.mem = None
+        else:
+            self.mem = self.host_phys = PhysMem(self.ram_size)
         if trace is not None:
             self.events.subscribe(self._traced(trace))
         self.output = bytearray()
@@ -82,16 +122,47 @@ class Machine:
                 policy = make_policy(policy, unsync)
             elif unsync is not None:
                 raise ValueError("unsync is chosen with the policy's name, not with a policy object")
-            self.vm_mmu = VmMmu(self.mem, self.counters, self.events, policy=policy)
+            self.vm_mmu = VmMmu(self.mem, self.counters, self.events, policy=policy,
+                                host=self.host,
+                                notifiers=host.notifiers if host is not None else "modern",
+                                break_flush=host is not None and host.break_flush)
+            self.mem = self.vm_mmu.mem
+            if self.host is not None:
+                from .memory.schedule import HostSchedule
+                self.host_schedule = HostSchedule(self.host, self.vm_mmu, rules, host.seed,
+                                                  host.target)
+                if host.tlb_check:
+                    self.host.pages.on_free = self._check_tlb_on_free
             if audit:
                 from .mmu.audit import audit as run_audit
                 vm_mmu = self.vm_mmu
                 self.events.subscribe(lambda _kind, _fields: run_audit(vm_mmu), (ev.EXIT,))
         self.policy = self.vm_mmu.policy if self.vm_mmu is not None else None
         self.vcpu = VCPU(mode, self.mem, vm_mmu=self.vm_mmu, counters=self.counters,
-                         events=self.events, bus=self.ports)
+                         events=self.events, bus=self.ports, host_mem=self.host_phys,
+                         host_tick=self.host_schedule.tick if self.host_schedule else None,
+                         host_rewritten=self.host.pages.rewritten if self.host else None)
         self.program = None
         self.boot = None
+
+    def _host_clock(self) -> str:
+        try:
+            rip = f", guest RIP {self.vcpu.rip():#x}"
+        except Exception:                               # noqa: BLE001 - a report, never raise
+            rip = ""
+        return f"at exit {self.counters['exits']}{rip}"
+
+    def _check_tlb_on_free(self, pfn, tag) -> None:
+        """The flush-before-free check, by owner: no vCPU's TLB may still map a page the host
+        frees (each fill records the pages it handed the CPU until the CPU's next flush)."""
+        for v in self.vm_mmu.vcpus:
+            filled = v.tlb_pfns.get(pfn) if v.tlb_pfns is not None else None
+            if filled is not None:
+                raise HostViolation(
+                    "a host page was freed while a vCPU's TLB may still map it",
+                    f"{self.host.pages.describe(pfn)}; vCPU {v.id} filled it at exit {filled} "
+                    "and its TLB was not flushed since",
+                    f"the host was freeing it, {self._host_clock()}")
 
     def _traced(self, trace):
         """The trace subscriber, with the guest instruction count in every event while
@@ -138,7 +209,21 @@ class Machine:
         if self.boot is None:
             raise ValueError("nothing loaded: call load() first")
         self.vcpu.load_boot_state(self.boot.state)
-        ex = self.vcpu.run_once(max_insns)
+        try:
+            ex = self.vcpu.run_once(max_insns)
+            if self.host is not None:
+                self.host.pages.check_free_pages()       # a stale write after the last check
+        except HostViolation as v:
+            return RunResult(VIOLATION_STATUS, "violation", report=self.violation_report(v),
+                             counters=self.counters)
+        except AuditError as e:
+            v = HostViolation("an MMU invariant is broken (--audit)", str(e),
+                              f"found after an exit, {self._host_clock()}")
+            return RunResult(VIOLATION_STATUS, "violation", report=self.violation_report(v),
+                             counters=self.counters)
+        except HostFault as f:
+            crash = GuestCrash(f"KVM_RUN failed with EFAULT: {f}")
+            return RunResult(4, "crash", crash, f"x86shadow: {crash.reason}", self.counters)
         if ex.kind == ExitKind.HLT:
             return RunResult(0, "halt", counters=self.counters, exit_kind=ex.kind)
         if ex.kind == ExitKind.SYSTEM_EVENT:
@@ -152,6 +237,15 @@ class Machine:
         return RunResult(4, "crash", ex.crash, self.crash_report(ex.crash), self.counters, ex.kind)
 
     # ------------------------------------------------------------------ reporting
+    def violation_report(self, v: HostViolation) -> str:
+        lines = [f"x86shadow: violation: {v.what}", f"  where  {v.where}", f"  when   {v.when}"]
+        if self.host_schedule is not None and self.host_schedule.log:
+            lines.append("  last host operations:")
+            for when, op, gfn, result in self.host_schedule.log[-5:]:
+                page = "" if gfn is None else f" gfn {gfn:#x}"
+                lines.append(f"    {when}: {op}{page} -> {result}")
+        return "\n".join(lines)
+
     def crash_report(self, crash: GuestCrash) -> str:
         v = self.vcpu
         rip = crash.rip if crash.rip is not None else v.rip()
@@ -205,4 +299,7 @@ class Machine:
         return f"{rip:#x}: {d.text}   ({d.bytes.hex(' ')})"
 
     def read_phys(self, pa, n) -> bytes:
+        """Guest-physical memory, looked at without disturbing the host (no swap-in)."""
+        if self.vm_mmu is not None:
+            return self.vm_mmu.peek_mem.read(pa, n)
         return self.mem.read(pa, n)

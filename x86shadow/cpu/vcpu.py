@@ -41,7 +41,7 @@ from ..exits import (REASON_CR, REASON_HLT, REASON_INVLPG, REASON_IO, REASON_MSR
 from ..faults import VEC_PF, VEC_UD, GuestCrash
 from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
                              read_guest_virt, walk_translate)
-from ..mmu.vm_mmu import REQ_TLB_FLUSH
+from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
@@ -95,10 +95,18 @@ class VCPU:
     mean "unhandled exception" (the firmware's)."""
 
     def __init__(self, mode: str, mem, *, vm_mmu=None, counters: dict, events, bus,
-                 crash_gates=frozenset()):
+                 crash_gates=frozenset(), host_mem=None, host_tick=None, host_rewritten=None):
+        """``mem``: guest-physical memory; ``host_mem``: the host memory Unicorn maps as its
+        physical space (``mem`` itself unless a host memory manager is under the guest; then
+        ``host_tick`` runs the host's due operations where the TLB can be flushed and
+        ``host_rewritten`` holds the host pages whose contents the host replaced)."""
         self.mode = mode
         self.bits = 64 if mode == "64" else 32
         self.mem = mem
+        self.host_mem = host_mem = host_mem if host_mem is not None else mem
+        self._host_tick = host_tick
+        self._rewritten = host_rewritten
+        self._in_write_hook = False
         self.shadow = vm_mmu is not None
         self.counters = counters
         self.events = events
@@ -111,7 +119,7 @@ class VCPU:
         self._wvp = ctypes.byref(self._wv)
         self._mmr = _Mmr()
         self._mmrp = ctypes.byref(self._mmr)
-        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address)
+        uc.mem_map_ptr(0, host_mem.size, UC_PROT_ALL, host_mem.address)
         self.mmu = None
         self.stop = None                 # why emu_start stopped: ("exit", status), ("crash", GuestCrash),
                                          # ("event", ...) to deliver, ("reexec", rip)
@@ -132,14 +140,15 @@ class VCPU:
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-            uc.mem_map_ptr(layout.ALIAS_BASE, mem.size, UC_PROT_READ, mem.address)
+            uc.mem_map_ptr(layout.ALIAS_BASE, host_mem.size, UC_PROT_READ, host_mem.address)
             self.mmu = vm_mmu.add_vcpu()
+            self.mmu.flush_hw_tlb = self.flush_tlb       # the notifiers' "flush it now"
             self.mmu.guest_rip = self.rip            # read only when tracing (kvm_exit, faults)
             self._add_raw_fill_hook()
             # memory hooks only over the addresses they are for: a hook whose range covers a
             # store sends every such store down QEMU's slow path (measured: 10x per store)
             uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._write_trap, None, layout.ALIAS_BASE,
-                        layout.ALIAS_BASE + mem.size - 1)
+                        layout.ALIAS_BASE + host_mem.size - 1)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped, None, layout.HOLE_BASE,
                         layout.HOLE_BASE + 0xFFF)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
@@ -296,8 +305,13 @@ class VCPU:
 
     # ------------------------------------------------------------------ TLB and MMU requests
     def flush_tlb(self):
+        if self._in_write_hook:
+            raise MMUError("a TLB flush was asked for inside a trapped store, where Unicorn "
+                           "cannot flush")
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.counters["tlb_flush"] += 1
+        if self.mmu is not None and self.mmu.tlb_pfns:
+            self.mmu.tlb_pfns.clear()
 
     def service_requests(self):
         """Carry out what the MMU asked of the CPU (KVM's vcpu_enter_guest request loop). The
@@ -309,6 +323,8 @@ class VCPU:
 
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
+        if self._host_tick is not None:
+            self._host_tick()            # due host operations (their flushes are safe here)
         access = _ACCESS[acc]
         rv = self._rv
         rv.value = 0
@@ -330,11 +346,18 @@ class VCPU:
             hpa = addr
             gfn = hpa >> 12
             state = self.page_kind.get(gfn, _DATA)
+            if acc == UC_MEM_FETCH and self._rewritten and gfn in self._rewritten:
+                # the host replaced this page's contents (swap-in, migration, copy-on-write,
+                # poison) behind QEMU's back: code translated from what was there before must
+                # go (UNICORN.md: writes into the buffer never invalidate translated code)
+                self._rewritten.discard(gfn)
+                self.retry_page = va
+                return False
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:
                     self._flip(gfn, _CODE)
                     state = _CODE
-                if self.interceptor.on_exec_fill(va, gfn, self.mem.read(hpa, 4096)):
+                if self.interceptor.on_exec_fill(va, gfn, self.host_mem.read(hpa, 4096)):
                     self.retry_page = va
                     return False
             elif acc == UC_MEM_WRITE and state == _CODE:
@@ -411,7 +434,17 @@ class VCPU:
         """A store to a write-tracked frame (through the read-only alias): the write-protection
         fault of a shadow-paging hypervisor. The MMU core decides (mmu/write_fault.py); this
         reports the store and carries out the outcome."""
-        gpa = addr - layout.ALIAS_BASE
+        gpa = addr - layout.ALIAS_BASE            # a host address: the gpa, unless the host
+        if self._rewritten is not None:           # moved pages under the guest
+            gfn = self.mmu.vm.pfn_to_gfn(gpa >> 12)
+            if gfn is None:
+                # a TLB entry to a host page that no longer backs guest RAM (the flush-before-
+                # free rule broken on purpose): hardware would fault on the read-only entry;
+                # refuse the store, flush, and let the guest retry through the shadow tables
+                self.mmu.request(REQ_TLB_FLUSH)
+                self.stop = ("reexec", self.reg(self.R_IP))
+                return False
+            gpa = (gfn << 12) | (gpa & 0xFFF)
         repeat = self._byte_repeat
         tail = None
         if repeat is not None:
@@ -462,7 +495,12 @@ class VCPU:
                 repeats = (gpa, gpa + size)
         w = _new_tuple(TrappedWrite, (gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn,
                                       restartable, self.counters["exits"]))
-        if handle_trapped_write(self.mmu, w) == REEXECUTE:
+        self._in_write_hook = True
+        try:
+            outcome = handle_trapped_write(self.mmu, w)
+        finally:
+            self._in_write_hook = False
+        if outcome == REEXECUTE:
             # refuse the store: Unicorn stops with the instruction not done (measured: memory and
             # registers untouched, RIP on it; an emu_stop() here would let the store through and
             # then re-execute the instruction). The run loop flushes the TLB, dropping the alias
@@ -556,6 +594,8 @@ class VCPU:
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
+        if self._host_tick is not None:
+            self._host_tick()
         insn = self._decode_at(address)
         if insn is None:
             return
@@ -692,6 +732,8 @@ class VCPU:
             self.events.emit(ev.KVM_PIO, rw="write", port=port, size=size, value=value)
         if self.shadow:
             self.mmu.other_exit()
+        if self._host_tick is not None:
+            self._host_tick()
         if dev is not None:
             r = dev.write(port, size, value)
             if isinstance(r, StopRequest):
@@ -706,6 +748,8 @@ class VCPU:
         count_exit(c, self.events, REASON_IO, self.rip, port=port, size=size, write=False)
         if self.shadow:
             self.mmu.other_exit()
+        if self._host_tick is not None:
+            self._host_tick()
         value = self.bus.read(port, size)
         if self.events.tracing:
             self.events.emit(ev.KVM_PIO, rw="read", port=port, size=size, value=value)
@@ -753,6 +797,8 @@ class VCPU:
                 reason, self._stop_request = self._stop_request, None
                 self.pc = pc
                 return Exit(ExitKind.INTERRUPTED, crash=GuestCrash(reason, rip=pc))
+            if self._host_tick is not None:
+                self._host_tick()
             self.stop = None
             self.pending_fault = None
             self.retry_page = None

@@ -5,7 +5,9 @@ Checks, after an exit:
   (U, W, X), writable only if the guest pte is dirty and the frame is not write-protected;
 * every shadowed guest page-table frame is mapped read-only by every spte that maps it (rmap);
 * rmap entries point at present sptes of live pages, and every present leaf spte is in the rmap;
-* every leaf spte holds the host pfn the memslots give for the gfn it records;
+* every leaf spte holds the host pfn that backs the gfn it records (memslots, then the host's page
+  table), unless an invalidation for that gfn is in progress, and is writable only if the host
+  maps the page writable;
 * parent/child links agree both ways, and root counts match the roots of every vCPU;
 * write tracking counts exactly the shadow pages of each frame plus the PAE PDPTs in use;
 * no zapped page is left uncommitted on the invalid list.
@@ -26,7 +28,15 @@ def audit(vm) -> None:
     from .vm_mmu import REQ_MMU_RELOAD
     problems = []
     p = problems.append
-    mem = vm.mem
+    mem = vm.peek_mem
+    host = vm.host
+    notifier = vm.notifier
+
+    def invalidating(gfn):
+        """An invalidation covering gfn is in progress (its sptes may lag until range_end)."""
+        if notifier is None or not notifier.count:
+            return False
+        return notifier.era == "2008" or notifier.range_start <= gfn < notifier.range_end
     # roots in use
     expected_roots = {}
     for v in vm.vcpus:
@@ -75,9 +85,15 @@ def audit(vm) -> None:
             if gfn_mapped is None:
                 p(f"{sp}[{idx}] present spte {spte:#x} without its gfn")
                 continue
-            if spte_pfn(spte) != vm.memslots.gfn_to_pfn(gfn_mapped):
-                p(f"{sp}[{idx}] holds pfn {spte_pfn(spte):#x} but gfn {gfn_mapped:#x} is backed by "
-                  f"pfn {vm.memslots.gfn_to_pfn(gfn_mapped)}")
+            if not invalidating(gfn_mapped):
+                backing = vm.current_pfn(gfn_mapped)
+                if spte_pfn(spte) != backing:
+                    p(f"{sp}[{idx}] holds pfn {spte_pfn(spte):#x} but gfn {gfn_mapped:#x} is "
+                      f"backed by host pfn {backing} and no invalidation of it is in progress")
+                elif spte & SPTE_W and host is not None and not host.is_writable(
+                        vm.memslots.gfn_to_index(gfn_mapped)):
+                    p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} writable but the host maps its page "
+                      "read-only (KSM)")
             if (sp, idx) not in vm.rmap.get(gfn_mapped, ()):
                 p(f"{sp}[{idx}] maps gfn {gfn_mapped:#x} but is not in its rmap")
             if spte & SPTE_W:

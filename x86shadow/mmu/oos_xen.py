@@ -86,7 +86,7 @@ def _propagate(mmu, sp, idx, gpte) -> None:
         vm.drop_spte(sp, idx)
         return
     gfn = fmt.leaf_frame(gpte) >> 12
-    if vm.memslots.gfn_to_pfn(gfn) is None:
+    if vm.gfn_to_pfn(gfn, atomic=True) is None:
         vm.drop_spte(sp, idx)
         return
     access = sp.role.access & fmt.entry_access(gpte, mmu.ctx.nxe)

@@ -215,7 +215,7 @@ def sync_spte(mmu, sp, idx, rebuild_same: bool = False) -> int:
         vm.drop_spte(sp, idx)
         return 1
     gfn = fmt.leaf_frame(gpte) >> 12
-    if gfn != sp.gfns[idx] or vm.memslots.gfn_to_pfn(gfn) is None:
+    if gfn != sp.gfns[idx] or vm.gfn_to_pfn(gfn, atomic=True) is None:
         vm.drop_spte(sp, idx)
         return 1
     access = sp.role.access & fmt.entry_access(gpte, ctx.nxe)

@@ -23,7 +23,8 @@ from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
 from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
-from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W)
+from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W,
+                   spte_pfn)
 from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
 
 # kinds of Fill
@@ -48,6 +49,7 @@ class Fill(NamedTuple):
 _new_fill = tuple.__new__        # Fill without the NamedTuple constructor (the fill's hot path)
 _FIXED = Fill(FILL_OK)        # page_fault: the shadow mapping was built; walk it again
 _TRACKED = Fill(FILL_TRACKED)
+_RETRY = Fill(FILL_OK, 1)     # page_fault: raced an invalidation, nothing installed; again
 
 
 def walk_translate(mem, ctx, va, access) -> int:
@@ -91,7 +93,7 @@ def _no_rip():
 class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
-                 "guest_rip", "oos")
+                 "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -111,6 +113,14 @@ class VcpuMmu:
         self.requests = 0                                # REQ_* bits
         self.guest_rip = _no_rip                         # the CPU adapter's RIP reader (traces)
         self.oos = None                                  # xen-oos: this vCPU's out-of-sync table
+        # with a host memory manager: host pfns a fill handed to the CPU since its TLB was last
+        # flushed (what its TLB may still map; the audit checks no such page is freed)
+        self.tlb_pfns = None if vm.host is None else {}
+        self.flush_hw_tlb = self._flush_model_tlb        # the CPU adapter's "flush my TLB now"
+
+    def _flush_model_tlb(self) -> None:
+        if self.tlb_pfns:
+            self.tlb_pfns.clear()
 
     # ------------------------------------------------------------------ requests
     def take_requests(self) -> int:
@@ -225,11 +235,13 @@ class VcpuMmu:
         root = self.root
         if root is None:
             gpa = va & 0xFFFFFFFF_FFFFF000
-            pfn = self.vm.memslots.gfn_to_pfn(gpa >> 12)
-            if pfn is None:
+            p = self.vm.gfn_to_pfn(gpa >> 12, bool(access & pg.PFERR_W))
+            if p is None:
                 return Fill(FILL_NO_MEMORY, gpa)
-            return Fill(FILL_OK, pfn << 12, _RWX)
-        attempts = 0
+            if self.tlb_pfns is not None:
+                self.tlb_pfns[p.pfn] = self.counters["exits"]
+            return Fill(FILL_OK, p.pfn << 12, _RWX if p.writable else PERM_R | PERM_X)
+        attempts = retries = 0
         while True:
             leaf = shadow_leaf(root, self.root_level, va)
             if leaf is not None:
@@ -256,13 +268,26 @@ class VcpuMmu:
                         perms |= PERM_W
                     if not spte & SPTE_NX:
                         perms |= PERM_X
+                    if self.tlb_pfns is not None:
+                        self.tlb_pfns[spte_pfn(spte)] = self.counters["exits"]
                     return _new_fill(Fill, (FILL_OK, spte & SPTE_FRAME, perms, 0, 0))
             r = self.page_fault(va, access)
+            if r is _RETRY:
+                # the fault raced a host invalidation and installed nothing: the guest faults
+                # again (RET_PF_RETRY)
+                retries += 1
+                if retries > 64:
+                    raise MMUError(f"shadow fault at {va:#x} retried 64 times: an invalidation "
+                                   "never ends")
+                root = self.root
+                continue
             kind = r.kind
             if kind == FILL_TRACKED:
                 leaf = shadow_leaf(self.root, self.root_level, va)
                 if leaf is not None:
                     spte = leaf[0].spt[leaf[1]]
+                    if self.tlb_pfns is not None:
+                        self.tlb_pfns[spte_pfn(spte)] = self.counters["exits"]
                     return Fill(FILL_TRACKED, spte & SPTE_FRAME,
                                 PERM_R | PERM_W | (0 if spte & SPTE_NX else PERM_X))
                 kind = FILL_OK                  # (a sync on the way out dropped it: again)
@@ -305,11 +330,40 @@ class VcpuMmu:
                 policy.on_guest_fault(self, self.policy_state)
                 return Fill(FILL_GUEST_FAULT, 0, 0, w.vector, w.error_code)
             gfn = w.gpa >> 12
-            ms = vm.memslots
-            pfn = gfn if ms.identity and gfn < ms.ram_frames else ms.gfn_to_pfn(gfn)
+            notifier = vm.notifier
+            if notifier is None:
+                pfn = gfn if gfn < vm.ram_frames else None
+                host_writable = True
+            else:
+                # FNAME(page_fault): mmu_seq snapshot before gfn_to_pfn, re-checked under
+                # mmu_lock (2.6.27 mmu_notifier_retry; 6.18 kvm_mmu_faultin_pfn +
+                # is_page_fault_stale)
+                seq = notifier.seq
+                if vm.point is not None:
+                    vm.point("after_seq_snapshot", self)
+                p = vm.gfn_to_pfn(gfn, bool(access & pg.PFERR_W))
+                if vm.point is not None:
+                    vm.point("after_gfn_to_pfn", self)
+                pfn, host_writable = p if p is not None else (None, False)
             if pfn is None:
                 return Fill(FILL_NO_MEMORY, w.gpa)
-            r = self._fetch(va, w, access, pfn)
+            if notifier is not None:
+                with vm.mmu_lock.held("fault"):
+                    if notifier.retry(seq, gfn):
+                        # an exit like any fault (pf_taken), fixed by nobody: the guest
+                        # re-executes and faults again
+                        c["pf_taken"] += 1
+                        c["pf_retry"] += 1
+                        count_exit(c, events, REASON_EXCEPTION,
+                                   self.guest_rip() if events.tracing else None, vector=14,
+                                   address=va, error_code=access)
+                        if events.tracing:
+                            events.emit(ev.PF_RETRY, address=va, gfn=gfn, seq=seq,
+                                        now=notifier.seq, in_progress=notifier.count)
+                        return _RETRY
+                    r = self._fetch(va, w, access, pfn, host_writable)
+            else:
+                r = self._fetch(va, w, access, pfn)
             if r is not None:
                 break
             # a guest pte changed while we write-protected its table (FNAME(fetch) returned NULL)
@@ -334,7 +388,7 @@ class VcpuMmu:
             events.emit(ev.EXIT)
         return r
 
-    def _fetch(self, va, w, access, pfn):
+    def _fetch(self, va, w, access, pfn, host_writable=True):
         """FNAME(fetch): link shadow pages down to the leaf and install the leaf spte."""
         if self.requests & REQ_MMU_RELOAD:
             self.reload_root()        # a root was zapped on the way here (flood)
@@ -386,7 +440,8 @@ class VcpuMmu:
                               w.pte_access & node.role.access if not node.role.direct
                               else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
                               bool(access & pg.PFERR_U), pfn=pfn,
-                              gpte=None if node.role.direct else w.ptes[1])
+                              gpte=None if node.role.direct else w.ptes[1],
+                              host_writable=host_writable)
         if node.unsync:
             self.policy.unsync.leaf_installed(self, node, idx, w.ptes[1])
         return _TRACKED if emulate else _FIXED
@@ -434,17 +489,17 @@ class VcpuMmu:
 
     # ------------------------------------------------------------------ guest memory, sans CPU
     def translate(self, va, access) -> int:
-        """Host address of va for an access made on the guest's behalf: what a TLB hit would use
-        (a present spte with the rights asked for), else the guest walk."""
+        """Guest-physical address of va for an access made on the guest's behalf: from the spte
+        a TLB hit would use (a present spte with the rights asked for), else the guest walk."""
         if self.root is not None:
             leaf = shadow_leaf(self.root, self.root_level, va)
             if leaf is not None:
-                spte = leaf[0].spt[leaf[1]]
+                sp, idx = leaf
+                spte = sp.spt[idx]
                 if ((not access & pg.PFERR_W or spte & SPTE_W and spte & SPTE_D)
                         and (not access & pg.PFERR_U or spte & SPTE_U)):
-                    return (spte & SPTE_FRAME) | (va & 0xFFF)
-        gpa = walk_translate(self.mem, self.ctx, va, access)
-        return (self.vm.memslots.gfn_to_pfn(gpa >> 12) << 12) | (gpa & 0xFFF)
+                    return (sp.gfns[idx] << 12) | (va & 0xFFF)
+        return walk_translate(self.mem, self.ctx, va, access)
 
     def read_virt(self, va, n, user=False) -> bytes:
         return read_guest_virt(self.mem, self.translate, va, n, user)
@@ -457,8 +512,9 @@ class VcpuMmu:
             leaf = shadow_leaf(self.root, self.root_level, rip)
             if leaf is not None:
                 hpa = (leaf[0].spt[leaf[1]] & SPTE_FRAME) | (rip & 0xFFF)
-                if hpa + 15 <= self.mem.size:
-                    return decode(self.mem.read(hpa, 15), rip, bits)
+                host_mem = self.vm.host_mem
+                if hpa + 15 <= host_mem.size:
+                    return decode(host_mem.read(hpa, 15), rip, bits)
         return decode_guest_virt(self.read_virt, rip, bits)
 
     def next_instructions(self, insn, n):

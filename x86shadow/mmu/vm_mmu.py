@@ -21,6 +21,10 @@ from ..memory.memslots import Memslots
 from . import unsync
 from .pages import ENTRIES, Role, ShadowPage
 from .requests import REQ_MMU_RELOAD, REQ_TLB_FLUSH
+from ..memory.guest_phys import GuestPhys
+from ..memory.host import Pfn
+from .mmu_lock import MmuLock
+from .notifiers import KvmNotifier
 from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
 
 
@@ -35,9 +39,16 @@ class MMUError(Exception):
 class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
-                 "max_pages")
+                 "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point")
 
-    def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None):
+    def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
+                 notifiers="modern", break_flush=False):
+        """``mem``: guest RAM (a memory.ram.PhysMem, pfn == gfn). With a host memory manager
+        ``host`` (memory.host.HostMM; ``mem`` is then None) guest-physical memory is a
+        memory.guest_phys.GuestPhys view over the host's pages, and the MMU registers KVM's
+        notifier of era ``notifiers`` on the host's mm."""
+        if host is not None:
+            mem = GuestPhys(host, Memslots(host.npages), host.npages << 12)
         self.mem = mem
         self.counters = counters if counters is not None else new_counters()
         self.events = events if events is not None else ev.EventBus()
@@ -46,7 +57,20 @@ class VmMmu:
             policy = Policy()
         self.policy = policy
         self.ram_frames = mem.size >> 12
-        self.memslots = Memslots(self.ram_frames)
+        self.memslots = mem.memslots if host is not None else Memslots(self.ram_frames)
+        self.mmu_lock = MmuLock()
+        self.host = host
+        self.notifier = None
+        self.point = None                       # (name, vcpu) -> None: the host schedule's
+                                                # named points inside the fault path
+        if host is None:
+            self.host_mem = self.peek_mem = mem     # pfn == gfn: RAM is the host memory
+        else:
+            self.peek_mem = GuestPhys(host, self.memslots, mem.size, peek=True)
+            self.memslots.identity = False
+            self.host_mem = host.pages.phys
+            self.notifier = KvmNotifier(self, notifiers, break_flush)
+            host.notifiers.append(self.notifier)   # mmu_notifier_register
         self.hash: dict = {}                    # (gfn, role) -> ShadowPage, in creation order
         # insertion-ordered (dicts used as sets), so that every walk over them -- and the trace --
         # is the same from run to run
@@ -71,6 +95,57 @@ class VmMmu:
         """kvm_make_all_cpus_request."""
         for v in self.vcpus:
             v.requests |= req
+
+    # ------------------------------------------------------------------ host pages
+    def gfn_to_pfn(self, gfn, write: bool = False, atomic: bool = False):
+        """__gfn_to_pfn_memslot: the host page backing gfn as Pfn(pfn, writable), or None
+        outside every memslot. With a host memory manager a swapped-out page is faulted in and
+        a write breaks a KSM page's sharing; ``atomic`` (gfn_to_pfn_atomic, what a prefetch
+        uses): no fault, None if the page is not present."""
+        host = self.host
+        if host is None:
+            return Pfn(gfn, True) if 0 <= gfn < self.ram_frames else None
+        index = self.memslots.gfn_to_index(gfn)
+        if index is None:
+            return None
+        return host.hva_to_pfn(index, write, atomic)
+
+    def pfn_to_gfn(self, pfn):
+        """The gfn a host page backs (None: free, or a KSM page shared by several)."""
+        host = self.host
+        if host is None:
+            return pfn if 0 <= pfn < self.ram_frames else None
+        tag = host.pages.owner_of(pfn)
+        if not isinstance(tag, int):
+            return None
+        return self.memslots.index_to_gfn(tag)
+
+    def current_pfn(self, gfn):
+        """The host pfn backing gfn right now (None: none, or not present); never faults."""
+        host = self.host
+        if host is None:
+            return gfn if 0 <= gfn < self.ram_frames else None
+        index = self.memslots.gfn_to_index(gfn)
+        return None if index is None else host.current(index)
+
+    def zap_gfn_sptes(self, gfn) -> int:
+        """kvm_unmap_rmapp: clear every leaf spte that maps gfn and empty its rmap. No flush
+        request: the notifier decides (mmu/notifiers.py)."""
+        entries = self.rmap.pop(gfn, None)
+        if not entries:
+            return 0
+        for sp, idx in entries:
+            sp.spt[idx] = 0
+            sp.gfns[idx] = None
+            sp.gptes[idx] = None
+        return len(entries)
+
+    def flush_remote_tlbs_now(self) -> None:
+        """kvm_flush_remote_tlbs as the notifiers need it: every vCPU's TLB is empty when this
+        returns (the CPU adapter flushes now; without one, the model TLB is emptied)."""
+        for v in self.vcpus:
+            v.requests &= ~REQ_TLB_FLUSH
+            v.flush_hw_tlb()
 
     # ------------------------------------------------------------------ write tracking
     def track_add(self, gfn) -> None:
@@ -277,7 +352,8 @@ class VmMmu:
         sp.spt[idx] |= SPTE_A
 
     def set_spte(self, vcpu, sp, idx, gfn, pte_access, dirty, write_fault, user_fault,
-                 speculative=False, pfn=None, synchronizing=False, gpte=None) -> bool:
+                 speculative=False, pfn=None, synchronizing=False, gpte=None,
+                 host_writable=True) -> bool:
         """mmu_set_spte: install a leaf spte for gfn (its host pfn from the memslots), built from
         guest pte ``gpte``. Returns True if the faulting write must be emulated (the frame is
         write-tracked, or its shadows may not go out of sync). (Linux 6.x also returns
@@ -285,7 +361,11 @@ class VmMmu:
 
         A writable spte to a shadowed frame that is not write-tracked makes its shadows go out
         of sync when the policy allows (make_spte -> mmu_try_to_unsync_pages, Linux 6.18
-        spte.c; only when the spte was not writable already)."""
+        spte.c; only when the spte was not writable already).
+
+        ``host_writable`` False (the host maps the page read-only: KSM): never W, as KVM's
+        SPTE_HOST_WRITEABLE (2.6.32 set_spte). ``pfn`` None: a prefetch; the page the host maps
+        now, nothing installed if it is not present (gfn_to_pfn_atomic)."""
         user = bool(pte_access & _ACC_U)
         writable = bool(pte_access & _ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
@@ -295,6 +375,16 @@ class VmMmu:
             user = False
         if writable and not dirty:
             writable = False                      # dirty tracking: read-only until the first write
+        if pfn is None:                           # (the fault path looked it up already)
+            p = self.gfn_to_pfn(gfn, atomic=True)
+            if p is None:
+                if self.host is None:
+                    raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
+                self.drop_spte(sp, idx)           # swapped out: no prefetch
+                return False
+            pfn, host_writable = p
+        if not host_writable:
+            writable = False
         emulate = False
         if writable:
             if gfn in self.write_track:
@@ -308,10 +398,6 @@ class VmMmu:
                                                  user_fault, speculative, synchronizing)):
                     writable = False
                     emulate = write_fault
-        if pfn is None:                           # (the fault path looked it up already)
-            pfn = self.memslots.gfn_to_pfn(gfn)
-        if pfn is None:
-            raise MMUError(f"set_spte: gfn {gfn:#x} is in no memslot")
         spte = make_spte(pfn, writable, user, pte_access & _ACC_X, write_fault)
         old = sp.spt[idx]
         if old & SPTE_P:

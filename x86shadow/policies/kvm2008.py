@@ -117,11 +117,29 @@ class Kvm2008(Policy):
             # FNAME(prefetch_invalid_gpte) also refuses reserved bits: no install.
             return
         gfn = fmt.leaf_frame(gpte) >> 12
-        if mmu.vm.memslots.gfn_to_pfn(gfn) is None:
-            return
+        vm = mmu.vm
+        notifier = vm.notifier
+        if notifier is not None:
+            # T2628 mmu_guess_page_from_pte_write: mmu_seq snapshot, then gfn_to_pfn (which may
+            # fault the host page in); FNAME(update_pte) installs nothing if
+            # mmu_notifier_retry says an invalidation ran in between
+            seq = notifier.seq
+            p = vm.gfn_to_pfn(gfn)
+            if vm.point is not None:
+                vm.point("pte_prefetch_after_gfn_to_pfn", mmu)
+            if p is None:
+                return
+            if notifier.retry(seq, gfn):
+                mmu.counters["pte_prefetch_retry"] += 1
+                return
+            pfn, host_writable = p
+        else:
+            if vm.gfn_to_pfn(gfn) is None:
+                return
+            pfn, host_writable = None, True
         acc = fmt.entry_access(gpte, mmu.ctx.nxe)
-        mmu.vm.set_spte(mmu, sp, idx, gfn, acc & sp.role.access, bool(gpte & pg.PTE_D), False,
-                        False, speculative=True, gpte=gpte)
+        vm.set_spte(mmu, sp, idx, gfn, acc & sp.role.access, bool(gpte & pg.PTE_D), False,
+                    False, speculative=True, gpte=gpte, pfn=pfn, host_writable=host_writable)
 
     def _access_page(self, mmu, st, gfn):
         pass
