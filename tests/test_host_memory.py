@@ -136,6 +136,22 @@ def test_ksm_merges_identical_pages_read_only_and_a_write_breaks_the_sharing(era
     assert r.counters["pf_retry"] == 1
 
 
+@pytest.mark.parametrize("era", ERAS)
+def test_reclaim_keeps_a_young_page_and_takes_it_once_it_is_old(era):
+    """2.6.27 try_to_unmap_one: ptep_clear_flush_young_notify first -- a page whose spte has its
+    A bit (set by the fill, as hardware does) is young and kept; that call cleared the bit, so
+    the next attempt takes the page."""
+    r = Rig(era=era)
+    r.t.map(VA, DATA, PWU)
+    r.start()
+    r.fill(VA)
+    gfn = DATA >> 12
+    assert not r.host.swap_out(gfn, honour_young=True)
+    assert r.counters["host_swap_young"] == 1 and r.host.current(gfn) == gfn
+    assert r.host.swap_out(gfn, honour_young=True)
+    assert r.counters["host_swap_out"] == 1
+
+
 def test_kvm_writes_to_a_ksm_page_break_the_sharing_too():
     """kvm_write_guest (an emulated pte write, an exception frame) goes through copy_to_user:
     the same copy-on-write break as a guest write."""

@@ -323,7 +323,7 @@ class VCPU:
 
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
-        if self._host_tick is not None:
+        if self._host_tick is not None and not self.invalidating:
             self._host_tick()            # due host operations (their flushes are safe here)
         access = _ACCESS[acc]
         rv = self._rv
@@ -342,17 +342,24 @@ class VCPU:
             kind, addr, perms, vector, error_code = mmu.hw_fill(va, access, self._rmw_read)
         if mmu.requests:
             self.service_requests()
+            if mmu.tlb_pfns is not None and (kind == FILL_OK or kind == FILL_TRACKED):
+                # the flush emptied the record of what the TLB may hold; this entry goes in
+                # after it
+                mmu.tlb_pfns[addr >> 12] = self.counters["exits"]
         if kind == FILL_OK or kind == FILL_TRACKED:
             hpa = addr
             gfn = hpa >> 12
             state = self.page_kind.get(gfn, _DATA)
-            if acc == UC_MEM_FETCH and self._rewritten and gfn in self._rewritten:
+            if self._rewritten and gfn in self._rewritten:
                 # the host replaced this page's contents (swap-in, migration, copy-on-write,
                 # poison) behind QEMU's back: code translated from what was there before must
-                # go (UNICORN.md: writes into the buffer never invalidate translated code)
+                # go (UNICORN.md: writes into the buffer never invalidate translated code). A
+                # page in the data state has none (a fetch makes it code; a store to a code
+                # page drops its translations)
                 self._rewritten.discard(gfn)
-                self.retry_page = va
-                return False
+                if state != _DATA and not self.invalidating:
+                    self.retry_page = va
+                    return False
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:
                     self._flip(gfn, _CODE)

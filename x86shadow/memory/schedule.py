@@ -111,7 +111,9 @@ class HostSchedule:
                 self.run(rule.op, f"exit {exits}")
 
     def at_point(self, name: str, vcpu) -> None:
-        if self.running:
+        """The fault path reached point ``name``. A fault being retried after such a race is
+        left alone (else a rule firing at every fault would race every retry forever)."""
+        if self.running or vcpu.retrying:
             return
         for rule in self.point_hits:
             if rule.point == name:
@@ -122,17 +124,20 @@ class HostSchedule:
 
     # ------------------------------------------------------------------ what
     def candidates(self):
+        """Guest pages an operation may take: ``tlb``: those a vCPU's TLB may hold now;
+        ``mapped``: those the shadow MMU maps, except the ones the guest used since the host's
+        last flush (what its TLB may hold: they are at the head of the LRU -- and taking them at
+        every exit could take an instruction's pages from it forever)."""
         vm = self.vm
+        in_tlb = set()
+        for v in vm.vcpus:
+            for pfn in v.tlb_pfns or ():
+                gfn = vm.pfn_to_gfn(pfn)
+                if gfn is not None:
+                    in_tlb.add(gfn)
         if self.target == "tlb":
-            gfns = []
-            for v in vm.vcpus:
-                for pfn in v.tlb_pfns or ():
-                    gfn = vm.pfn_to_gfn(pfn)
-                    if gfn is not None:
-                        gfns.append(gfn)
-            if gfns:
-                return sorted(set(gfns))
-        return list(vm.rmap)
+            return sorted(in_tlb)
+        return [g for g in vm.rmap if g not in in_tlb]
 
     def run(self, op: str, when: str, gfn=None):
         """Run one operation now (on ``gfn``, or a page drawn from the seed)."""

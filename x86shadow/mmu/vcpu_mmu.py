@@ -93,7 +93,7 @@ def _no_rip():
 class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
-                 "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb")
+                 "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb", "retrying")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -117,6 +117,7 @@ class VcpuMmu:
         # flushed (what its TLB may still map; the audit checks no such page is freed)
         self.tlb_pfns = None if vm.host is None else {}
         self.flush_hw_tlb = self._flush_model_tlb        # the CPU adapter's "flush my TLB now"
+        self.retrying = False                            # hw_fill: again after a pf_retry
 
     def _flush_model_tlb(self) -> None:
         if self.tlb_pfns:
@@ -270,6 +271,8 @@ class VcpuMmu:
                         perms |= PERM_X
                     if self.tlb_pfns is not None:
                         self.tlb_pfns[spte_pfn(spte)] = self.counters["exits"]
+                    if retries:
+                        self.retrying = False
                     return _new_fill(Fill, (FILL_OK, spte & SPTE_FRAME, perms, 0, 0))
             r = self.page_fault(va, access)
             if r is _RETRY:
@@ -277,10 +280,13 @@ class VcpuMmu:
                 # again (RET_PF_RETRY)
                 retries += 1
                 if retries > 64:
+                    self.retrying = False
                     raise MMUError(f"shadow fault at {va:#x} retried 64 times: an invalidation "
                                    "never ends")
+                self.retrying = True
                 root = self.root
                 continue
+            self.retrying = False
             kind = r.kind
             if kind == FILL_TRACKED:
                 leaf = shadow_leaf(self.root, self.root_level, va)
