@@ -158,6 +158,50 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
     k.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="--compare: runs at a time, each in its own process (default 1)")
+    a = ssub.add_parser("aging", help="the host's LRU ageing a guest through KVM's aging "
+                                      "variants (docs/AGING.md)",
+                        description="A 32-bit kernel and one process with a hot set, a cold set "
+                                    "and new pages every pass; the host reclaims under a limit, "
+                                    "asking KVM's aging variant which pages are young. Counts "
+                                    "false 'old' answers against the guest's ground truth, hot "
+                                    "pages evicted, mmu_lock taken and the vCPU's wait for it "
+                                    "(virtual time).")
+    a.add_argument("--mode", default="pae", choices=["32", "pae"], help="paging mode (default pae)")
+    a.add_argument("--layout", default="multi", choices=["multi", "tdp"],
+                   help="multi: every data frame mapped by the kernel's direct map and the "
+                        "process (two sptes, legacy shadow paging); tdp: by the process only "
+                        "(one spte, as under nested TDP). Default multi")
+    a.add_argument("--variant", default="6.15", metavar="V",
+                   help="aging variant: 2008, 6.14, 6.15, single-rmap-skip, "
+                        "single-rmap-fallback; 2008:always-old, 2008:zap, 2008:zap-seq for "
+                        "hardware without A bits (default 6.15; ignored with --compare)")
+    a.add_argument("--compare", action="store_true",
+                   help="run every variant; one side-by-side table")
+    a.add_argument("--hot", type=int, default=64, metavar="N",
+                   help="hot pages, touched every pass (default 64)")
+    a.add_argument("--cold", type=int, default=64, metavar="N",
+                   help="cold pages, touched in the warm-up only (default 64)")
+    a.add_argument("--stream", type=int, default=8, metavar="N",
+                   help="new pages touched in each pass (default 8)")
+    a.add_argument("--passes", type=int, default=12, metavar="N", help="passes (default 12)")
+    a.add_argument("--tlb", default="switch", choices=["switch", "keep"],
+                   help="switch: a CR3 load before each pass drops the guest's translations; "
+                        "keep: they stay cached (a cleared A bit is not set again until a "
+                        "flush). Default switch")
+    a.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="resident data pages the host allows (default hot + cold / 2)")
+    a.add_argument("--batch", type=int, default=16, metavar="N",
+                   help="pages shrink_active_list ages at once (default 16)")
+    a.add_argument("--active-op", default="clear_young", choices=["clear_young", "test_young"],
+                   help="notifier the active list is aged with (modern era; default clear_young)")
+    a.add_argument("--ram", type=int, default=64, metavar="MIB", help="guest RAM (default 64)")
+    a.add_argument("--cost", action="append", metavar="NAME=NS",
+                   help="change one virtual-time cost of the model (docs/AGING.md lists them: "
+                        "touch, fill, exit, fault_locked, swapin, primary, call, lock, rmap, "
+                        "spte, flush, unmap, writeback); repeatable")
+    a.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/AGING.md)")
+    a.add_argument("--plot", metavar="PATH.png",
+                   help="draw hot pages evicted per pass and the lock wait (matplotlib)")
 
 
 def _check_program_path(path) -> None:
@@ -309,6 +353,13 @@ def cmd_scenario(args) -> int:
     from .outputs import OutputError, check_writable
     from .policies import comparison_configs
 
+    if args.scenario == "aging":
+        from . import aging_scenario
+        try:
+            return aging_scenario.cli_main(args)
+        except sc.ScenarioError as e:
+            sys.stderr.write(f"x86shadow: error: {e}\n")
+            return e.status
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     params = sc.KmapParams(mode=args.mode, variant=args.variant, order=args.order, tables=args.tables,

@@ -35,7 +35,9 @@ class HostConfig:
     ``break_flush``: --break flush-before-free; ``target``: where operations pick their page;
     ``spare_pages``: host pages beyond guest RAM (default RAM / 8, at least 1024);
     ``tlb_check``: the host refuses to free a page a vCPU's TLB may still map (HostViolation);
-    False leaves detection to the poison check and the guest (a test knob)."""
+    False leaves detection to the poison check and the guest (a test knob); ``aging``: KVM's
+    aging variant, "VARIANT[:A_BITS]" (mmu/aging.py, docs/AGING.md; None = the era's own:
+    "2008" for notifiers "2008", "6.15" for "modern")."""
     schedule: str = ""
     seed: int = 0
     notifiers: str = "modern"
@@ -43,6 +45,7 @@ class HostConfig:
     target: str = "mapped"
     spare_pages: int | None = None
     tlb_check: bool = True
+    aging: str | None = None
 
 
 @dataclass
@@ -125,7 +128,8 @@ class Machine:
             self.vm_mmu = VmMmu(self.mem, self.counters, self.events, policy=policy,
                                 host=self.host,
                                 notifiers=host.notifiers if host is not None else "modern",
-                                break_flush=host is not None and host.break_flush)
+                                break_flush=host is not None and host.break_flush,
+                                aging=host.aging if host is not None else None)
             self.mem = self.vm_mmu.mem
             if self.host is not None:
                 from .memory.schedule import HostSchedule

@@ -10,7 +10,9 @@ A schedule is a list of rules, written ``OP:N`` (every N exits), ``OP@POINT`` or
 * ``migrate`` -- move one guest page to another host page;
 * ``ksm`` -- merge the guest pages of identical contents (of the pages the guest maps) into
   read-only KSM pages;
-* ``age`` -- ``clear_young`` on one page (the answer is traced).
+* ``age`` -- ``clear_young`` on one page (the answer is traced);
+* ``lru`` -- one pass of the LRU-like reclaim (memory/reclaim.py: age the active list, check the
+  inactive tail, evict old pages; SWAP_CLUSTER_MAX pages a pass).
 
 Points: ``after_seq_snapshot`` and ``after_gfn_to_pfn`` (the shadow page fault, between its
 notifier-sequence snapshot and gfn_to_pfn, and between gfn_to_pfn and mmu_lock), and
@@ -27,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-OPS = ("swap", "reclaim", "migrate", "ksm", "age")
+OPS = ("swap", "reclaim", "migrate", "ksm", "age", "lru")
 POINTS = ("after_seq_snapshot", "after_gfn_to_pfn", "pte_prefetch_after_gfn_to_pfn")
 TARGETS = ("mapped", "tlb")
 
@@ -149,6 +151,10 @@ class HostSchedule:
                 indexes = sorted({vm.memslots.gfn_to_index(g) for g in self.candidates()} - {None})
                 self.log.append([when, op, None, "running"])
                 result = host.ksm_merge(indexes)
+            elif op == "lru":
+                from .reclaim import lru_for
+                self.log.append([when, op, None, "running"])
+                result = lru_for(host, vm).run_pass()
             else:
                 if gfn is None:
                     cands = self.candidates()

@@ -41,11 +41,13 @@ _INVALID_GFN = -1
 class KvmNotifier:
     """The notifier KVM registers on the VMM's mm (kvm_init_mmu_notifier)."""
 
-    def __init__(self, vm, era: str = "modern", break_flush: bool = False):
+    def __init__(self, vm, era: str = "modern", break_flush: bool = False, aging=None):
         if era not in ERAS:
             raise ValueError(f"unknown notifier era {era!r} (choose from {', '.join(ERAS)})")
+        from .aging import Aging
         self.vm = vm
         self.era = era
+        self.aging = Aging(vm, aging, era)   # the aging variant (mmu/aging.py); None: the era's
         self.break_flush = break_flush
         self.seq = 0                    # mmu_notifier_seq (2008) / mmu_invalidate_seq (modern)
         self.count = 0                  # mmu_notifier_count / mmu_invalidate_in_progress
@@ -165,27 +167,24 @@ class KvmNotifier:
                         in_progress=self.count)
 
     def clear_flush_young(self, start: int, end: int) -> bool:
-        """clear_flush_young: the A bits of the sptes of the range (mmu/aging.py); 2.6.27
-        flushes after the unlock if young; modern x86 elides the flush (6.13+,
-        CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG)."""
-        from . import aging
+        """clear_flush_young: the A bits of the sptes of the range, as the aging variant reads
+        them (mmu/aging.py); 2.6.27 flushes after the unlock if young; modern x86 elides the
+        flush (6.13+, CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG)."""
         vm = self.vm
-        young = aging.age_gfns(vm, self._gfns(start, end), clear=True)
+        young = self.aging.clear_flush_young(self._gfns(start, end))
         self._trace(ev.HOST_AGE_HVA, start=start, end=end, young=young, op="clear_flush_young")
-        if young and self.era == "2008":
+        if young and self.aging.flushes_young:
             vm.counters["mmu_notifier_flush"] += 1
             vm.flush_remote_tlbs_now()
         return young
 
     def clear_young(self, start: int, end: int) -> bool:
-        from . import aging
-        young = aging.age_gfns(self.vm, self._gfns(start, end), clear=True)
+        young = self.aging.clear_young(self._gfns(start, end))
         self._trace(ev.HOST_AGE_HVA, start=start, end=end, young=young, op="clear_young")
         return young
 
     def test_young(self, start: int, end: int) -> bool:
-        from . import aging
-        young = aging.age_gfns(self.vm, self._gfns(start, end), clear=False)
+        young = self.aging.test_young(self._gfns(start, end))
         self._trace(ev.HOST_AGE_HVA, start=start, end=end, young=young, op="test_young")
         return young
 

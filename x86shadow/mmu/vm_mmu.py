@@ -42,11 +42,12 @@ class VmMmu:
                  "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
-                 notifiers="modern", break_flush=False):
+                 notifiers="modern", break_flush=False, aging=None):
         """``mem``: guest RAM (a memory.ram.PhysMem, pfn == gfn). With a host memory manager
         ``host`` (memory.host.HostMM; ``mem`` is then None) guest-physical memory is a
         memory.guest_phys.GuestPhys view over the host's pages, and the MMU registers KVM's
-        notifier of era ``notifiers`` on the host's mm."""
+        notifier of era ``notifiers`` on the host's mm, aging as ``aging`` says (mmu/aging.py;
+        None: the era's own variant)."""
         if host is not None:
             mem = GuestPhys(host, Memslots(host.npages), host.npages << 12)
         self.mem = mem
@@ -69,7 +70,7 @@ class VmMmu:
             self.peek_mem = GuestPhys(host, self.memslots, mem.size, peek=True)
             self.memslots.identity = False
             self.host_mem = host.pages.phys
-            self.notifier = KvmNotifier(self, notifiers, break_flush)
+            self.notifier = KvmNotifier(self, notifiers, break_flush, aging)
             host.notifiers.append(self.notifier)   # mmu_notifier_register
         self.hash: dict = {}                    # (gfn, role) -> ShadowPage, in creation order
         # insertion-ordered (dicts used as sets), so that every walk over them -- and the trace --
