@@ -216,9 +216,19 @@ def test_cli_host_options_and_exit_status_6(tmp_path):
                      (["--host", "swap@nowhere"], "unknown point"), (["--host", "swap:0"],
                                                                      "at least 1"),
                      (["--host", "swap:1", "--mmu", "native"], "need --mmu shadow"),
-                     (["--notifiers", "1999"], "invalid choice")):
+                     (["--notifiers", "1999"], "invalid choice"),
+                     (["--aging", "7.0"], "unknown aging variant"),
+                     (["--aging", "6.15:zap"], "2008:zap")):
         r = cli("run", prog, "--mode", "pae", *bad)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_kmap_scenario_takes_the_host_options():
+    small = ("scenario", "kmap", "--tables", "2", "--ptes", "8", "--scans", "2")
+    r = cli(*small, "--host", "swap:3,migrate:4", "--notifiers", "2008", "--aging", "2008")
+    assert r.returncode == 0, r.stderr
+    r = cli(*small, "--host", "swap:1", "--host-target", "tlb", "--break", "flush-before-free")
+    assert r.returncode == 6 and "violation" in r.stderr, r.stderr
 
 
 def test_trace_shows_host_events_between_guest_events(tmp_path):

@@ -55,9 +55,10 @@ def _unsync_arg(args):
 def _add_host(parser) -> None:
     """Host memory under the guest (docs/HOST_MEMORY.md); any of these turns it on."""
     g = parser.add_argument_group("host memory (needs --mmu shadow; docs/HOST_MEMORY.md)")
+    # (--host-seed alone changes nothing, so it does not turn host memory on)
     g.add_argument("--host", metavar="OP:N[,...]", default=None,
                    help="host operations: OP:N every N exits, OP@POINT[:N] at a named point of "
-                        "the fault path; OP = swap, reclaim, migrate, ksm, age; POINT = "
+                        "the fault path; OP = swap, reclaim, migrate, ksm, age, lru; POINT = "
                         "after_seq_snapshot, after_gfn_to_pfn, pte_prefetch_after_gfn_to_pfn")
     g.add_argument("--host-seed", type=int, default=0, metavar="S",
                    help="seed of the host's choice of pages (default 0)")
@@ -68,6 +69,10 @@ def _add_host(parser) -> None:
                    help="KVM's MMU-notifier era: 2008 (2.6.27: invalidate_page, count/seq, flush "
                         "after unlock) or modern (6.x: in_progress and range, flush before "
                         "unlock; default)")
+    g.add_argument("--aging", metavar="VARIANT[:A_BITS]", default=None,
+                   help="KVM's aging: 2008, 6.14, 6.15, single-rmap-skip, single-rmap-fallback "
+                        "(default: the era's own, 2008 or 6.15); 2008:always-old|zap|zap-seq "
+                        "for hardware without A bits (docs/AGING.md)")
     g.add_argument("--break", dest="break_rule", choices=("flush-before-free",), default=None,
                    help="break a rule on purpose (teaching and testing): flush-before-free defers "
                         "the notifier's TLB flush past the host's free, as the tlbs_dirty bug "
@@ -77,22 +82,24 @@ def _add_host(parser) -> None:
 def _host_config(args):
     """The HostConfig the host options ask for (None: no host memory)."""
     if (args.host is None and args.notifiers is None and args.break_rule is None
-            and args.host_target is None):
+            and args.host_target is None and args.aging is None):
         return None
     from .machine import HostConfig
     from .memory.schedule import parse_schedule
-    if args.mmu != "shadow":
+    if getattr(args, "mmu", "shadow") != "shadow":
         raise UsageError("--host, --notifiers and --break need --mmu shadow: under Unicorn's "
                          "own MMU guest-physical memory is host memory")
-    if args.host is not None:
-        try:
+    from .mmu.aging import parse_aging
+    try:
+        if args.host is not None:
             parse_schedule(args.host)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        parse_aging(args.aging, args.notifiers or "modern")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return HostConfig(schedule=args.host or "", seed=args.host_seed,
                       notifiers=args.notifiers or "modern",
                       break_flush=args.break_rule == "flush-before-free",
-                      target=args.host_target or "mapped")
+                      target=args.host_target or "mapped", aging=args.aging)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +165,7 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
     k.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="--compare: runs at a time, each in its own process (default 1)")
+    _add_host(k)
     a = ssub.add_parser("aging", help="the host's LRU ageing a guest through KVM's aging "
                                       "variants (docs/AGING.md)",
                         description="A 32-bit kernel and one process with a hot set, a cold set "
@@ -384,7 +392,7 @@ def cmd_scenario(args) -> int:
             if chatty:
                 err.print(f"[dim]{name}: {what}[/dim]")
         runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare, progress=progress,
-                           unsync=_unsync_arg(args))
+                           unsync=_unsync_arg(args), host=_host_config(args))
         con.print(sc.describe(params))
         if args.compare:
             con.print(sc.table_compare(runs))

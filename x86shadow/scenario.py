@@ -189,8 +189,10 @@ def _images(p: KmapParams):
     return program, firmware
 
 
-def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None) -> dict:
-    """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md)."""
+def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None,
+             host=None) -> dict:
+    """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md).
+    ``host``: a machine.HostConfig (host memory under the guest, docs/HOST_MEMORY.md)."""
     from .machine import Machine
     from .policies import config_label, make_policy
 
@@ -203,7 +205,10 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
     except ValueError as e:
         raise ScenarioError(str(e)) from None
 
-    m = Machine(p.mode, policy=policy, ram_mib=ram)
+    try:
+        m = Machine(p.mode, policy=policy, ram_mib=ram, host=host)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
     m.load(program, firmware)
     vm_mmu = m.vm_mmu
     # every emulated store (emulated or emulated-ahead; never an unprotect), by frame
@@ -228,7 +233,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
         s.value = value
         s.counters = dict(m.counters)
         s.emulated = sum(emulated.values())
-        g = dict(zip(_KSTAT_FIELDS, _KSTAT.unpack(m.mem.read(KSTAT, _KSTAT.size))))
+        g = dict(zip(_KSTAT_FIELDS, _KSTAT.unpack(m.read_phys(KSTAT, _KSTAT.size))))
         s.guest = g
         fgfn = g["fixmap_pt"] >> 12
         s.fix_emulated = emulated.get(fgfn, 0)
@@ -249,7 +254,9 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
     out = bytes(m.output).decode("latin-1")
     if result.status != 0 or not out.endswith("PASS\n"):
         why = result.report or out.strip() or f"exit status {result.status}"
-        raise ScenarioError(f"the kmap guest failed under policy {policy_name}: {why}", 4)
+        # a violation (docs/HOST_MEMORY.md) keeps its status 6; anything else is a crash
+        raise ScenarioError(f"the kmap guest failed under policy {policy_name}: {why}",
+                            6 if result.how == "violation" else 4)
     phases = [(s.value >> 24, s.value & 0xFFFFFF) for s in snaps]
     expect = [(PH_WARMUP, 0)] + [x for k in range(p.scans) for x in ((PH_KSCAND, k), (PH_USER, k))] \
         + [(PH_DONE, p.scans)]
@@ -344,7 +351,7 @@ def scan_metric(run: dict, k: int, key: str) -> int:
 
 # ---------------------------------------------------------------------------------- running several
 def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None,
-             unsync=None):
+             unsync=None, host=None):
     """Run the scenario under each policy. ``policies``: names, or (name, unsync) pairs. With
     ``isolate`` every run is a forked child process (so wall time and peak RSS are that run's
     own), ``jobs`` of them at a time; results in order. ``unsync`` (on/off/None) applies to the
@@ -364,7 +371,7 @@ def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = Tru
             if progress:
                 progress(name, "start")
             out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress),
-                                unsync=u))
+                                unsync=u, host=host))
             if progress:
                 progress(name, "done")
         return out
@@ -378,7 +385,8 @@ def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = Tru
         while pending and len(running) < max(1, jobs):
             i, (name, u) = pending.pop(0)
             rx, tx = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(params, name, tx, progress, u), daemon=True)
+            proc = ctx.Process(target=_child, args=(params, name, tx, progress, u, host),
+                               daemon=True)
             proc.start()
             tx.close()
             running[rx] = (i, name, proc)
@@ -415,10 +423,10 @@ def _scan_progress(name, params, progress):
     return each
 
 
-def _child(params, name, tx, progress=None, unsync=None):
+def _child(params, name, tx, progress=None, unsync=None, host=None):
     try:
         tx.send(("ok", run_kmap(params, name, progress=_scan_progress(name, params, progress),
-                                unsync=unsync)))
+                                unsync=unsync, host=host)))
     except ScenarioError as e:
         tx.send(("error", (str(e), e.status)))
     except BaseException as e:                     # noqa: BLE001 - reported by the parent
