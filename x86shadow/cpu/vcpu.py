@@ -378,7 +378,11 @@ class VCPU:
             # A page that keeps flipping holds both; it gets R|W|X and QEMU's own SMC detection.
             if state == _CODE:
                 perms &= ~PERM_W
-            elif state == _DATA:
+            elif state == _DATA and not self.invalidating:
+                # (inside ctl_remove_cache the page was just flipped to data by a store: QEMU
+                # finds its translated code through a fetch translation of it, and silently
+                # skips the invalidation if that is refused -- found by guestcode/host_code's
+                # author: a second store into just-run code was lost)
                 perms &= ~PERM_X
             entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
