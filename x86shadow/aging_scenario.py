@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from . import events as ev
 from . import layout, resources
-from .scenario import ScenarioError, check_plot, peak_rss_mb
+from .scenario import ScenarioError, check_plot, peak_rss_mb, scenario_images
 
 MiB = 1 << 20
 PROGRAM = resources.guestcode_dir() / "aging" / "aging.asm"
@@ -146,27 +146,8 @@ class AgingParams:
         return seq
 
 
-_image_cache: dict = {}
-
-
 def _images(p: AgingParams):
-    from .asm import AsmError, assemble_firmware, assemble_program
-    key = (p.mode, p.ram_mib, tuple(sorted(p.symbols().items())))
-    hit = _image_cache.get(key)
-    if hit is not None:
-        return hit
-    try:
-        program = assemble_program(str(PROGRAM), p.mode, p.ram_mib * MiB, symbols=p.symbols())
-        firmware = assemble_firmware(p.mode, p.ram_mib * MiB)
-    except AsmError as e:
-        raise ScenarioError(f"cannot assemble the aging guest: {e}", 70) from None
-    except OSError as e:
-        raise ScenarioError(f"cannot read the aging guest {e.filename}: {e.strerror} (a broken "
-                            "install? reinstall x86shadow)") from None
-    if len(_image_cache) >= 16:
-        _image_cache.clear()
-    _image_cache[key] = (program, firmware)
-    return program, firmware
+    return scenario_images(PROGRAM, p.mode, p.ram_mib, p.symbols(), "the aging guest")
 
 
 # ---------------------------------------------------------------------------------- time

@@ -167,26 +167,30 @@ class _Snap:
 _image_cache: dict = {}
 
 
-def _images(p: KmapParams):
-    """The guest program and firmware for these parameters (assembled once per process: the
-    assembler costs more than a small run)."""
+def scenario_images(path, mode: str, ram_mib: int, symbols: dict, what: str):
+    """A scenario's guest program and firmware (assembled once per process: the assembler
+    costs more than a small run); ScenarioError naming ``what`` (e.g. "the kmap guest")."""
     from .asm import AsmError, assemble_firmware, assemble_program
-    key = (p.mode, p.ram, tuple(sorted(p.symbols().items())))
+    key = (str(path), mode, ram_mib, tuple(sorted(symbols.items())))
     hit = _image_cache.get(key)
     if hit is not None:
         return hit
     try:
-        program = assemble_program(str(PROGRAM), p.mode, p.ram * MiB, symbols=p.symbols())
-        firmware = assemble_firmware(p.mode, p.ram * MiB)
+        program = assemble_program(str(path), mode, ram_mib * MiB, symbols=symbols)
+        firmware = assemble_firmware(mode, ram_mib * MiB)
     except AsmError as e:
-        raise ScenarioError(f"cannot assemble the kmap guest: {e}", 70) from None
+        raise ScenarioError(f"cannot assemble {what}: {e}", 70) from None
     except OSError as e:
-        raise ScenarioError(f"cannot read the kmap guest {e.filename}: {e.strerror} (a broken "
+        raise ScenarioError(f"cannot read {what} {e.filename}: {e.strerror} (a broken "
                             "install? reinstall x86shadow)") from None
     if len(_image_cache) >= 16:
         _image_cache.clear()
     _image_cache[key] = (program, firmware)
     return program, firmware
+
+
+def _images(p: KmapParams):
+    return scenario_images(PROGRAM, p.mode, p.ram, p.symbols(), "the kmap guest")
 
 
 def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None,
