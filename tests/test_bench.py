@@ -74,6 +74,16 @@ def test_quick_json_has_the_required_fields(quick):
                                                       "cr3_switch", "ratio"}
 
 
+def test_quick_runs_the_host_part_after_the_workloads(quick):
+    # no --workload and no --host: every workload, then the host-memory part
+    # (tests/test_bench_host.py)
+    r, path = quick
+    out = r.stdout
+    assert out.index("Exit costs and targets") < out.index("Host memory: a notifier invalidation")
+    doc = json.loads(path.read_text())
+    assert doc["host"]["meta"]["unsync"] is False and doc["host"]["invalidation"]
+
+
 def test_unsync_on_emulates_no_pte_write(tmp_path):
     path = tmp_path / "b.json"
     r = bench("--quick", "--silent", "--workload", "pte-write", "--json", str(path))

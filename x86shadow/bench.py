@@ -32,6 +32,10 @@ The JSON (``--json``) is docs/JSON_RECORDS.md: ``{"workloads": [row, ...]}`` wit
 ``us_per_pte`` per row, plus ``exit_costs``, ``meta`` and, with ``--unsync both``,
 ``unsync_compare``.
 
+The host-memory part (x86shadow/bench_host.py: ``--host``, and after the workloads when none is
+named) adds the key ``host``: the cost of a notifier invalidation per page, of a fault that races
+one, and of aging per page, in both notifier eras.
+
 ``growth()`` is the growth sweep (``x86shadow bench --growth``, ``tools/growth.py``): cost and
 shadow-MMU memory against the working set, the number of shadow pages and the guest RAM size.
 ``profile()`` runs cProfile over shadow runs (``x86shadow bench --profile``,
@@ -902,6 +906,20 @@ def parse_modes(modes) -> tuple:
     return tuple(out)
 
 
+def parts(args) -> tuple:
+    """(run the workloads, run the host-memory part) for these options: ``--host`` alone is the
+    host part only, with ``--workload`` those workloads too; neither: every workload, then the host
+    part (left out with ``--unsync both``, which compares the workloads' two configurations)."""
+    host = getattr(args, "host", False)
+    if host and (args.growth or args.profile):
+        raise BenchError("--host is a part of the bench, not of --growth or --profile")
+    if host and args.unsync == "both":
+        raise BenchError("--host runs one shadow configuration: give --unsync on or off, not "
+                         "both")
+    return (not host or bool(args.workload),
+            host or (not args.workload and args.unsync != "both"))
+
+
 def main(args) -> int:
     modes = parse_modes(args.mode)
     if args.ram < 64:
@@ -911,6 +929,7 @@ def main(args) -> int:
             raise BenchError("--unsync both is for the side-by-side bench, not --growth or "
                              "--profile (give --unsync on or off)")
         unsync_variants(args.policy, "both")    # a policy with out-of-sync pages
+    run_workloads, run_host = parts(args)
 
     def log(msg):
         if not args.silent:
@@ -943,11 +962,23 @@ def main(args) -> int:
                            for k, v in prof.items()}}
     else:
         rounds = args.rounds if args.rounds else (1 if args.quick else 3)
-        results = run_bench(modes=modes, names=args.workload or (), rounds=rounds, quick=args.quick,
-                            ram_mib=args.ram, policy=args.policy, unsync=args.unsync, log=log)
-        print_results(results, rounds=rounds, quick=args.quick)
-        doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy, ram_mib=args.ram,
-                      unsync=args.unsync)
+        doc = {}
+        if run_workloads:
+            results = run_bench(modes=modes, names=args.workload or (), rounds=rounds,
+                                quick=args.quick, ram_mib=args.ram, policy=args.policy,
+                                unsync=args.unsync, log=log)
+            print_results(results, rounds=rounds, quick=args.quick)
+            doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy,
+                          ram_mib=args.ram, unsync=args.unsync)
+        if run_host:
+            from . import bench_host
+            hb = bench_host.run_host_bench(modes=modes, rounds=rounds, quick=args.quick,
+                                           ram_mib=args.ram, policy=args.policy,
+                                           unsync=args.unsync, log=log)
+            doc["host"] = bench_host.to_json(hb, policy=args.policy,
+                                             unsync=_unsync_on(args.policy, args.unsync),
+                                             ram_mib=args.ram)
+            bench_host.print_host(doc["host"])
     if args.json:
         try:
             with open(args.json, "w") as f:

@@ -442,6 +442,13 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--profile", action="store_true",
                    help="instead: cProfile one shadow run of each workload, print the hot spots")
     b.add_argument("--top", type=int, default=20, metavar="K", help="with --profile: rows per table")
+    b.add_argument("--host", action="store_true",
+                   help="the host-memory part: a notifier invalidation per page (swap, migrate, "
+                        "munmap), a fault that races one (pf_retry), aging per page "
+                        "(clear_young/test_young), in both notifier eras; alone it runs only "
+                        "this part, with --workload those workloads too. Without --host and "
+                        "--workload the bench runs every workload, then this part (not with "
+                        "--unsync both)")
     b.add_argument("--silent", action="store_true", help="no progress lines on stderr")
 
 
