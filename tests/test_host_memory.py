@@ -207,6 +207,25 @@ def test_a_write_into_a_freed_page_is_caught_when_it_is_reused_and_by_the_free_c
         r.vm.mem.read32(DATA)                       # the swap-in reuses the poisoned page
 
 
+def test_the_check_after_each_host_event_looks_at_the_pages_freed_last():
+    """The cheap check (after every host event) covers the RECENT_FREES pages freed last; a
+    page freed long before is checked at the end of the run and when it is reused."""
+    from x86shadow.memory.host import RECENT_FREES
+    r = Rig()
+    pages = r.host.pages
+    first = DATA >> 12
+    for g in range(first, first + RECENT_FREES + 1):
+        r.host.swap_out(g)
+    pages.phys.write32(first * 4096, 0x77)          # the oldest freed page
+    pages.check_free_pages(recent_only=True)        # not among the last RECENT_FREES
+    with pytest.raises(HostViolation):
+        pages.check_free_pages()
+    pages.phys.write32(first * 4096, 0xAAAAAAAA)
+    pages.phys.write32((first + RECENT_FREES) * 4096, 0x77)   # the newest one
+    with pytest.raises(HostViolation):
+        pages.check_free_pages(recent_only=True)
+
+
 @pytest.mark.parametrize("era", ERAS)
 def test_notifier_carries_out_a_flush_still_pending_from_another_drop(era):
     """Model checklist B2. An spte was dropped outside the notifier and its flush is still

@@ -23,10 +23,11 @@ era (``notifiers="2008"`` and ``"modern"``), alternating variant by variant with
    the machine the operation-free run leaves, after ``Machine.run()`` returns, timed the same way.
    With ``ALIAS=1`` every page has two sptes. The notifier / host / total split is that of the
    round whose operation time is the median (so the parts add up); differences between variants
-   are taken within a round, then the median. The schedule's scan of every freed page for poison
-   after each operation (a detector, O(freed pages)) is off in the timed runs; the instrumented
-   run of each variant (which also counts the TLB fills) keeps it, and the owner check at each
-   free and the poison check at each reuse stay on everywhere.
+   are taken within a round, then the median. The host's detectors stay on in every run (the
+   owner check at each free, the poison check of the pages freed last after each operation and
+   at each reuse): they are part of what an operation costs here. The host times its own calls
+   (observer events ``HOST_TIMING``); the operations pick the bench's pages through the
+   schedule's ``pick`` hook.
 2. **A fault that races an invalidation.** The same guest with one pass (each page faulted in
    once, no I/O exits: exits are faults) under ``migrate@after_seq_snapshot:K`` (the host migrates
    the page between the fault's sequence snapshot and gfn_to_pfn) and ``swap@after_gfn_to_pfn:K``
@@ -59,6 +60,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from . import events as ev
 from .bench import BY_NAME, BenchError, Workload, _console, _fmt_count, _fmt_us, _r, assemble
 
 ERAS = ("2008", "modern")
@@ -143,42 +145,26 @@ TIMED = ("schedule", "op", "notifier", "flush", "swap_in")
 # ---------------------------------------------------------------------------------------------
 # timing the host's calls inside a run
 
-def _timed(fn, acc, key):
-    pc = time.perf_counter
-
-    def timed(*a, **k):
-        t0 = pc()
-        try:
-            return fn(*a, **k)
-        finally:
-            acc[key] += pc() - t0
-    return timed
-
-
 class HostClock:
-    """perf_counter around the host's calls of one machine: the schedule's ``run`` (everything a
-    scheduled operation costs, its choice of page and the free-page check included), the host
-    operations (swap_out, migrate, munmap), the notifier's invalidations inside them and the TLB
-    flush inside those, and the swap-in a refault makes. Each is an instance attribute wrapping
-    the bound method."""
+    """The host's calls of one machine, timed by the host itself (observer events
+    ``events.HOST_TIMING``): a scheduled operation whole (its choice of page and the check of the
+    pages freed last included), the host operations (swap_out, migrate, munmap), the notifier
+    invalidations inside them and the TLB flush inside those, and the swap-in a refault makes.
+    Operations pick their page through the schedule's ``pick`` hook."""
 
-    def __init__(self, m, ws_gfns, free_page_scan=True, pick="mapped"):
+    def __init__(self, m, ws_gfns, pick="mapped"):
         self.s = dict.fromkeys(TIMED, 0.0)
-        host, sched, notifier = m.host, m.host_schedule, m.vm_mmu.notifier
-        sched.run = _timed(sched.run, self.s, "schedule")
-        for name in ("swap_out", "migrate", "munmap"):
-            setattr(host, name, _timed(getattr(host, name), self.s, "op"))
-        host._swap_in = _timed(host._swap_in, self.s, "swap_in")
-        for name in NOTIFIER_CALLS:
-            setattr(notifier, name, _timed(getattr(notifier, name), self.s, "notifier"))
-        for v in m.vm_mmu.vcpus:
-            # the CPU's TLB flush the notifier asks for (flush_remote_tlbs_now: its only caller)
-            v.flush_hw_tlb = _timed(v.flush_hw_tlb, self.s, "flush")
+        s = self.s
+
+        def add(_kind, f):
+            s[f["part"]] += f["seconds"]
+        m.events.subscribe(add, (ev.HOST_TIMING,))
+        sched = m.host_schedule
         rmap = m.vm_mmu.rmap
         if pick == "mapped":
             # the working-set pages the shadow MMU maps (the schedule's target "mapped", narrowed
             # to the working set; its seed still draws the page)
-            sched.candidates = lambda: list(filter(rmap.__contains__, ws_gfns))
+            sched.pick = lambda: list(filter(rmap.__contains__, ws_gfns))
         else:
             # the page the guest faults in next: the first working-set page not mapped yet
             at = [0]
@@ -189,15 +175,20 @@ class HostClock:
                     i += 1
                 at[0] = i
                 return [ws_gfns[i]] if i < len(ws_gfns) else []
-            sched.candidates = next_page
-        if not free_page_scan:
-            # the schedule's scan of every freed page for poison after each operation (a
-            # detector, O(freed pages)): off in the timed runs, on in the instrumented one
-            m.host.pages.check_free_pages = _no_scan
+            sched.pick = next_page
 
 
-def _no_scan():
-    return None
+def _timed(fn, acc, key):
+    """fn with its time added to acc[key] (for timer_overhead_us: what one timed call costs)."""
+    pc = time.perf_counter
+
+    def timed(*a, **k):
+        t0 = pc()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[key] += pc() - t0
+    return timed
 
 
 def timer_overhead_us() -> float:
@@ -250,7 +241,7 @@ def run_variant(v: Variant, s: Sizes, mode: str, era: str, prog_fw, *, ram_mib=1
     m.load(prog, fw)
     g0 = WS_BASE >> 12
     ws = range(g0, g0 + v.pages(s)) if v.guest != "idle" else range(0)
-    clock = HostClock(m, ws, free_page_scan=instrument, pick=v.pick)
+    clock = HostClock(m, ws, pick=v.pick)
     fills = [0]
     if instrument:
         from .events import TLB_FILL

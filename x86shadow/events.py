@@ -49,7 +49,11 @@ EXIT = "exit"                          # the MMU finished handling an exit (the 
 MARKER = "marker"                      # value: the guest wrote MARKER_PORT (Machine.markers ...;
                                        # the trace gets TRACE_MARKER: observing a marker must not
                                        # turn tracing on)
-OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, EXIT, MARKER})
+HOST_TIMING = "host_timing"            # part, seconds: a host-side call took this long (part:
+                                       # "schedule" a scheduled operation, "op" a host operation,
+                                       # "swap_in", "notifier" an invalidation, "flush" the
+                                       # notifier's TLB flush); emitted only while subscribed
+OBSERVER_KINDS = frozenset({TLB_FILL, CR3_LOAD, EMULATED_WRITE, EXIT, MARKER, HOST_TIMING})
 
 
 class EventBus:

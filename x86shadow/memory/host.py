@@ -25,15 +25,18 @@ job (the flush rule, mmu/notifiers.py); the poison check catches it when it was 
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import NamedTuple
 
-from ..events import HOST_OP, MMU_NOTIFIER
+from ..events import HOST_OP, HOST_TIMING, MMU_NOTIFIER
 
 PAGE = 4096
 PAGE_POISON = 0xAA                   # include/linux/poison.h PAGE_POISON
 _POISON_PAGE = bytes([PAGE_POISON]) * PAGE
 _ZERO_PAGE = bytes(PAGE)
 HVA_BASE = 0x7F00_0000_0000          # where the VMM's guest RAM mapping starts (QEMU-like)
+RECENT_FREES = 64                    # freed pages the check after every host event looks at
 
 ERAS = ("2008", "modern")            # the mm / notifier API of Linux 2.6.27 or of Linux 6.x
 
@@ -87,6 +90,7 @@ class HostPages:
         self.free = list(range(self.npages - 1, ram_frames - 1, -1))   # pop() -> lowest first
         self.fresh = set(self.free)           # never used: still zero
         self.freed = set()                    # free and poisoned
+        self.recent = deque(maxlen=RECENT_FREES)  # the pages freed last (the per-event check)
         self.clock = None                     # () -> str: "when" for reports (set by the VM)
         self.on_free = None                   # (pfn, tag) -> None: the TLB check of the audit
         self.rewritten = set()                # pfns whose contents the host replaced (the CPU
@@ -147,11 +151,16 @@ class HostPages:
         self.owner[pfn] = None
         self.free.append(pfn)
         self.freed.add(pfn)
+        self.recent.append(pfn)
 
-    def check_free_pages(self) -> None:
-        """Every freed page still holds nothing but poison (HostViolation otherwise)."""
+    def check_free_pages(self, recent_only: bool = False) -> None:
+        """Every freed page still holds nothing but poison (HostViolation otherwise).
+        ``recent_only``: the pages freed last (``RECENT_FREES``), the ones a TLB entry that
+        outlived its page can still reach -- the cheap check after every host event; every page
+        is checked at the end of the run and when it is handed out again."""
         mv = self.phys.mv
-        for pfn in sorted(self.freed):
+        pages = sorted(set(self.recent) & self.freed) if recent_only else sorted(self.freed)
+        for pfn in pages:
             base = pfn * PAGE
             if mv[base:base + PAGE] != _POISON_PAGE:
                 page = bytes(mv[base:base + PAGE])
@@ -249,18 +258,24 @@ class HostMM:
     # ------------------------------------------------------------------ notifier calls
     def _invalidate_page(self, index):
         self._trace_notifier("invalidate_page", hva=self.hva(index))
+        t0 = self._timing()
         for n in self.notifiers:
             n.invalidate_page(self.hva(index))
+        self._timed("notifier", t0)
 
     def _range_start(self, start, end):
         self._trace_notifier("invalidate_range_start", start=self.hva(start), end=self.hva(end))
+        t0 = self._timing()
         for n in self.notifiers:
             n.invalidate_range_start(self.hva(start), self.hva(end))
+        self._timed("notifier", t0)
 
     def _range_end(self, start, end):
         self._trace_notifier("invalidate_range_end", start=self.hva(start), end=self.hva(end))
+        t0 = self._timing()
         for n in self.notifiers:
             n.invalidate_range_end(self.hva(start), self.hva(end))
+        self._timed("notifier", t0)
 
     def _unmap_one(self, index, new_state, body=None):
         """Take page ``index`` away from the VM process as the era's try_to_unmap_one does:
@@ -278,6 +293,15 @@ class HostMM:
             if body is not None:
                 body()
             self._range_end(index, index + 1)
+
+    def _timing(self):
+        """perf_counter now if someone observes host timings (events.HOST_TIMING), else None."""
+        ev = self.events
+        return time.perf_counter() if ev is not None and HOST_TIMING in ev.subs else None
+
+    def _timed(self, part, t0):
+        if t0 is not None:
+            self.events.emit(HOST_TIMING, part=part, seconds=time.perf_counter() - t0)
 
     def _count(self, name):
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -307,23 +331,28 @@ class HostMM:
         pfn = self.current(index)
         if pfn is None or index in self.readonly:
             return False                            # (KSM pages are not swapped here)
+        t0 = self._timing()
         if honour_young and self.clear_flush_young(index):
             self._count("host_swap_young")
+            self._timed("op", t0)
             return False
         self._count("host_swap_out")
         self._trace("swap_out", hva=self.hva(index), pfn=pfn)
         self._unmap_one(index, _SWAPPED)
         self.swap[index] = self.pages.read_page(pfn)      # pageout: the writeback
         self.pages.release_page(pfn)
+        self._timed("op", t0)
         return True
 
     def _swap_in(self, index: int) -> int:
         """do_swap_page: a new page with the swapped contents; no notifier (nothing was mapped)."""
+        t0 = self._timing()
         pfn = self.pages.alloc(index)
         self.pages.write_page(pfn, self.swap.pop(index))
         self.pt[index] = pfn
         self._count("host_swap_in")
         self._trace("swap_in", hva=self.hva(index), pfn=pfn)
+        self._timed("swap_in", t0)
         return pfn
 
     def migrate(self, index: int) -> bool:
@@ -332,6 +361,7 @@ class HostMM:
         old = self.current(index)
         if old is None or index in self.readonly:
             return False
+        t0 = self._timing()
         new = self.pages.alloc(index)
         self._count("host_migrate")
         self._trace("migrate", hva=self.hva(index), old_pfn=old, new_pfn=new)
@@ -339,6 +369,7 @@ class HostMM:
         self.pages.copy(new, old)
         self.pt[index] = new
         self.pages.release_page(old)
+        self._timed("op", t0)
         return True
 
     def ksm_merge(self, indexes) -> int:
@@ -423,12 +454,14 @@ class HostMM:
         """munmap of guest RAM pages [start, end) (unmap_vmas / zap_page_range): range_start, the
         ptes go and their pages are freed, range_end -- safe because range_start already zapped
         and flushed, and new sptes are refused until range_end."""
+        t0 = self._timing()
         self._count("host_munmap")
         self._trace("munmap", start=self.hva(start), end=self.hva(end))
         self._range_start(start, end)
         for index in range(start, end):
             self._drop_mapping(index)
         self._range_end(start, end)
+        self._timed("op", t0)
 
     def release(self) -> None:
         """The VMM process exits (exit_mmap): ``release`` first, then every mapping goes."""

@@ -93,6 +93,9 @@ class HostSchedule:
         self.point_hits = {r: 0 for r in self.rules if r.point is not None}
         self.log = []              # [when, op, gfn, result] of every operation run
         self.running = False
+        # () -> [gfn]: replaces the default choice of candidate pages (a benchmark narrowing the
+        # operations to its working set, a test aiming at one page)
+        self.pick = None
         if any(r.point for r in self.rules):
             vm.point = self.at_point
 
@@ -131,6 +134,8 @@ class HostSchedule:
         last flush (what its TLB may hold: they are at the head of the LRU -- and taking them at
         every exit could take an instruction's pages from it forever)."""
         vm = self.vm
+        if self.pick is not None:
+            return self.pick()
         in_tlb = set()
         for v in vm.vcpus:
             for pfn in v.tlb_pfns or ():
@@ -145,6 +150,7 @@ class HostSchedule:
         """Run one operation now (on ``gfn``, or a page drawn from the seed)."""
         host = self.host
         vm = self.vm
+        t0 = host._timing()
         self.running = True
         try:
             if op == "ksm":
@@ -176,7 +182,8 @@ class HostSchedule:
                 else:
                     raise ValueError(f"unknown host operation {op!r}")
             self.log[-1][3] = result
-            host.pages.check_free_pages()
+            host.pages.check_free_pages(recent_only=True)
             return result
         finally:
             self.running = False
+            host._timed("schedule", t0)

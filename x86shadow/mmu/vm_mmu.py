@@ -12,6 +12,7 @@ Per-vCPU state (paging context, roots, requests, policy state) lives in ``vcpu_m
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 from .. import events as ev
@@ -144,9 +145,13 @@ class VmMmu:
     def flush_remote_tlbs_now(self) -> None:
         """kvm_flush_remote_tlbs as the notifiers need it: every vCPU's TLB is empty when this
         returns (the CPU adapter flushes now; without one, the model TLB is emptied)."""
+        timed = ev.HOST_TIMING in self.events.subs
+        t0 = time.perf_counter() if timed else 0.0
         for v in self.vcpus:
             v.requests &= ~REQ_TLB_FLUSH
             v.flush_hw_tlb()
+        if timed:
+            self.events.emit(ev.HOST_TIMING, part="flush", seconds=time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ write tracking
     def track_add(self, gfn) -> None:
