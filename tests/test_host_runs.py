@@ -223,6 +223,30 @@ def test_cli_host_options_and_exit_status_6(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_host_script_runs_each_operation_at_its_exit_on_its_page(tmp_path):
+    script = tmp_path / "host.txt"
+    script.write_text("# exit op [gfn]\n20 swap 0x400\n20 migrate 0x401\n60 ksm\n"
+                      "90 swap   # a page drawn from the seed\n")
+    stats = tmp_path / "s.json"
+    r = cli("run", "guestcode/fork_cow.asm", "--mode", "pae", "--host-script", str(script),
+            "--audit", "--stats-json", str(stats))
+    assert r.returncode == 0 and r.stdout.endswith("PASS\n"), r.stderr
+    c = json.loads(stats.read_text())
+    assert c["host_swap_out"] == 2 and c["host_migrate"] == 1
+    m = run(ROOT / "guestcode" / "fork_cow.asm", "pae",
+            host=HostConfig(script=script.read_text()))[0]
+    assert [e[1:3] for e in m.host_schedule.log[:3]] == [["swap", 0x400], ["migrate", 0x401],
+                                                        ["ksm", None]]
+    assert m.host_schedule.log[0][0].startswith("exit 2") and "script" in m.host_schedule.log[0][0]
+    for text, msg in (("20\n", ":1: write EXIT OP"), ("x swap\n", "are numbers"),
+                      ("# ok\n5 fly\n", ":2: unknown operation")):
+        script.write_text(text)
+        r = cli("run", "guestcode/hello.asm", "--mode", "pae", "--host-script", str(script))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("run", "guestcode/hello.asm", "--mode", "pae", "--host-script", str(tmp_path / "no"))
+    assert r.returncode == 2 and "cannot read --host-script" in r.stderr
+
+
 def test_kmap_scenario_takes_the_host_options():
     small = ("scenario", "kmap", "--tables", "2", "--ptes", "8", "--scans", "2")
     r = cli(*small, "--host", "swap:3,migrate:4", "--notifiers", "2008", "--aging", "2008")

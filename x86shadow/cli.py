@@ -60,6 +60,9 @@ def _add_host(parser) -> None:
                    help="host operations: OP:N every N exits, OP@POINT[:N] at a named point of "
                         "the fault path; OP = swap, reclaim, migrate, ksm, age, lru; POINT = "
                         "after_seq_snapshot, after_gfn_to_pfn, pte_prefetch_after_gfn_to_pfn")
+    g.add_argument("--host-script", metavar="FILE", default=None,
+                   help="host operations from a file: one 'EXIT OP [GFN]' per line (OP at that "
+                        "exit, on page GFN or one drawn from the seed)")
     g.add_argument("--host-seed", type=int, default=0, metavar="S",
                    help="seed of the host's choice of pages (default 0)")
     g.add_argument("--host-target", choices=("mapped", "tlb"), default=None,
@@ -82,24 +85,36 @@ def _add_host(parser) -> None:
 def _host_config(args):
     """The HostConfig the host options ask for (None: no host memory)."""
     if (args.host is None and args.notifiers is None and args.break_rule is None
-            and args.host_target is None and args.aging is None):
+            and args.host_target is None and args.aging is None and args.host_script is None):
         return None
     from .machine import HostConfig
     from .memory.schedule import parse_schedule
     if getattr(args, "mmu", "shadow") != "shadow":
         raise UsageError("--host, --notifiers and --break need --mmu shadow: under Unicorn's "
                          "own MMU guest-physical memory is host memory")
+    from .memory.schedule import parse_script
     from .mmu.aging import parse_aging
+    script = ""
+    if args.host_script is not None:
+        try:
+            with open(args.host_script, encoding="utf-8") as f:
+                script = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read --host-script {args.host_script!r}: "
+                             f"{e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--host-script {args.host_script!r} is not text") from None
     try:
         if args.host is not None:
             parse_schedule(args.host)
+        parse_script(script, args.host_script or "--host-script")
         parse_aging(args.aging, args.notifiers or "modern")
     except ValueError as e:
         raise UsageError(str(e)) from None
     return HostConfig(schedule=args.host or "", seed=args.host_seed,
                       notifiers=args.notifiers or "modern",
                       break_flush=args.break_rule == "flush-before-free",
-                      target=args.host_target or "mapped", aging=args.aging)
+                      target=args.host_target or "mapped", aging=args.aging, script=script)
 
 
 def build_parser() -> argparse.ArgumentParser:

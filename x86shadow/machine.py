@@ -45,6 +45,7 @@ class HostConfig:
     target: str = "mapped"
     spare_pages: int | None = None
     tlb_check: bool = True
+    script: str = ""                  # a host script's text (memory/schedule.py parse_script)
     aging: str | None = None
 
 
@@ -91,13 +92,15 @@ class Machine:
         self.counters = new_counters()
         self.events = ev.EventBus()
         self.host = self.host_schedule = None
-        rules = []
+        rules = script = []
         if host is not None:
             from .memory.schedule import parse_schedule
             if mmu != "shadow":
                 raise ValueError("host memory (--host, --notifiers, --break) needs --mmu shadow: "
                                  "under Unicorn's own MMU guest-physical memory is host memory")
             rules = parse_schedule(host.schedule) if host.schedule else []
+            from .memory.schedule import parse_script
+            script = parse_script(host.script) if host.script else []
             frames = self.ram_size >> 12
             spare = host.spare_pages if host.spare_pages is not None else max(1024, frames // 8)
             self.host_phys = PhysMem(self.ram_size + (spare << 12))
@@ -134,7 +137,7 @@ class Machine:
             if self.host is not None:
                 from .memory.schedule import HostSchedule
                 self.host_schedule = HostSchedule(self.host, self.vm_mmu, rules, host.seed,
-                                                  host.target)
+                                                  host.target, script)
                 if host.tlb_check:
                     self.host.pages.on_free = self._check_tlb_on_free
             if audit:

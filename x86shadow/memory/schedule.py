@@ -1,7 +1,8 @@
 """The host's schedule: which host operation runs when, reproducible from a seed.
 
 A schedule is a list of rules, written ``OP:N`` (every N exits), ``OP@POINT`` or ``OP@POINT:N``
-(every Nth time the fault path reaches the named point), separated by commas:
+(every Nth time the fault path reaches the named point), separated by commas -- and/or a script
+(``parse_script``: ``EXIT OP [GFN]`` lines, an operation at a given exit on a given page):
 
 * ``swap`` -- swap one guest page out (MADV_PAGEOUT-like: its A bits are not asked); it comes back
   on the next access;
@@ -32,6 +33,36 @@ from dataclasses import dataclass
 OPS = ("swap", "reclaim", "migrate", "ksm", "age", "lru")
 POINTS = ("after_seq_snapshot", "after_gfn_to_pfn", "pte_prefetch_after_gfn_to_pfn")
 TARGETS = ("mapped", "tlb")
+
+
+SCRIPT_OPS = ("swap", "reclaim", "migrate", "ksm", "age", "lru")
+
+
+def parse_script(text: str, where: str = "--host-script") -> list:
+    """A host script: one operation per line, ``EXIT OP [GFN]`` (run OP at the first point
+    where the TLB can be flushed once EXIT exits have happened, on page GFN -- hex with 0x -- or
+    on a page drawn from the seed); ``#`` starts a comment. -> [(exit, op, gfn or None)] in
+    order; ValueError naming the line."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) not in (2, 3):
+            raise ValueError(f"{where}:{n}: write EXIT OP [GFN], not {line.strip()!r}")
+        try:
+            at = int(words[0], 0)
+            gfn = int(words[2], 0) if len(words) == 3 else None
+        except ValueError:
+            raise ValueError(f"{where}:{n}: EXIT and GFN are numbers: {line.strip()!r}") from None
+        if words[1] not in SCRIPT_OPS:
+            raise ValueError(f"{where}:{n}: unknown operation {words[1]!r} (choose from "
+                             f"{', '.join(SCRIPT_OPS)})")
+        if at < 0 or (gfn is not None and gfn < 0):
+            raise ValueError(f"{where}:{n}: negative number in {line.strip()!r}")
+        out.append((at, words[1], gfn))
+    out.sort(key=lambda e: e[0])
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,7 +112,7 @@ class HostSchedule:
     """Runs the host operations of ``rules`` on ``host`` (memory.host.HostMM) under ``vm``
     (the shadow MMU, whose rmap and vCPUs name the candidate pages)."""
 
-    def __init__(self, host, vm, rules, seed: int = 0, target: str = "mapped"):
+    def __init__(self, host, vm, rules, seed: int = 0, target: str = "mapped", script=()):
         if target not in TARGETS:
             raise ValueError(f"unknown host target {target!r} (choose from {', '.join(TARGETS)})")
         self.host = host
@@ -91,6 +122,7 @@ class HostSchedule:
         self.target = target
         self.next_due = {r: r.every for r in self.rules if r.point is None}
         self.point_hits = {r: 0 for r in self.rules if r.point is not None}
+        self.script = list(script)  # [(exit, op, gfn)] still to run (parse_script), in order
         self.log = []              # [when, op, gfn, result] of every operation run
         self.running = False
         # () -> [gfn]: replaces the default choice of candidate pages (a benchmark narrowing the
@@ -114,6 +146,10 @@ class HostSchedule:
             if exits >= due:
                 self.next_due[rule] = exits + rule.every
                 self.run(rule.op, f"exit {exits}")
+        script = self.script
+        while script and exits >= script[0][0]:
+            _, op, gfn = script.pop(0)
+            self.run(op, f"exit {exits} (script)", gfn)
 
     def at_point(self, name: str, vcpu) -> None:
         """The fault path reached point ``name``. A fault being retried after such a race is
