@@ -92,14 +92,13 @@ class Machine:
         self.counters = new_counters()
         self.events = ev.EventBus()
         self.host = self.host_schedule = None
-        rules = script = []
+        rules, script = [], []
         if host is not None:
-            from .memory.schedule import parse_schedule
+            from .memory.schedule import parse_schedule, parse_script
             if mmu != "shadow":
                 raise ValueError("host memory (--host, --notifiers, --break) needs --mmu shadow: "
                                  "under Unicorn's own MMU guest-physical memory is host memory")
             rules = parse_schedule(host.schedule) if host.schedule else []
-            from .memory.schedule import parse_script
             script = parse_script(host.script) if host.script else []
             frames = self.ram_size >> 12
             spare = host.spare_pages if host.spare_pages is not None else max(1024, frames // 8)
