@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
     r.add_argument("--audit", action="store_true", help="check every shadow MMU invariant after each exit")
+    r.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
+                   help="show the counters every SECONDS while the guest runs, on stderr: a live "
+                        "kvm_stat-like table on a terminal, else one line per interval "
+                        "(kvm_stat -l)")
     r.add_argument("-I", dest="include", action="append", default=[], metavar="DIR",
                    help="look for .include files in DIR too (after the including file's folder; "
                         "the guest library, lib/*.inc, is always found)")
@@ -305,6 +309,8 @@ def cmd_run(args) -> int:
 
     if args.max_insns is not None and args.max_insns < 1:
         raise UsageError("--max-insns must be at least 1 (leave it out for no limit)")
+    if args.stats_interval is not None and not args.stats_interval > 0:
+        raise UsageError("--stats-interval must be more than 0 seconds")
     try:
         check_ram(args.mode, args.ram)
     except ValueError as e:
@@ -339,10 +345,19 @@ def cmd_run(args) -> int:
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        live = None
+        if args.stats_interval is not None:
+            from .live_stats import LiveStats
+            live = LiveStats(m.counters, args.stats_interval, sys.stderr, sys.stderr.isatty(),
+                             host=m.host is not None)
+            live.start()
         try:
             result = m.run(args.max_insns or 0)
         except stopping.Stop as e:
             stop = e
+        finally:
+            if live is not None:
+                live.stop()
     finally:
         if trace is not None:
             trace.close()
