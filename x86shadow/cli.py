@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+from .trace_perfetto import add_run_options as _add_trace_format, trace_writer as _trace_writer
+from .trace_view import add_trace_parser
+
 EXIT_BAD_INPUT = 2
 EXIT_CRASH = 4
 EXIT_INTERNAL = 70
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM in MiB (default 128)")
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
+    _add_trace_format(r)                    # --trace-format jsonl|perfetto, --trace-clock
     r.add_argument("--audit", action="store_true", help="check every shadow MMU invariant after each exit")
     r.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
                    help="show the counters every SECONDS while the guest runs, on stderr: a live "
@@ -147,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_host(r)
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
+    add_trace_parser(sub)                   # x86shadow trace show (x86shadow/trace_view.py)
     return p
 
 
@@ -242,13 +247,14 @@ def _check_program_path(path) -> None:
 
 
 class _TraceSink:
-    """``--trace``: the JSON-lines writer; a write error (ENOSPC, EIO) stops the run with a
-    status-2 error naming the file instead of escaping from inside a CPU callback."""
+    """``--trace``: the trace writer (JSON lines, or --trace-format perfetto's); a write error
+    (ENOSPC, EIO) stops the run with a status-2 error naming the file instead of escaping from
+    inside a CPU callback."""
 
-    def __init__(self, fp, path):
+    def __init__(self, fp, path, writer=None):
         from .events import JsonTrace
         self.fp, self.path = fp, path
-        self.trace = JsonTrace(fp)
+        self.trace = (writer or JsonTrace)(fp)      # writer: --trace-format perfetto's
         self.error = None
 
     def __call__(self, kind, fields):
@@ -266,7 +272,11 @@ class _TraceSink:
 
     def close(self):
         try:
-            self.fp.close()
+            try:
+                if self.error is None and hasattr(self.trace, "close"):
+                    self.trace.close()              # perfetto: the end of the JSON
+            finally:
+                self.fp.close()
         except OSError as e:
             if self.error is None:
                 self.error = f"cannot write trace {self.path!r}: {e.strerror}"
@@ -316,6 +326,10 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _check_program_path(args.program)
+    try:
+        trace_writer = _trace_writer(args)      # --trace-format, --trace-clock
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     host = _host_config(args)
     try:
         for d in args.include:
@@ -330,7 +344,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
     try:
         stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
-        trace = _TraceSink(open_output(args.trace, "trace"), args.trace) if args.trace else None
+        trace = (_TraceSink(open_output(args.trace, "trace"), args.trace, trace_writer)
+                 if args.trace else None)
     except OutputError as e:
         raise UsageError(str(e)) from None
     serial = _Serial(sys.stdout.buffer)
@@ -540,6 +555,8 @@ def _dispatch(args) -> int:
         return cmd_bench(args)
     if args.command == "scenario":
         return cmd_scenario(args)
+    if hasattr(args, "run_command"):           # a subcommand registered by its own module
+        return args.run_command(args)
     return EXIT_BAD_INPUT
 
 
