@@ -25,8 +25,7 @@ crash, ``--max-insns``, SIGINT). The file::
 * Every event's args are its fields as the JSON-lines trace has them, plus ``trace_seq`` (the
   record's ``seq`` there) and ``insns`` when instructions are counted; addresses, frame numbers,
   error codes and values (:data:`HEX_KEYS`) are written as ``"0x..."`` strings so the UI shows
-  them in hex. (An event's own ``seq`` field -- ``x86shadow_pf_retry``'s snapshot, the notifier's
-  sequence -- is kept here; the JSON-lines trace overwrites it with the record number.)
+  them in hex.
 * Counter tracks (``ph`` C) computed from the events: ``exits`` (one per ``kvm_exit``),
   ``shadow pages`` (``kvm_mmu_get_page`` minus ``kvm_mmu_prepare_zap_page``), ``page faults``
   (pf_taken, pf_fixed, pf_guest, pf_retry, wp_faults) and, with host memory, ``host ops``.

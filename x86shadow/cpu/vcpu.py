@@ -324,6 +324,8 @@ class VCPU:
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
         if self._host_tick is not None and not self.invalidating:
+            if self.events.tracing:
+                self.events.guest_runs()     # the guest was running: its entry comes first
             self._host_tick()            # due host operations (their flushes are safe here)
         access = _ACCESS[acc]
         rv = self._rv

@@ -163,7 +163,7 @@ class KvmNotifier:
                 raise RuntimeError("invalidate_range_end without a start")
         events = vm.events
         if events.tracing:
-            events.emit(ev.MMU_NOTIFIER, notifier="invalidate_range_end done", seq=self.seq,
+            events.emit(ev.MMU_NOTIFIER, notifier="invalidate_range_end done", mmu_seq=self.seq,
                         in_progress=self.count)
 
     def clear_flush_young(self, start: int, end: int) -> bool:

@@ -364,7 +364,7 @@ class VcpuMmu:
                                    self.guest_rip() if events.tracing else None, vector=14,
                                    address=va, error_code=access)
                         if events.tracing:
-                            events.emit(ev.PF_RETRY, address=va, gfn=gfn, seq=seq,
+                            events.emit(ev.PF_RETRY, address=va, gfn=gfn, mmu_seq=seq,
                                         now=notifier.seq, in_progress=notifier.count)
                         return _RETRY
                     r = self._fetch(va, w, access, pfn, host_writable)
