@@ -64,6 +64,11 @@ def check_wheel(wheel, tmp_path):
     missing = [rel for rel in guest_sources() if f"x86shadow/_data/{rel}" not in names]
     assert not missing, missing
     assert not any(n.startswith(("firmware/", "guestcode/")) for n in names)   # under x86shadow/
+    # the pytest plugin's entry point (docs/PYTEST_PLUGIN.md) and its module
+    assert "x86shadow/pytest_plugin.py" in names
+    (eps,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    eps = zipfile.ZipFile(wheel).read(eps).decode().replace("\r\n", "\n")
+    assert "[pytest11]\nx86shadow = x86shadow.pytest_plugin\n" in eps, eps
     # installed (a pure wheel unpacked on the path is an install), away from the checkout
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
