@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from . import events as ev
 from . import layout, resources
-from .scenario import ScenarioError, check_plot, peak_rss_mb, scenario_images
+from .scenario import ScenarioError, _fmt, check_plot, peak_rss_mb, scenario_images
+from .scenario import write_json as _write_json
 
 MiB = 1 << 20
 PROGRAM = resources.guestcode_dir() / "aging" / "aging.asm"
@@ -522,14 +523,6 @@ SHOWN = (
 )
 
 
-def _fmt(v) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, float):
-        return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
-    return f"{v:,}"
-
-
 def parse_costs(items) -> Costs:
     """``--cost NAME=NS`` (repeatable) -> Costs; ScenarioError naming what is wrong."""
     import dataclasses
@@ -579,10 +572,8 @@ def table(runs: list):
 
 
 def write_json(path, runs: list) -> None:
-    import json
-    with open(path, "w") as f:
-        json.dump({"scenario": "aging", "runs": runs}, f, indent=1)
-        f.write("\n")
+    """``--json``: ``{"scenario": "aging", "runs": [...]}`` (docs/AGING.md)."""
+    _write_json(path, runs, "aging")
 
 
 def plot(path, runs: list, params: AgingParams) -> None:

@@ -441,6 +441,9 @@ def _child(params, name, tx, progress=None, unsync=None, host=None):
 
 # ---------------------------------------------------------------------------------- output
 def _fmt(v) -> str:
+    """A figure for a scenario table (also the aging scenario's)."""
+    if isinstance(v, str):
+        return v
     if isinstance(v, float):
         return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
     return f"{v:,}"
@@ -517,10 +520,11 @@ def table_compare(runs: list) -> object:
     return t
 
 
-def write_json(path, runs: list) -> None:
+def write_json(path, runs: list, scenario: str = "kmap") -> None:
+    """``--json``: ``{"scenario": NAME, "runs": [...]}`` (docs/JSON_RECORDS.md)."""
     import json
     with open(path, "w") as f:
-        json.dump({"scenario": "kmap", "runs": runs}, f, indent=1)
+        json.dump({"scenario": scenario, "runs": runs}, f, indent=1)
         f.write("\n")
 
 

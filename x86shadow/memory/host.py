@@ -417,14 +417,7 @@ class HostMM:
         def remap():
             self.readonly.discard(index)
             self.pt[index] = new
-        if self.era == "2008":
-            self.pt[index] = _SWAPPED
-            self._invalidate_page(index)
-            remap()
-        else:
-            self._range_start(index, index + 1)
-            remap()
-            self._range_end(index, index + 1)
+        self._unmap_one(index, _SWAPPED, remap)    # (the pte is cleared, then the copy mapped)
         self._put_ksm(kpfn)
         return new
 
@@ -471,8 +464,3 @@ class HostMM:
             n.release()
         self.munmap(0, self.npages)
         self.released = True
-
-    # ------------------------------------------------------------------ for tests and audit
-    def mapped_indexes(self):
-        """Page indexes that are present now (identity ones included), in order."""
-        return [i for i in range(self.npages) if self.current(i) is not None]

@@ -4,7 +4,7 @@ KVM keeps sptes and the TLB in host pfns and the rmap per gfn (``__gfn_to_pfn_me
 we, so that host pages can move under the guest (memory/host.py: MMU notifiers, reclaim,
 migration, KSM). There is one slot covering all of guest RAM, at the VMM's guest RAM mapping
 (``host.HVA_BASE``). Without a host memory manager (the default) the slot is backed 1:1 by the
-RAM buffer: pfn == gfn, the fast path below.
+RAM buffer: pfn == gfn (the fast path of VmMmu.gfn_to_pfn and of the shadow page fault).
 """
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ class Memslot:
     npages: int
     userspace_addr: int     # hva of base_gfn (KVM's memslot->userspace_addr)
 
-    def contains(self, gfn: int) -> bool:
-        return self.base_gfn <= gfn < self.base_gfn + self.npages
-
     def hva_range_gfns(self, start: int, end: int):
         """The gfns of this slot whose hva lies in [start, end) (kvm_handle_hva_range)."""
         lo = max(start, self.userspace_addr)
@@ -35,13 +32,12 @@ class Memslot:
 
 class Memslots:
     """The VM's memslots. ``gfn_to_index`` gives the page of the VMM's guest RAM mapping that
-    backs gfn (None outside every slot); ``gfn_to_pfn`` the host pfn when there is no host
-    memory manager (identity)."""
+    backs gfn (None outside every slot); without a host memory manager that page is host pfn gfn
+    (VmMmu.gfn_to_pfn)."""
 
     def __init__(self, ram_frames: int):
         self.slots = [Memslot(0, ram_frames, HVA_BASE)]
         self.ram_frames = ram_frames
-        self.identity = True           # no host memory manager: pfn == gfn
 
     def gfn_to_index(self, gfn: int):
         if 0 <= gfn < self.ram_frames:
@@ -51,16 +47,6 @@ class Memslots:
     def index_to_gfn(self, index: int):
         """The gfn backed by page ``index`` of the guest RAM mapping."""
         return index if 0 <= index < self.ram_frames else None
-
-    def gfn_to_hva(self, gfn: int):
-        for s in self.slots:
-            if s.contains(gfn):
-                return s.userspace_addr + (gfn - s.base_gfn) * PAGE
-        return None
-
-    def gfn_to_pfn(self, gfn: int):
-        """Identity backing only (the VM without a host memory manager)."""
-        return gfn if 0 <= gfn < self.ram_frames else None
 
     def hva_range_gfns(self, start: int, end: int):
         """Every gfn whose hva is in [start, end), slot by slot (kvm_handle_hva_range)."""

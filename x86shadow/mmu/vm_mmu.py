@@ -69,7 +69,6 @@ class VmMmu:
             self.host_mem = self.peek_mem = mem     # pfn == gfn: RAM is the host memory
         else:
             self.peek_mem = GuestPhys(host, self.memslots, mem.size, peek=True)
-            self.memslots.identity = False
             self.host_mem = host.pages.phys
             self.notifier = KvmNotifier(self, notifiers, break_flush, aging)
             host.notifiers.append(self.notifier)   # mmu_notifier_register
