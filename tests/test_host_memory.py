@@ -122,6 +122,7 @@ def test_ksm_merges_identical_pages_read_only_and_a_write_breaks_the_sharing(era
     r.fill(VA, W)
     r.fill(VA + 0x1000, W)
     assert r.host.ksm_merge([a >> 12, b >> 12]) == 1    # one page freed
+    assert r.counters["host_ksm_merge"] == 1               # one group merged
     kpfn = r.host.current(a >> 12)
     assert r.host.current(b >> 12) == kpfn
     # a read maps the shared page without W (the host maps it read-only)
