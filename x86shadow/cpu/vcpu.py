@@ -458,22 +458,36 @@ class VCPU:
 
     def _fetch_prot(self, uc, acc, addr, size, value, _ud):
         """Native mode: the first fetch from a guest page (RAM is mapped without execute right
-        until then). Refused: the run loop scans the page (_exec_page) and restarts there. The
-        fetch happens while QEMU translates, so nothing of the block has run."""
+        until then). Unicorn reports the guest-physical address (measured). Refused: the run loop
+        scans the page (_exec_page) and restarts there; the fetch happens while QEMU translates,
+        so nothing of the block has run."""
         self.exec_page = addr
         return False
 
-    def _exec_page(self, va):
-        """Native mode: make the page at guest-virtual ``va`` executable and scan it for the
-        privileged instructions the CPU model checks (cpu/privileged.py). A page is scanned once,
-        at its first execution: code stored into it later, or the same page run through a second
-        virtual address, is not scanned again (docs/CPU_MODEL.md; the shadow MMU re-scans both)."""
-        w = pg.walk(self.mem, self.paging_context(), va, 0, set_ad=False)
-        if not w.ok:
-            raise MMUError(f"a fetch from {va:#x} that Unicorn translated does not translate")
-        gpa = w.gpa & ~0xFFF
+    def _exec_page(self, gpa):
+        """Native mode: make the guest-physical page at ``gpa`` executable and scan it for the
+        privileged instructions the CPU model checks (cpu/privileged.py), hooked at the virtual
+        page the fetch came through: RIP's page or, for a block running into the next page, the
+        one after. A page is scanned at its first execution only: code stored into it later, or
+        the page run through a second virtual address, is not scanned again (docs/CPU_MODEL.md;
+        the shadow MMU re-scans both)."""
+        gpa &= ~0xFFF
+        ctx = self.paging_context()
+        rip = self.rip() & ~0xFFF
+        va = None
+        for cand in (rip, rip + 0x1000):
+            w = pg.walk(self.mem, ctx, cand, 0, set_ad=False)
+            if w.ok and w.gpa & ~0xFFF == gpa:
+                va = cand
+                break
+        if va is None:
+            raise MMUError(f"a first fetch from guest-physical {gpa:#x} that RIP {self.rip():#x} "
+                           "does not lead to")
         self.uc.mem_protect(gpa, 0x1000, UC_PROT_ALL)
-        self.interceptor.on_exec_fill(va & ~0xFFF, gpa >> 12, self.host_mem.read(gpa, 0x1000))
+        # the refused fetch leaves QEMU's exception-in-flight state set (measured: the next
+        # natively raised #PF became a #DF)
+        self.cpustate.clear_old_exception()
+        self.interceptor.on_exec_fill(va, gpa >> 12, self.host_mem.read(gpa, 0x1000))
 
     def invpcid_flush(self, kind, address):
         """What an emulated INVPCID invalidates (SDM vol. 2A INVPCID; Linux 6.18 x86.c
