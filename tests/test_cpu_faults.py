@@ -268,3 +268,46 @@ def test_cli_cpu_runs(tmp_path):
     assert p.returncode == 0 and p.stdout == "pcid invpcid\nPASS\n", p.stderr
     # the faults pcid.asm expects with both features: e3, e4, i2, i3, i4
     assert json.loads(stats.read_text())["exception_injections"] == 5
+
+
+DEVICE_MSR = """
+    TRY r1
+    mov ecx, 0x4b564d00
+    rdmsr
+    mov ebx, eax
+    mov esi, edx
+r1: CHECK_TRAP NO_TRAP, 0, 3
+    CHECK_EQ ebx, 0x9abcdef0, 4, "low half"
+    CHECK_EQ esi, 0x12345678, 5, "high half"
+    mov ecx, 0x4b564d00
+    mov eax, 0x11
+    mov edx, 0x22
+    wrmsr
+"""
+
+
+@pytest.mark.parametrize("mmu", MMUS)
+@pytest.mark.parametrize("mode", ["32", "64"])
+def test_a_device_msr_bypasses_the_unknown_msr_rule(mode, mmu, tmp_path):
+    """VCPU.msr_handlers: an MSR a device implements (e.g. IA32_APIC_BASE for an APIC) is read
+    and written through its handler; without the handler the same index is an unknown MSR."""
+    class Reg:
+        value = 0x123456789ABCDEF0
+
+        def read(self):
+            return self.value
+
+        def write(self, v):
+            self.value = v
+    path = tmp_path / "prog.asm"
+    path.write_text(HEADER + DEVICE_MSR + "\n    PASS\n    ret\n")
+    program = assemble_program(str(path), mode, RAM << 20)
+    m = Machine(mode, mmu=mmu, ram_mib=RAM, audit=(mmu == "shadow"))
+    reg = Reg()
+    m.vcpu.msr_handlers[0x4B564D00] = reg
+    m.load(program, assemble_firmware(mode, RAM << 20))
+    r = m.run()
+    assert r.status == 0 and bytes(m.output) == b"PASS\n", (bytes(m.output), r.report)
+    assert reg.value == 0x22_00000011
+    r, out = run(DEVICE_MSR, mode, mmu, None, tmp_path)
+    assert "FAIL 3" in out                       # no handler: #GP

@@ -223,6 +223,13 @@ def test_msr_value_rules():
     assert HASWELL.wrmsr_fault(cm.MSR_FS_BASE, 0xFFFF800000000000, 0, True) is None
     assert HASWELL.wrmsr_fault(cm.MSR_LSTAR, 0x0000800000000000, 0, True) is not None
     assert HASWELL.wrmsr_fault(cm.MSR_TSC_AUX, 1 << 32, 0, True) is not None
+    mc1_ctl, mc1_status = 0x404, 0x405
+    assert HASWELL.wrmsr_fault(mc1_ctl, 0xFFFFFFFFFFFFFFFF, 0, True) is None
+    assert HASWELL.wrmsr_fault(mc1_ctl, 0xFFFFFFFFFFFFFBFE, 0, True) is None    # bits 10, 0 clear
+    assert HASWELL.wrmsr_fault(mc1_ctl, 0x0000800000000000, 0, True) is not None
+    assert HASWELL.wrmsr_fault(mc1_status, 0, 0, True) is None
+    assert HASWELL.wrmsr_fault(mc1_status, 1, 0, True) is not None
+    assert HASWELL.rdmsr_fault(0x400 + 4 * 10) is not None                      # bank 10: none
 
 
 def test_invpcid_rules():

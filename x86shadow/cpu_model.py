@@ -141,6 +141,7 @@ _KNOWN_MSRS = frozenset(
     + list(range(0x200, 0x210))           # MTRRphysBase/Mask 0..7
     + list(range(0x268, 0x270))           # MTRRfix4K_*
     + list(range(0x400, 0x400 + 4 * 10)))  # MCi_CTL/STATUS/ADDR/MISC, QEMU's 10 banks
+_MC_BANKS = (0x400, 0x400 + 4 * 10)
 _CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_CSTAR, MSR_LSTAR})
 _MSRS_64 = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_FMASK, MSR_FS_BASE, MSR_GS_BASE,
                       MSR_KERNEL_GS_BASE})
@@ -374,6 +375,15 @@ class CpuModel:
             return f"invalid memory type in IA32_PAT {value:#x} (kvm_pat_valid)"
         if index == MSR_TSC_AUX and value >> 32 and self.vendor == "GenuineIntel":
             return "IA32_TSC_AUX bits 63:32 set on an Intel CPU (__kvm_set_msr)"
+        if _MC_BANKS[0] <= index < _MC_BANKS[1]:
+            # Linux 6.18 x86.c set_msr_mce: MCi_CTL takes 0 or all ones (bits 10 and 0 may be
+            # clear, for old kernels' workarounds); MCi_STATUS only 0 (can_set_mci_status is
+            # AMD's HWCR.McStatusWrEn, never set here)
+            kind = (index - _MC_BANKS[0]) & 3
+            if kind == 0 and value and (value | (1 << 10) | 1) != 0xFFFFFFFFFFFFFFFF:
+                return f"IA32_MC{(index - _MC_BANKS[0]) >> 2}_CTL takes 0 or all ones (set_msr_mce)"
+            if kind == 1 and value:
+                return f"IA32_MC{(index - _MC_BANKS[0]) >> 2}_STATUS takes only 0 (set_msr_mce)"
         return None
 
     def efer_allowed(self) -> int:

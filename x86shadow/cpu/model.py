@@ -119,6 +119,8 @@ class ModelChecks:
                                            v.long_mode())
         elif mn in ("rdmsr", "wrmsr"):
             index = v.reg(UC_X86_REG_ECX) & 0xFFFFFFFF
+            if index in v.msr_handlers:
+                return None                   # a device's MSR: its handler decides
             if mn == "rdmsr":
                 reason = m.rdmsr_fault(index)
             else:

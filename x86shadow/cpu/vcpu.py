@@ -184,6 +184,9 @@ class VCPU:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
         self.delivery = Delivery(self, crash_gates)
+        # MSRs a device implements (index -> object with read() -> int and write(value)); the
+        # CPU model's MSR rules leave them to it, rdmsr/wrmsr of them are carried out here
+        self.msr_handlers = {}
         self.model_checks = ModelChecks(self, self.cpu_model)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
         self.insns = 0                   # guest instructions counted so far (with max_insns)
@@ -692,6 +695,12 @@ class VCPU:
                                  reason=reason)
             self._event(uc, vector, error_code, rip=address)
             return
+        if m in ("rdmsr", "wrmsr"):
+            handler = self.msr_handlers.get(self.reg(_reg_id("ecx")) & 0xFFFFFFFF)
+            if handler is not None:
+                self.stop = ("emulate", insn.next_ip, lambda: self._device_msr(handler, m))
+                uc.emu_stop()
+                return
         if m == "mov" and insn.op_str.startswith("cr3"):
             value = self.reg(_reg_id(insn.op_str.split(",")[1].strip()))
             stored = self.model_checks.cr3_value(value)
@@ -736,6 +745,16 @@ class VCPU:
             value &= 0xFFFFFFFF
         self._shadow_cr_write(crn, value, address)
         self._finish_privileged(uc)
+
+    def _device_msr(self, handler, mnemonic):
+        """rdmsr / wrmsr of a device's MSR (from the run loop): EDX:EAX from or to its handler."""
+        rax, rdx = _reg_id("rax" if self.bits == 64 else "eax"), _reg_id("rdx" if self.bits == 64 else "edx")
+        if mnemonic == "rdmsr":
+            value = handler.read() & 0xFFFFFFFFFFFFFFFF
+            self.set_reg(rax, value & 0xFFFFFFFF)
+            self.set_reg(rdx, value >> 32)
+        else:
+            handler.write((self.reg(rdx) & 0xFFFFFFFF) << 32 | (self.reg(rax) & 0xFFFFFFFF))
 
     def _write_cr3(self, value, address):
         """mov to CR3 carried out by us (from the run loop): Unicorn's CR3 and, in shadow mode,
