@@ -107,11 +107,16 @@ class ModelChecks:
                 return None
             crn = int(dst[2:])
             value = v.reg_by_name(src)
-            if not self.wide:
+            if crn not in (0, 3, 4):
+                return None
+            code64 = self.wide and self._code64()
+            if not code64:
+                # outside 64-bit mode the operand is 32 bits (a 64-bit CPU decodes compatibility
+                # mode code as 64-bit: the register's upper half is not part of it)
                 value &= 0xFFFFFFFF
             if crn == 0:
                 reason = m.cr0_write_fault(v.reg(UC_X86_REG_CR0), value, v.reg(UC_X86_REG_CR4),
-                                           v.efer(), self._code64())
+                                           v.efer(), code64)
             elif crn == 3:
                 reason = m.cr3_write(value, v.reg(UC_X86_REG_CR4))[1]
             elif crn == 4:
