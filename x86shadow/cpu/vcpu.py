@@ -675,6 +675,8 @@ class VCPU:
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
+        if self.stop is not None:
+            return          # emulation is stopping before this instruction (exit port, event)
         if self._host_tick is not None:
             self._host_tick()
         insn = self._decode_at(address)
