@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with writes to write-protected guest page tables (default kvm)")
     _add_unsync(r)
     r.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM in MiB (default 128)")
+    r.add_argument("--cpu", default="haswell", metavar="MODEL[,+FLAG,-FLAG...]",
+                   help="CPU model as QEMU's -cpu: haswell (default), qemu64, skylake-server, "
+                        "max, ... with +pcid, -nx, phys-bits=N ... (docs/CPU_MODEL.md)")
     r.add_argument("--stats-json", metavar="PATH", help="write the final counters as one JSON object")
     r.add_argument("--trace", metavar="PATH", help="write one JSON object per MMU/exit event")
     _add_trace_format(r)                    # --trace-format jsonl|perfetto, --trace-clock
@@ -322,6 +325,11 @@ def cmd_run(args) -> int:
     if args.stats_interval is not None and not args.stats_interval > 0:
         raise UsageError("--stats-interval must be more than 0 seconds")
     try:
+        from .cpu.model import make_model
+        args.cpu = make_model(args.cpu, 64 if args.mode == "64" else 32, args.mmu)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
         check_ram(args.mode, args.ram)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -356,7 +364,7 @@ def cmd_run(args) -> int:
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
-                        unsync=_unsync_arg(args), host=host)
+                        unsync=_unsync_arg(args), host=host, cpu=args.cpu)
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None

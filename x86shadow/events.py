@@ -35,11 +35,14 @@ MMU_NOTIFIER = "x86shadow_mmu_notifier"  # notifier: the mm called KVM's notifie
 HOST_UNMAP_HVA = "kvm_unmap_hva_range"  # KVM zapped the sptes of an hva range
 HOST_AGE_HVA = "kvm_age_hva"           # KVM aged an hva range (young: the answer)
 PF_RETRY = "x86shadow_pf_retry"        # a fault raced an invalidation: nothing installed
+X86SHADOW_CPU_FAULT = "x86shadow_cpu_fault"  # insn, vector, reason: the CPU model's rule made
+                                       # an instruction fault (cpu_model.py, docs/CPU_MODEL.md)
+X86SHADOW_CPU_EMULATE = "x86shadow_cpu_emulate"  # insn: the CPU model carried it out itself
 TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT,
                          GET_PAGE, PREPARE_ZAP, UNSYNC_PAGE, SYNC_PAGE, INJ_EXCEPTION,
                          WRITE_PROTECT_FAULT, POLICY, UNPROTECT, INVLPG, NEW_ROOT, RELOAD_PDPTES,
                          TRACE_MARKER, HOST_OP, MMU_NOTIFIER, HOST_UNMAP_HVA, HOST_AGE_HVA,
-                         PF_RETRY})
+                         PF_RETRY, X86SHADOW_CPU_FAULT, X86SHADOW_CPU_EMULATE})
 
 # observer kinds (in-process only)
 TLB_FILL = "tlb_fill"                  # va, access: the hardware walk ran (a TLB miss)

@@ -76,11 +76,12 @@ def check_ram(mode: str, ram_mib: int) -> None:
 
 class Machine:
     """``trace``: a subscriber ``fn(kind, fields)`` for every tracepoint event (e.g.
-    ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``."""
+    ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``. ``cpu``: the CPU
+    model, a ``--cpu`` string such as ``"qemu64,+pcid"`` (docs/CPU_MODEL.md; default haswell)."""
 
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
-                 host: HostConfig | None = None):
+                 host: HostConfig | None = None, cpu=None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
@@ -147,7 +148,8 @@ class Machine:
         self.vcpu = VCPU(mode, self.mem, vm_mmu=self.vm_mmu, counters=self.counters,
                          events=self.events, bus=self.ports, host_mem=self.host_phys,
                          host_tick=self.host_schedule.tick if self.host_schedule else None,
-                         host_rewritten=self.host.pages.rewritten if self.host else None)
+                         host_rewritten=self.host.pages.rewritten if self.host else None,
+                         cpu=cpu)
         self.program = None
         self.boot = None
 

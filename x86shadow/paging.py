@@ -11,6 +11,10 @@ Facts about unicorn 2.1.4's CPU, established by probing:
 
 - CPUID 0x80000008: EAX = 0x3028 -> MAXPHYADDR = 40 (QEMU's ``TCG_PHYS_ADDR_BITS``; the walker's
   reserved-bit mask ``PG_HI_RSVD_MASK`` is compiled from that constant, not read from CPUID).
+  Our walker takes MAXPHYADDR from the context (``PagingContext.maxphyaddr``, the CPU model's:
+  ``--cpu ...,phys-bits=N``, shadow MMU only): bits 51:MAXPHYADDR of an entry's address are
+  reserved, as KVM's ``rsvd_bits(maxphyaddr, 51)`` in ``reset_rsvds_bits_mask``
+  (arch/x86/kvm/mmu/mmu.c, Linux 6.18) and SDM vol. 3A 4.4.2/4.5.4 say.
 - CPUID 0x80000001 EDX bit 26 (Page1GB) is clear, yet QEMU's walker accepts 1 GiB pages in every
   long-mode PDPTE with PS=1 (it never consults the CPUID bit).  We do the same.
 - CPUID 1 EDX: PSE, PAE, PSE-36 present; CPUID 7 EBX: SMEP present, SMAP absent (unicorn drops
@@ -48,6 +52,7 @@ __all__ = [
     "MAXPHYADDR", "HAS_1G_PAGES", "ADDR_MASK",
     "Mode", "PagingContext", "PdpteError", "Walk",
     "load_pdptes", "walk", "entry_frame", "pte_size", "index_bits", "levels", "rsvd_mask",
+    "pse36_rsvd_mask",
     "pdpte_rsvd_mask", "va_mask",
 ]
 
@@ -74,7 +79,6 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 _HI_USER = 0x7FF0000000000000       # bits 62:52 (QEMU PG_HI_USER_MASK)
 _LOW_2M = 0x1FE000                  # bits 20:13: must be 0 in a 2 MiB leaf (bit 12 is PAT)
 _LOW_1G = 0x3FFFE000                # bits 29:13: must be 0 in a 1 GiB leaf
-_PSE36_RSVD = 1 << 21               # the one reserved bit QEMU checks in a 4 MiB PSE-36 PDE
 _PSE36_HI = 0x1FE000                # bits 20:13 of a 4 MiB PDE = physical address bits 39:32
 _PDPTE_INTEL_RSVD_LOW = 0x1E6       # bits 8:5 and 2:1 of a PAE PDPTE (Intel; QEMU ignores them)
 
@@ -99,6 +103,14 @@ def _hi_rsvd(maxphyaddr: int) -> int:
     return ADDR_MASK & ~((1 << maxphyaddr) - 1)
 
 
+def pse36_rsvd_mask(maxphyaddr: int = MAXPHYADDR) -> int:
+    """Reserved bits of a 4 MiB PSE-36 PDE: bit 21 and bits 20:(MAXPHYADDR-19) (SDM vol. 3A
+    4.3, table 4-4; address bits 39:32 sit in PDE bits 20:13). With MAXPHYADDR 40 (QEMU's) that
+    is bit 21 alone, the one bit QEMU checks."""
+    low = min(maxphyaddr, 40) - 19
+    return ((1 << 22) - 1) & ~((1 << low) - 1)
+
+
 def rsvd_mask(mode: Mode, level: int, nxe: bool, large: bool = False, maxphyaddr: int = MAXPHYADDR) -> int:
     """Reserved bits of a present entry at ``level`` as QEMU checks them (a set bit -> #PF RSVD|P).
 
@@ -106,7 +118,7 @@ def rsvd_mask(mode: Mode, level: int, nxe: bool, large: bool = False, maxphyaddr
     LEGACY 4 KiB ptes and PDEs have no reserved bits; PAE PDPTEs: see :func:`pdpte_rsvd_mask`.
     """
     if mode == Mode.LEGACY:
-        return _PSE36_RSVD if (level == 2 and large) else 0
+        return pse36_rsvd_mask(maxphyaddr) if (level == 2 and large) else 0
     if mode == Mode.PAE and level == 3:
         return pdpte_rsvd_mask(maxphyaddr)
     m = _hi_rsvd(maxphyaddr)
@@ -163,7 +175,8 @@ class PagingContext:
     def __post_init__(self):
         mode = self.mode
         if mode == Mode.LEGACY or mode == Mode.OFF:
-            rsvd = rsvd4 = 0        # (the 4 MiB PDE's bit 21 is handled in the walker)
+            rsvd4 = 0               # LEGACY: rsvd is the 4 MiB PDE's (4 KiB entries have none)
+            rsvd = pse36_rsvd_mask(self.maxphyaddr)
         else:
             rsvd = rsvd_mask(mode, 1, self.nxe, maxphyaddr=self.maxphyaddr)
             rsvd4 = rsvd_mask(Mode.LONG, 4, self.nxe, maxphyaddr=self.maxphyaddr)
@@ -175,8 +188,10 @@ class PagingContext:
             raise ValueError("pdptes must hold 4 entries (or be empty)")
 
     @classmethod
-    def from_regs(cls, cr0: int, cr3: int, cr4: int, efer: int, pdptes=()) -> "PagingContext":
-        """Mode from CR0.PG, CR4.PAE, EFER.LMA (as QEMU decides it)."""
+    def from_regs(cls, cr0: int, cr3: int, cr4: int, efer: int, pdptes=(), *,
+                  maxphyaddr: int = MAXPHYADDR) -> "PagingContext":
+        """Mode from CR0.PG, CR4.PAE, EFER.LMA (as QEMU decides it); ``maxphyaddr``: the CPU
+        model's (CPUID 0x80000008 EAX[7:0]), which places the reserved address bits."""
         lma = bool(efer & _EFER_LMA)
         if not cr0 & _CR0_PG:
             mode = Mode.OFF
@@ -188,7 +203,8 @@ class PagingContext:
             mode = Mode.PAE
         return cls(mode, cr3, wp=bool(cr0 & _CR0_WP), pse=bool(cr4 & _CR4_PSE),
                    smep=bool(cr4 & _CR4_SMEP), smap=bool(cr4 & _CR4_SMAP), nxe=bool(efer & _EFER_NXE),
-                   pdptes=tuple(pdptes) if mode == Mode.PAE else (), lma=lma)
+                   pdptes=tuple(pdptes) if mode == Mode.PAE else (), maxphyaddr=maxphyaddr,
+                   lma=lma)
 
     @property
     def root_level(self) -> int:
@@ -408,7 +424,7 @@ def _walk_legacy(mem, ctx, va, access, set_ad):
     if pde & PTE_PS and ctx.pse:
         # 4 MiB page, PSE-36: PDE bits 20:13 are physical address bits 39:32.  QEMU checks only
         # bit 21 (Intel: bits 21 and 20:(MAXPHYADDR-19); with MAXPHYADDR 40 that is just bit 21).
-        if pde & _PSE36_RSVD:
+        if pde & ctx._m[0]:
             return _fault(w, 2, err | PFERR_RSVD | PFERR_P, 6, 0, 6, 0)
         level = 2
         rights = pde

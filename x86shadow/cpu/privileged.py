@@ -1,8 +1,11 @@
-"""Precise interception of the privileged instructions the MMU must see.
+"""Precise interception of the privileged instructions the MMU and the CPU model must see.
 
-Unicorn has no hook for ``mov crN``, ``invlpg`` or ``wrmsr``. We find them ourselves: whenever a code
-page is filled for execution, its bytes are scanned for the opcode patterns (``0F 22`` mov to CR,
-``0F 01 /7`` invlpg, ``0F 30`` wrmsr), and a one-address ``UC_HOOK_CODE`` is placed on every possible
+Unicorn has no hook for ``mov crN``, ``invlpg``, ``wrmsr`` or ``rdmsr`` (its RDMSR/WRMSR
+instruction hooks are refused in 2.1.4). We find them ourselves: whenever a code page is first
+executed (shadow mode: filled for execution; native mode: its first fetch, see
+``VCPU._exec_page``), its bytes are scanned for the opcode patterns (``0F 22`` mov to CR,
+``0F 01 /7`` invlpg, ``0F 30`` wrmsr, ``0F 32`` rdmsr, ``0F 01 CA/CB`` clac/stac), and a
+one-address ``UC_HOOK_CODE`` is placed on every possible
 instruction start (the pattern, or the pattern preceded by legal prefix bytes). A hook on an address
 that turns out not to start such an instruction just returns. Code pages are re-scanned when their
 bytes change, so self-modifying or freshly loaded code is covered.
@@ -19,8 +22,13 @@ from unicorn import UC_HOOK_CODE
 # prefixes that may precede the 0F escape: operand/address size, segment, lock/rep, REX (64-bit)
 _PREFIX32 = frozenset(b"\x66\x67\xF2\xF3\x2E\x36\x3E\x26\x64\x65\xF0")
 _PREFIX64 = _PREFIX32 | frozenset(range(0x40, 0x50))
-# 0F 22 (mov cr, r); 0F 01 with modrm.reg = 7 and mod != 3 (invlpg m); 0F 30 (wrmsr)
-_PATTERN = re.compile(rb"\x0F(?:\x22|\x30|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF])", re.DOTALL)
+# 0F 22 (mov cr, r); 0F 01 with modrm.reg = 7 and mod != 3 (invlpg m); 0F 30 (wrmsr);
+# 0F 32 (rdmsr); 0F 01 CA / CB (clac / stac)
+_PATTERN = re.compile(rb"\x0F(?:\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])",
+                      re.DOTALL)
+# the mnemonics (capstone's) the hooks act on; any other instruction found at a hooked address
+# just runs
+INTERCEPTED = frozenset({"mov", "invlpg", "wrmsr", "rdmsr", "stac", "clac"})
 
 
 def candidate_offsets(page: bytes, bits: int):

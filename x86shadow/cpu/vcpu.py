@@ -18,9 +18,12 @@ from __future__ import annotations
 import ctypes
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
-                     UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
+                     UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT, UC_HOOK_MEM_UNMAPPED,
+                     UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
                      UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
-                     UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
+                     UC_PROT_ALL, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
+                     UcError)
+import unicorn.x86_const as _xc
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
@@ -38,7 +41,7 @@ from .. import paging as pg
 from ..devices.bus import StopRequest
 from ..exits import (REASON_CR, REASON_HLT, REASON_INVLPG, REASON_IO, REASON_MSR_WRITE, Exit,
                      ExitKind, count_exit)
-from ..faults import VEC_PF, VEC_UD, GuestCrash
+from ..faults import VEC_PF, VEC_UD, Fault, GuestCrash
 from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
                              read_guest_virt, walk_translate)
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
@@ -46,7 +49,8 @@ from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
 from .delivery import Delivery
-from .privileged import Interceptor
+from .model import ModelChecks, make_model
+from .privileged import INTERCEPTED, Interceptor
 
 EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
@@ -95,11 +99,13 @@ class VCPU:
     mean "unhandled exception" (the firmware's)."""
 
     def __init__(self, mode: str, mem, *, vm_mmu=None, counters: dict, events, bus,
-                 crash_gates=frozenset(), host_mem=None, host_tick=None, host_rewritten=None):
+                 crash_gates=frozenset(), host_mem=None, host_tick=None, host_rewritten=None,
+                 cpu=None):
         """``mem``: guest-physical memory; ``host_mem``: the host memory Unicorn maps as its
         physical space (``mem`` itself unless a host memory manager is under the guest; then
         ``host_tick`` runs the host's due operations where the TLB can be flushed and
-        ``host_rewritten`` holds the host pages whose contents the host replaced)."""
+        ``host_rewritten`` holds the host pages whose contents the host replaced). ``cpu``: the
+        CPU model (a --cpu string, cpu_model.CpuSpec or CpuModel; None: the default)."""
         self.mode = mode
         self.bits = 64 if mode == "64" else 32
         self.mem = mem
@@ -112,6 +118,9 @@ class VCPU:
         self.events = events
         self.bus = bus
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64 if self.bits == 64 else UC_MODE_32)
+        self.cpu_model = make_model(cpu, self.bits, "shadow" if self.shadow else "native")
+        uc.ctl_set_cpu_model(getattr(_xc, "UC_CPU_X86_" + self.cpu_model.uc_model))
+        self.maxphyaddr = self.cpu_model.maxphyaddr
         self._h = uc._uch
         self._rv = ctypes.c_uint64()
         self._rvp = ctypes.byref(self._rv)
@@ -119,7 +128,11 @@ class VCPU:
         self._wvp = ctypes.byref(self._wv)
         self._mmr = _Mmr()
         self._mmrp = ctypes.byref(self._mmr)
-        uc.mem_map_ptr(0, host_mem.size, UC_PROT_ALL, host_mem.address)
+        # native mode: RAM is not executable until a page is first executed (_exec_page scans
+        # it for privileged instructions then); shadow mode: the fill hook sets the rights
+        uc.mem_map_ptr(0, host_mem.size, UC_PROT_ALL if self.shadow else UC_PROT_READ | UC_PROT_WRITE,
+                       host_mem.address)
+        self.exec_page = None            # native: the virtual address of a first fetch from a page
         self.mmu = None
         self.stop = None                 # why emu_start stopped: ("exit", status), ("crash", GuestCrash),
                                          # ("event", ...) to deliver, ("reexec", rip)
@@ -155,6 +168,8 @@ class VCPU:
         else:
             uc.ctl_set_tlb_mode(UC_TLB_CPU)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native, None, mem.size, (1 << 52) - 1)
+            uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._fetch_prot)
+            self.interceptor = Interceptor(uc, self.bits, self._privileged)
         uc.hook_add(UC_HOOK_INTR, self._intr)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
@@ -169,6 +184,10 @@ class VCPU:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
         self.delivery = Delivery(self, crash_gates)
+        # MSRs a device implements (index -> object with read() -> int and write(value)); the
+        # CPU model's MSR rules leave them to it, rdmsr/wrmsr of them are carried out here
+        self.msr_handlers = {}
+        self.model_checks = ModelChecks(self, self.cpu_model)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
         self.insns = 0                   # guest instructions counted so far (with max_insns)
 
@@ -267,14 +286,15 @@ class VCPU:
         pdptes = ()
         if cache_pdptes and cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LME:
             # Unicorn never #GPs on reserved PDPTE bits (the walk #PFs with RSVD): match it
-            pdptes = pg.load_pdptes(self.mem, cr3, strict=False)
+            pdptes = pg.load_pdptes(self.mem, cr3, strict=False, maxphyaddr=self.maxphyaddr)
         # contexts are immutable: reuse them (a CR3 switch between a few processes is common)
         key = (cr0 & _CR0_PAGING, cr3, cr4 & _CR4_PAGING, efer & _EFER_PAGING, pdptes)
         ctx = self._contexts.get(key)
         if ctx is None:
             if len(self._contexts) > 4096:
                 self._contexts.clear()
-            ctx = self._contexts[key] = pg.PagingContext.from_regs(*key)
+            ctx = self._contexts[key] = pg.PagingContext.from_regs(*key,
+                                                                   maxphyaddr=self.maxphyaddr)
         return ctx
 
     # ------------------------------------------------------------------ guest virtual memory
@@ -438,6 +458,54 @@ class VCPU:
         elif pf is None or pf[0] != "nomem":
             self.pending_fault = ("nomem", None, addr)
         return False
+
+    def _fetch_prot(self, uc, acc, addr, size, value, _ud):
+        """Native mode: the first fetch from a guest page (RAM is mapped without execute right
+        until then). Unicorn reports the guest-physical address (measured). Refused: the run loop
+        scans the page (_exec_page) and restarts there; the fetch happens while QEMU translates,
+        so nothing of the block has run."""
+        self.exec_page = addr
+        return False
+
+    def _exec_page(self, gpa):
+        """Native mode: make the guest-physical page at ``gpa`` executable and scan it for the
+        privileged instructions the CPU model checks (cpu/privileged.py), hooked at the virtual
+        page the fetch came through: RIP's page or, for a block running into the next page, the
+        one after. A page is scanned at its first execution only: code stored into it later, or
+        the page run through a second virtual address, is not scanned again (docs/CPU_MODEL.md;
+        the shadow MMU re-scans both)."""
+        gpa &= ~0xFFF
+        ctx = self.paging_context()
+        rip = self.rip() & ~0xFFF
+        va = None
+        for cand in (rip, rip + 0x1000):
+            w = pg.walk(self.mem, ctx, cand, 0, set_ad=False)
+            if w.ok and w.gpa & ~0xFFF == gpa:
+                va = cand
+                break
+        if va is None:
+            raise MMUError(f"a first fetch from guest-physical {gpa:#x} that RIP {self.rip():#x} "
+                           "does not lead to")
+        self.uc.mem_protect(gpa, 0x1000, UC_PROT_ALL)
+        # the refused fetch leaves QEMU's exception-in-flight state set (measured: the next
+        # natively raised #PF became a #DF)
+        self.cpustate.clear_old_exception()
+        self.interceptor.on_exec_fill(va, gpa >> 12, self.host_mem.read(gpa, 0x1000))
+
+    def invpcid_flush(self, kind, address):
+        """What an emulated INVPCID invalidates (SDM vol. 2A INVPCID; Linux 6.18 x86.c
+        kvm_handle_invpcid): type 0 one address (as invlpg), types 1..3 everything the guest may
+        have cached -- under shadow paging KVM syncs the roots then (KVM_REQ_TLB_FLUSH_GUEST ->
+        kvm_vcpu_flush_tlb_guest -> kvm_mmu_sync_roots), which a context reload does here. There
+        is no PCID tagging, so a flush covers every PCID."""
+        if self.shadow:
+            if kind == 0:
+                self.mmu.invlpg(address)
+            else:
+                self._set_context()
+            self.mmu.other_exit()
+            self.service_requests()
+        self.flush_tlb()
 
     def _unmapped_native(self, uc, acc, addr, size, value, _ud):
         self.pending_fault = ("nomem", None, addr)
@@ -607,16 +675,44 @@ class VCPU:
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
+        if self.stop is not None:
+            return          # emulation is stopping before this instruction (exit port, event)
         if self._host_tick is not None:
             self._host_tick()
         insn = self._decode_at(address)
         if insn is None:
             return
         m = insn.mnemonic
-        if m not in ("mov", "invlpg", "wrmsr"):
+        if m not in INTERCEPTED:
             return
         if self.reg(UC_X86_REG_CS) & 3:
-            return                                    # the CPU raises #GP itself
+            return                                    # the CPU raises #GP / #UD itself
+        # the CPU model first: an instruction that faults on this model never reaches the MMU
+        # (emu_stop in this hook stops before the instruction: nothing of it is done)
+        fault = self.model_checks.before(insn)
+        if fault is not None:
+            vector, error_code, reason = fault
+            if self.events.tracing:
+                self.events.emit(ev.X86SHADOW_CPU_FAULT, insn=insn.text, vector=vector,
+                                 reason=reason)
+            self._event(uc, vector, error_code, rip=address)
+            return
+        if m in ("rdmsr", "wrmsr"):
+            handler = self.msr_handlers.get(self.reg(_reg_id("ecx")) & 0xFFFFFFFF)
+            if handler is not None:
+                self.stop = ("emulate", insn.next_ip, lambda: self._device_msr(handler, m))
+                uc.emu_stop()
+                return
+        if m == "mov" and insn.op_str.startswith("cr3"):
+            value = self.reg(_reg_id(insn.op_str.split(",")[1].strip()))
+            stored = self.model_checks.cr3_value(value)
+            if stored != value:
+                # CR4.PCIDE with the no-flush bit 63: Unicorn would store it; we do the write
+                self.stop = ("emulate", insn.next_ip, lambda: self._write_cr3(stored, address))
+                uc.emu_stop()
+                return
+        if not self.shadow:
+            return
         c = self.counters
         if m == "invlpg":
             va = self._operand_address(insn)
@@ -638,6 +734,8 @@ class VCPU:
                 self.mmu.request(REQ_TLB_FLUSH)       # QEMU does not flush on an NXE change
             self._finish_privileged(uc)
             return
+        if m != "mov":
+            return
         dst, src = [s.strip() for s in insn.op_str.split(",")]
         if not dst.startswith("cr"):
             return
@@ -647,6 +745,31 @@ class VCPU:
         value = self.reg(_reg_id(src))
         if self.bits == 32:
             value &= 0xFFFFFFFF
+        self._shadow_cr_write(crn, value, address)
+        self._finish_privileged(uc)
+
+    def _device_msr(self, handler, mnemonic):
+        """rdmsr / wrmsr of a device's MSR (from the run loop): EDX:EAX from or to its handler."""
+        rax, rdx = _reg_id("rax" if self.bits == 64 else "eax"), _reg_id("rdx" if self.bits == 64 else "edx")
+        if mnemonic == "rdmsr":
+            value = handler.read() & 0xFFFFFFFFFFFFFFFF
+            self.set_reg(rax, value & 0xFFFFFFFF)
+            self.set_reg(rdx, value >> 32)
+        else:
+            handler.write((self.reg(rdx) & 0xFFFFFFFF) << 32 | (self.reg(rax) & 0xFFFFFFFF))
+
+    def _write_cr3(self, value, address):
+        """mov to CR3 carried out by us (from the run loop): Unicorn's CR3 and, in shadow mode,
+        the MMU's context, as when the CPU executes it."""
+        self.set_reg(UC_X86_REG_CR3, value)
+        if self.shadow:
+            self._shadow_cr_write(3, value, address)      # counts the CPU's flush
+            self.service_requests()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)    # the flush the CPU's mov does
+
+    def _shadow_cr_write(self, crn, value, address):
+        """The shadow MMU's side of a mov to CR0/CR3/CR4 of ``value`` (before the CPU does it)."""
+        c = self.counters
         count_exit(c, self.events, REASON_CR, address, cr=crn, write=True)
         if self.events.tracing:
             self.events.emit(ev.KVM_CR, rw="write", cr=crn, value=value)
@@ -666,7 +789,6 @@ class VCPU:
         else:
             self._set_context(cr4=value)
             self._cr4 = None                          # re-read once the CPU has executed it
-        self._finish_privileged(uc)
 
     def _finish_privileged(self, uc):
         self.service_requests()
@@ -816,6 +938,7 @@ class VCPU:
             self.pending_fault = None
             self.retry_page = None
             self._byte_repeat = None
+            self.exec_page = None
             try:
                 if max_insns:
                     left = max_insns - self.insns
@@ -839,6 +962,10 @@ class VCPU:
                     # failed, so surface the real exception (our bug or an audit failure)
                     raise uc._hook_exception from None
                 err = e
+            if self.exec_page is not None and self.stop is None:
+                self._exec_page(self.exec_page)
+                pc = self.rip()
+                continue
             stop = self.stop
             if stop is not None and stop[0] == "exit":
                 self.pc = self.rip()
@@ -867,9 +994,34 @@ class VCPU:
                     return self._crash_exit(crash)
                 pc = self.rip()
                 continue
+            if stop is not None and stop[0] == "emulate":
+                # an instruction the CPU model carries out itself: done here, outside the hook
+                _, pc, action = stop
+                action()
+                uc.reg_write(self.R_IP, pc)
+                continue
             if stop is not None and stop[0] == "event":
                 _, vector, ec, soft, rip, cr2 = stop
                 uc.reg_write(self.R_IP, rip)
+                if vector == VEC_UD:
+                    # an instruction Unicorn lacks that the model has (invpcid): emulate it
+                    try:
+                        done = self.model_checks.emulate_ud(self._decode_at(rip))
+                    except Fault as f:
+                        done = (f.vector, f.error_code, "descriptor read faulted")
+                        cr2 = f.cr2
+                    if done == ():
+                        if self.events.tracing:
+                            self.events.emit(ev.X86SHADOW_CPU_EMULATE, rip=rip,
+                                             insn=self._decode_at(rip).text)
+                        pc = self._decode_at(rip).next_ip
+                        uc.reg_write(self.R_IP, pc)
+                        continue
+                    if done is not None:
+                        vector, ec = done[0], done[1]
+                        if self.events.tracing:
+                            self.events.emit(ev.X86SHADOW_CPU_FAULT, insn=self._decode_at(rip).text,
+                                             vector=vector, reason=done[2])
                 try:
                     self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft, return_rip=rip)
                 except GuestCrash as crash:
