@@ -238,6 +238,15 @@ def test_results_trace_memory_markers_and_guestcode(pytester):
             r = x86run(x86shadow_guestcode / "host_churn.asm", mode="64", host="swap:3")
             assert r.counters["host_swap_out"] > 0
 
+        def test_cpu_model(x86run, x86shadow_guestcode):
+            pcid = x86shadow_guestcode / "pcid.asm"
+            assert x86run(pcid, mode="64", cpu="qemu64,+pcid,+invpcid").serial.startswith(
+                "pcid invpcid")
+            assert not x86run(pcid, mode="64").serial.startswith("pcid")
+
+        def test_bad_cpu(x86run):
+            x86run("PASS", cpu="no-such-cpu")
+
         def test_bad_arguments(x86run):
             x86run("PASS", policy="nope")
 
@@ -246,8 +255,9 @@ def test_results_trace_memory_markers_and_guestcode(pytester):
     ''')
     pytester.makefile(".inc", helper='helper:\n    PRINT "helped\\n"\n    PASS\n    ret\n')
     r = pytester.runpytest()
-    r.assert_outcomes(passed=5, failed=2)
+    r.assert_outcomes(passed=6, failed=3)
     r.stdout.fnmatch_lines(["E       Failed: x86run: unknown policy 'nope' (choose from kvm, *"])
+    r.stdout.fnmatch_lines(["E       Failed: x86run: --cpu no-such-cpu: unknown CPU model *"])
     r.stdout.fnmatch_lines(["E       Failed: x86run: the program must be a path (str or "
                             "os.PathLike) or assembly source text, not int"])
 

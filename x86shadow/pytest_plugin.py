@@ -386,13 +386,13 @@ def x86run(request, x86cfg):
     """Assemble and run a guest program; see docs/PYTEST_PLUGIN.md.
 
     ``x86run(program_or_source, mode=None, mmu=None, policy=None, unsync=None, audit=True,
-    ram_mib=128, trace=False, host=None, max_insns=0, *, expect=0, symbols=None,
+    ram_mib=128, trace=False, host=None, max_insns=0, cpu=None, *, expect=0, symbols=None,
     include_dirs=())`` -> X86Result. mode / mmu / policy default to the test's x86cfg."""
     test_dir = str(request.path.parent) if getattr(request, "path", None) else None
 
     def run(program_or_source, mode=None, mmu=None, policy=None, unsync=None, audit=True,
-            ram_mib=128, trace=False, host=None, max_insns=0, *, expect=0, symbols=None,
-            include_dirs=()):
+            ram_mib=128, trace=False, host=None, max_insns=0, cpu=None, *, expect=0,
+            symbols=None, include_dirs=()):
         __tracebackhide__ = True
         from .asm import AsmError, assemble_firmware, assemble_program, program_modes
         from .machine import Machine, check_ram
@@ -438,7 +438,7 @@ def x86run(request, x86cfg):
         try:
             m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, audit=audit,
                         unsync=unsync if mmu == "shadow" else None, host=_host_config(host),
-                        trace=collect if trace else None)
+                        trace=collect if trace else None, cpu=cpu)
         except (ValueError, TypeError) as e:
             failure = f"x86run: {e}"
         if failure is not None:
