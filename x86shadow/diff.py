@@ -215,7 +215,7 @@ def _format_divergence(d: Divergence) -> list:
         lines.append("  shadow MMU's view (after):")
         lines.extend(f"    {v}" for v in d.shadow_view)
     if d.native_view:
-        lines.append("  Unicorn's own walker (uc_vmem_translate, after):")
+        lines.append("  Unicorn's own MMU (uc_vmem_translate: its TLB entry, else its walk; after):")
         lines.extend(f"    {v}" for v in d.native_view)
     return lines
 
@@ -294,13 +294,25 @@ def _status_text(side):
     return f"status {r.status} ({first})"
 
 
+def _reports(*sides):
+    """The crash / violation reports of the runs that ended with one, line by line."""
+    out = []
+    for name, side in zip(("native", "shadow"), sides):
+        if side.result is not None and side.result.report:
+            out.append(f"{name} run's report:")
+            out.extend("  " + line for line in side.result.report.splitlines())
+    return out
+
+
 def _compare(nat: _Side, sha: _Side):
     """(what, details, first differing gpa) of the first kind of difference, or None."""
     if (nat.result is None) != (sha.result is None) or nat.insns != sha.insns:
         return ("insns", [f"native: {_status_text(nat)} after {nat.insns} instructions; "
-                          f"shadow: {_status_text(sha)} after {sha.insns} instructions"], None)
+                          f"shadow: {_status_text(sha)} after {sha.insns} instructions"]
+                + _reports(nat, sha), None)
     if nat.result is not None and nat.result.status != sha.result.status:
-        return ("status", [f"native {_status_text(nat)}, shadow {_status_text(sha)}"], None)
+        return ("status", [f"native {_status_text(nat)}, shadow {_status_text(sha)}"]
+                + _reports(nat, sha), None)
     a, b = bytes(nat.m.output), bytes(sha.m.output)
     if a != b:
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
