@@ -214,3 +214,22 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_stop_keeps_what_was_compared():
+    """A signal (here requested as the second config starts) ends the diff with the configs
+    done so far and the interrupted one marked."""
+    from x86shadow import stopping
+
+    def progress(config):
+        if config == "kvm-2008":
+            stopping.request(stopping.Stop(130, "interrupted"))
+    try:
+        r = diff_program(str(GUEST / "hello.asm"), "pae", configs=["kvm", "kvm-2008", "xen"],
+                         check_every=1000, progress=progress)
+    finally:
+        stopping.take()
+    assert r.interrupted and r.stop.status == 130
+    assert [c.config for c in r.results] == ["kvm", "kvm-2008"]
+    assert r.results[0].finished and r.results[1].interrupted and not r.diverged
+    assert "kvm-2008: interrupted" in r.format() and r.to_json()["interrupted"]

@@ -114,6 +114,7 @@ class ConfigResult:
     finished: bool                # both guests ended (not stopped at max_insns)
     native_status: int | None = None
     shadow_status: int | None = None
+    interrupted: bool = False     # a signal stopped it: equal up to ``insns``, not further known
 
 
 @dataclass
@@ -145,7 +146,11 @@ class DiffReport:
                     if self.check_every else "compared at the end")
                  + f" (max {self.max_insns} instructions)"]
         for r in self.results:
-            if r.divergence is not None:
+            if r.interrupted:
+                lines.append(f"  {r.config}: interrupted; same as native up to instruction "
+                             f"{r.insns}" + ("" if self.check_every else
+                                             " (compared at the end only)"))
+            elif r.divergence is not None:
                 lines.append("  " + r.divergence.summary())
             else:
                 end = (f"status {r.native_status}" if r.finished
@@ -155,7 +160,7 @@ class DiffReport:
             lines.append("  interrupted: the configs after the last one listed were not run")
         first = self.first
         if first is None:
-            lines.append("no divergence")
+            lines.append("no divergence" + (" so far" if self.interrupted else ""))
             return "\n".join(lines)
         lines.append("")
         lines.extend(_format_divergence(first))
@@ -169,6 +174,7 @@ class DiffReport:
                 "first": None if first is None else asdict(first),
                 "configs": [{"config": r.config, "diverged": r.divergence is not None,
                              "insns": r.insns, "finished": r.finished,
+                             "interrupted": r.interrupted,
                              "native_status": r.native_status, "shadow_status": r.shadow_status,
                              "divergence": None if r.divergence is None
                              else asdict(r.divergence)} for r in self.results]}
@@ -508,8 +514,24 @@ def _describe(program, firmware, mode, config, n, ram_mib, audit, timeout) -> Di
     return d
 
 
+class _Interrupted(Exception):
+    def __init__(self, stop, partial):
+        super().__init__(str(stop))
+        self.stop, self.partial = stop, partial
+
+
 def _diff_config(program, firmware, mode, config, check_every, max_insns, ram_mib, audit,
                  timeout) -> ConfigResult:
+    lo = [0]
+    try:
+        return _lockstep(program, firmware, mode, config, check_every, max_insns, ram_mib,
+                         audit, timeout, lo)
+    except stopping.Stop as e:
+        raise _Interrupted(e, ConfigResult(config, None, lo[0], False, interrupted=True)) from None
+
+
+def _lockstep(program, firmware, mode, config, check_every, max_insns, ram_mib, audit, timeout,
+              equal_up_to) -> ConfigResult:
     nat, sha = _new_pair(program, firmware, mode, config, ram_mib, audit, timeout)
     step = check_every or max_insns
     lo = 0
@@ -524,7 +546,7 @@ def _diff_config(program, firmware, mode, config, check_every, max_insns, ram_mi
         ended = nat.result is not None
         if ended or target >= max_insns:
             return ConfigResult(config, None, nat.insns, ended, _status(nat), _status(sha))
-        lo = target
+        lo = equal_up_to[0] = target
 
 
 def _status(side):
@@ -595,7 +617,11 @@ def diff_program(program_or_source, mode, *, configs=None, check_every=None,
                 progress(config)
             report.results.append(_diff_config(program, firmware, mode, config, check_every,
                                                max_insns, ram_mib, audit, timeout))
-    except stopping.Stop as e:                        # Ctrl-C, SIGTERM: what is done so far
+    except _Interrupted as e:                         # Ctrl-C, SIGTERM: what is done so far
+        report.results.append(e.partial)
+        report.interrupted = True
+        report.stop = e.stop
+    except stopping.Stop as e:                        # (between two configs)
         report.interrupted = True
         report.stop = e
     return report
