@@ -51,7 +51,11 @@ def _plant_wrong_pfn(monkeypatch, gfn):
 
 @pytest.mark.parametrize("name,mode", [("hello.asm", "32"), ("ptwrites.asm", "pae"),
                                        ("fork_cow.asm", "64"), ("user_int80.asm", "pae"),
-                                       ("selfmap.asm", "64")])
+                                       ("selfmap.asm", "64"),
+                                       # a store through a clean large pte whose direct shadow
+                                       # page a dirty one built (vcpu_mmu._fetch: D was lost)
+                                       ("smc_stores.asm", "32"), ("smc_stores.asm", "pae"),
+                                       ("smc_stores.asm", "64")])
 def test_a_normal_guest_does_not_diverge(name, mode):
     path = str(GUEST / name)
     r = diff_program(path, mode, configs=["kvm", "kvm-2008", "xen-oos"], check_every=4000,

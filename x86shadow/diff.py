@@ -401,6 +401,11 @@ def _walk_record(m, va, access):
             "level": w.level, "entries": entries}
 
 
+def _acc(a):
+    return "".join(n for bit, n in ((pg.ACC_U, "U"), (pg.ACC_W, "W"), (pg.ACC_X, "X"))
+                   if a & bit) or "-"
+
+
 def _shadow_view(m, va):
     from .mmu.shadow_walk import shadow_leaf
     from .mmu.spte import SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_W
@@ -418,9 +423,9 @@ def _shadow_view(m, va):
     role = sp.role
     lines = [f"va {va:#x}: spte {spte:#018x} [{_bits(spte)}] -> host frame "
              f"{(spte & SPTE_FRAME) >> 12:#x} for gfn {_hex(gfn)}",
-             f"  in shadow page #{sp.id} (guest table gfn {sp.gfn:#x}, level {role.level}, "
-             f"{'direct' if role.direct else 'indirect'}{', unsync' if sp.unsync else ''}), "
-             f"entry {idx}"
+             f"  in shadow page #{sp.id} (gfn {sp.gfn:#x}, level {role.level}, "
+             f"{'direct: a guest large page' if role.direct else 'shadows a guest table'}, "
+             f"role access {_acc(role.access)}{', unsync' if sp.unsync else ''}), entry {idx}"
              + (f", built from guest pte {sp.gptes[idx]:#x}" if sp.gptes[idx] is not None else ""),
              f"  TLB entry a fill gets: perms {perms}"
              + (" through the read-only alias (frame write-tracked: stores trap)" if tracked
