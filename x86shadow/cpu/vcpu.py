@@ -391,6 +391,13 @@ class VCPU:
                 # skips the invalidation if that is refused -- found by guestcode/host_code's
                 # author: a second store into just-run code was lost)
                 perms &= ~PERM_X
+            elif state == _DATA:
+                # ... and that fetch translation gets no W: the store that flipped the page
+                # re-executes next and must fill again (to R|W); an R|W|X entry left here would
+                # take the page's next stores and code past the flip and the privileged-
+                # instruction scan (found when a TLB flush came inside that store's fill:
+                # tests/test_pitfalls.py, a mov cr3 written into executed code)
+                perms &= ~PERM_W
             entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
             return True
