@@ -7,6 +7,7 @@ import os
 import sys
 
 from .trace_perfetto import add_run_options as _add_trace_format, trace_writer as _trace_writer
+from .diff_cli import add_diff_parser
 from .trace_view import add_trace_parser
 
 EXIT_BAD_INPUT = 2
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
     add_trace_parser(sub)                   # x86shadow trace show (x86shadow/trace_view.py)
+    add_diff_parser(sub)                    # x86shadow diff (x86shadow/diff_cli.py)
     return p
 
 
@@ -314,10 +316,28 @@ def _quiet_stdout():
         pass
 
 
+def load_program(args):
+    """(program, firmware) of PROGRAM for ``args.mode`` and ``args.ram`` (run, diff); bad input
+    is a UsageError."""
+    from .asm import AsmError, assemble_firmware, assemble_program
+    _check_program_path(args.program)
+    try:
+        for d in args.include:
+            if not os.path.isdir(d):
+                raise UsageError(f"-I {d!r}: no such directory")
+        program = assemble_program(args.program, args.mode, args.ram << 20,
+                                   include_dirs=args.include)
+        firmware = assemble_firmware(args.mode, args.ram << 20)
+    except AsmError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+    return program, firmware
+
+
 def cmd_run(args) -> int:
     from . import stopping
     from .outputs import OutputError, open_output
-    from .asm import AsmError, assemble_firmware, assemble_program
     from .machine import Machine, check_ram
 
     if args.max_insns is not None and args.max_insns < 1:
@@ -333,23 +353,12 @@ def cmd_run(args) -> int:
         check_ram(args.mode, args.ram)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    _check_program_path(args.program)
     try:
         trace_writer = _trace_writer(args)      # --trace-format, --trace-clock
     except ValueError as e:
         raise UsageError(str(e)) from None
     host = _host_config(args)
-    try:
-        for d in args.include:
-            if not os.path.isdir(d):
-                raise UsageError(f"-I {d!r}: no such directory")
-        program = assemble_program(args.program, args.mode, args.ram << 20,
-                                   include_dirs=args.include)
-        firmware = assemble_firmware(args.mode, args.ram << 20)
-    except AsmError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+    program, firmware = load_program(args)
     try:
         stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
         trace = (_TraceSink(open_output(args.trace, "trace"), args.trace, trace_writer)

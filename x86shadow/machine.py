@@ -213,10 +213,14 @@ class Machine:
         self.vcpu.delivery.crash_gates = self.boot.crash_gates
         self.program = program
 
-    def run(self, max_insns: int = 0) -> RunResult:
+    def run(self, max_insns: int = 0, *, resume: bool = False) -> RunResult:
+        """Boot and run the guest. ``max_insns``: stop after that many instructions retired
+        (how "runaway"); ``resume``: go on from where such a stop left the guest instead of
+        booting (with a bigger ``max_insns``: it counts from the boot)."""
         if self.boot is None:
             raise ValueError("nothing loaded: call load() first")
-        self.vcpu.load_boot_state(self.boot.state)
+        if not resume:
+            self.vcpu.load_boot_state(self.boot.state)
         try:
             ex = self.vcpu.run_once(max_insns)
             if self.host is not None:

@@ -148,6 +148,7 @@ class VCPU:
         self._contexts = {}              # paging-relevant register bits -> PagingContext
         self._rmw_read = self._current_insn_is_rmw
         self._byte_repeat = None         # (next gpa, end, rip, tail): byte repeats of a store
+        self._retry_counted = False      # retry_page was set by a data access (counted)
         self._stop_request = None        # request_stop(): why run_once() must return
         self._counting = None            # uc_struct offset of the counter while counting
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
@@ -189,7 +190,8 @@ class VCPU:
         self.msr_handlers = {}
         self.model_checks = ModelChecks(self, self.cpu_model)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
-        self.insns = 0                   # guest instructions counted so far (with max_insns)
+        self.insns = 0                   # guest instructions retired so far (with max_insns)
+        self.restarts = 0                # of the counted ones, started again (not retired)
 
     # ------------------------------------------------------------------ boot
     def load_boot_state(self, state) -> None:
@@ -381,6 +383,7 @@ class VCPU:
                 self._rewritten.discard(gfn)
                 if state != _DATA and not self.invalidating:
                     self.retry_page = va
+                    self._retry_counted = acc != UC_MEM_FETCH
                     return False
             if acc == UC_MEM_FETCH:
                 if state == _DATA and not self.invalidating:
@@ -388,12 +391,14 @@ class VCPU:
                     state = _CODE
                 if self.interceptor.on_exec_fill(va, gfn, self.host_mem.read(hpa, 4096)):
                     self.retry_page = va
+                    self._retry_counted = False       # a fetch: the block never ran
                     return False
             elif acc == UC_MEM_WRITE and state == _CODE:
                 # a store to a page we run code from: its translations must go first (Unicorn
                 # does not notice stores through non-executable TLB entries)
                 self._flip(gfn, _DATA)
                 self.retry_page = va
+                self._retry_counted = True            # the storing instruction was counted
                 return False
             # Code pages R|X, data pages R|W: stores through an executable TLB entry take QEMU's
             # slow path (UNICORN.md: 6-10x), so a page is executable only while it holds code.
@@ -406,6 +411,13 @@ class VCPU:
                 # skips the invalidation if that is refused -- found by guestcode/host_code's
                 # author: a second store into just-run code was lost)
                 perms &= ~PERM_X
+            elif state == _DATA:
+                # ... and that fetch translation gets no W: the store that flipped the page
+                # re-executes next and must fill again (to R|W); an R|W|X entry left here would
+                # take the page's next stores and code past the flip and the privileged-
+                # instruction scan (found when a TLB flush came inside that store's fill:
+                # tests/test_pitfalls.py, a mov cr3 written into executed code)
+                perms &= ~PERM_W
             entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
             return True
@@ -927,11 +939,17 @@ class VCPU:
         uc = self.uc
         counter_off = probe_insn_counter_offset() if max_insns else None
         self._observe_fills = self.events.wants(ev.TLB_FILL)
+        count_stopped = False
         while True:
             if self._stop_request is not None:
                 reason, self._stop_request = self._stop_request, None
                 self.pc = pc
                 return Exit(ExitKind.INTERRUPTED, crash=GuestCrash(reason, rip=pc))
+            if max_insns and self.insns >= max_insns:
+                # the budget is used up (e.g. by the instruction that faulted): count=0 would
+                # mean "no limit". The run can go on from pc with a bigger max_insns
+                self.pc = pc
+                return self._runaway(max_insns, pc)
             if self._host_tick is not None:
                 self._host_tick()
             self.stop = None
@@ -949,7 +967,12 @@ class VCPU:
                         uc.emu_start(pc, 0, count=left)
                     finally:
                         self._counting = None
-                        self.insns += min(read_insn_counter(uc, counter_off), left)
+                        counted = read_insn_counter(uc, counter_off)
+                        # Unicorn counts an instruction before it runs and stops before the
+                        # one past the limit, which it has counted too (left + 1): a hlt that
+                        # is the last instruction allowed stops at exactly left
+                        count_stopped = counted > left
+                        self.insns += min(counted, left)
                         self.counters["guest_insns"] = self.insns
                 else:
                     if self.events.tracing:
@@ -971,6 +994,8 @@ class VCPU:
                 self.pc = self.rip()
                 return Exit(ExitKind.SYSTEM_EVENT, status=stop[1])
             if self.retry_page is not None:
+                if max_insns and self._retry_counted:
+                    self._restarted()
                 self.invalidating = True
                 try:
                     uc.ctl_remove_cache(self.retry_page, self.retry_page + 0x1000)
@@ -1031,6 +1056,8 @@ class VCPU:
                 pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":
+                if max_insns:
+                    self._restarted()
                 self.service_requests()
                 pc = stop[1]
                 uc.reg_write(self.R_IP, pc)
@@ -1042,9 +1069,9 @@ class VCPU:
             if self._stop_request is not None:
                 pc = rip                              # emu_stop() from request_stop()
                 continue
-            if max_insns and self.insns >= max_insns:
-                return Exit(ExitKind.RUNAWAY, crash=GuestCrash(
-                    f"runaway: still running after --max-insns {max_insns} instructions", rip=rip))
+            if max_insns and self.insns >= max_insns and count_stopped:
+                self.pc = rip                         # run_once(bigger max_insns) goes on here
+                return self._runaway(max_insns, rip)
             # emu_start returned by itself: hlt
             self.counters["halt_exits"] += 1
             count_exit(self.counters, self.events, REASON_HLT, rip)
@@ -1054,6 +1081,19 @@ class VCPU:
                     "wait forever", rip=rip))
             self.pc = rip
             return Exit(ExitKind.HLT)
+
+    def _restarted(self):
+        """The instruction Unicorn counted was refused and is started again: it has not
+        retired, so ``insns`` counts instructions retired, the same under both MMUs (the native
+        MMU restarts nothing; x86shadow diff compares the two at equal counts)."""
+        self.insns -= 1
+        self.restarts += 1
+        self.counters["guest_insns"] = self.insns
+
+    @staticmethod
+    def _runaway(max_insns, rip) -> Exit:
+        return Exit(ExitKind.RUNAWAY, crash=GuestCrash(
+            f"runaway: still running after --max-insns {max_insns} instructions", rip=rip))
 
     @staticmethod
     def _crash_exit(crash) -> Exit:

@@ -419,12 +419,25 @@ class VcpuMmu:
             if level == 1:
                 break
             child = node.children[idx]
+            if level - 1 < glevel:
+                # A guest large page: a direct shadow page of 4 KiB sptes, whose role has no W
+                # while the guest's large pte is clean (2.6.25 paging_tmpl.h FNAME(fetch):
+                # "if (!is_dirty_pte(walker->ptes[level - 1])) access &= ~ACC_WRITE_MASK";
+                # Linux 6.x: FNAME(walk_addr_generic)'s protect_clean_gpte on a read fault,
+                # direct_access = gw->pte_access). A direct page of the other access is
+                # unlinked (mmu.c validate_direct_spte, Linux 3.x-6.x): without both, a
+                # writable spte built under a dirty pte is reused under a clean one, and a
+                # store never sets the guest's D bit (found by x86shadow diff,
+                # guestcode/smc_stores.asm)
+                direct_access = w.pte_access if w.dirty else w.pte_access & ~pg.ACC_W
+                if child is not None and child.role.access != direct_access:
+                    vm.drop_spte(node, idx)           # (requests the TLB flush)
+                    child = None
             if child is None:
                 if level - 1 < glevel:
-                    # guest large page: a direct shadow page of 4 KiB sptes
                     span = 1 << (9 * (level - 1))
                     gfn = (w.gpa >> 12) & ~(span - 1)
-                    child = vm.get_page(self.ctx, gfn, va, level - 1, True, w.pte_access, self)
+                    child = vm.get_page(self.ctx, gfn, va, level - 1, True, direct_access, self)
                 else:
                     gl = level        # the guest entry at this level points to the table we shadow
                     for L in range(w.root_level, gl - 1, -1):   # rights of the entries above it
