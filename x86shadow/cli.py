@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-insns", type=int, default=None, metavar="N",
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
+    r.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
+                   help="serve gdb's remote protocol there (`target remote HOST:PORT`; host "
+                        "default 127.0.0.1, port 0 picks a free one): docs/GDB.md")
+    r.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: wait for gdb before the first instruction")
     _add_host(r)
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
@@ -356,6 +361,18 @@ def cmd_run(args) -> int:
                  if args.trace else None)
     except OutputError as e:
         raise UsageError(str(e)) from None
+    if args.gdb_wait and args.gdb is None:
+        raise UsageError("--gdb-wait needs --gdb [HOST:]PORT")
+    gdb = None
+    if args.gdb is not None:
+        from .gdb_session import GdbSession
+        try:
+            gdb = GdbSession(args.gdb, args.gdb_wait)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        sys.stderr.write(f"x86shadow: gdb: listening on {gdb.address}"
+                         f"{' (waiting for gdb before the first instruction)' if args.gdb_wait else ''}\n")
+        sys.stderr.flush()
     serial = _Serial(sys.stdout.buffer)
     m = None
     stop = None
@@ -375,13 +392,15 @@ def cmd_run(args) -> int:
                              host=m.host is not None)
             live.start()
         try:
-            result = m.run(args.max_insns or 0)
+            result = m.run(args.max_insns or 0, drive=gdb.drive(m) if gdb else None)
         except stopping.Stop as e:
             stop = e
         finally:
             if live is not None:
                 live.stop()
     finally:
+        if gdb is not None:
+            gdb.close()
         if trace is not None:
             trace.close()
         if stats_fp is not None and m is not None:
