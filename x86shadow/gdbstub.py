@@ -191,7 +191,6 @@ def target_xml(bits: int, regs=None) -> str:
            # a bare machine, not a Linux process: without this a gdb built for Linux assumes
            # GNU/Linux and its i386 Linux ABI rejects the description (no orig_eax)
            "<osabi>none</osabi>"]
-    regnum = 0
     for feature in (_CORE, _SSE, _SEGMENTS, _SYS):
         out.append(f'<feature name="{feature}">')
         if feature == _CORE:
@@ -217,7 +216,6 @@ def target_xml(bits: int, regs=None) -> str:
             group = f' group="{r.group}"' if r.group else ""
             out.append(f'  <reg name="{r.name}" bitsize="{r.bits}" type="{r.type}" '
                        f'regnum="{i}"{group}/>')
-            regnum += 1
         out.append("</feature>")
     out.append("</target>")
     return "\n".join(out) + "\n"
@@ -307,7 +305,6 @@ class GdbStub:
         self.last_stop = Stop(SIGTRAP)
         self.log = log
         self.regs = target.registers
-        self.by_name = {r.name: i for i, r in enumerate(self.regs)}
         self._xml = target_xml(target.bits, self.regs).encode()
 
     # -- transport
@@ -437,8 +434,7 @@ class GdbStub:
             self.send(b"OK")
         elif c in (b"c", b"s", b"C", b"S"):
             if c in (b"c", b"s") and len(pkt) > 1:
-                t.write_register(self.regs[self.by_name["rip" if t.bits == 64 else "eip"]].name,
-                                 int(pkt[1:], 16))
+                t.write_register("rip" if t.bits == 64 else "eip", int(pkt[1:], 16))
             return self._resume(step=c in (b"s", b"S"))
         elif pkt.startswith(b"vCont;"):
             action = pkt[6:].split(b";")[0].split(b":")[0]
