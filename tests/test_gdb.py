@@ -368,3 +368,71 @@ def test_interrupt_from_gdb_stops_a_running_guest(tmp_path):
     guest.p.terminate()
     status, _out, _err = guest.finish()
     assert status == 143
+
+
+@needs_gdb
+def test_gdb_hardware_breakpoint_and_crash_stop(tmp_path, guest_file):
+    """hbreak (Z1) stops as break does; a guest crash stops with SIGSEGV at the crashing
+    instruction, and continuing ends the run with the crash report (status 4)."""
+    cp = _checkpoint(guest_file, "32")
+    crash = tmp_path / "crash.asm"
+    crash.write_text(GUEST.replace("    mov eax, 0x600dbeef\n", "    mov eax, 0x600dbeef\n    ud2\n"))
+    guest = Guest(crash, "32")
+    out = gdb_batch(guest.port, "i386", f"hbreak *{cp:#x}", "continue", "p/x $pc", "delete",
+                    "continue", "p/x $pc", "continue")
+    status, _stdout, stderr = guest.finish()
+    assert "Hardware assisted breakpoint 1" in out and "SIGSEGV" in out, out
+    at_bp, at_crash = (int(v, 16) for v in _values(out))
+    assert at_bp == cp and at_crash == cp + len(CHECKPOINT_MARK)          # the ud2
+    assert status == 4 and "unhandled #UD" in stderr
+
+
+HANDLER_MARK = bytes.fromhex("b8ed5eed5e")      # mov eax, 0x5eed5eed
+
+STEP_INTO_FAULT = """
+# x86shadow: modes=32,pae,64
+.include "lib/console.inc"
+.include "lib/paging.inc"
+.include "lib/idt.inc"
+main:
+    call pt_init
+    call idt_init
+.if BITS == 64
+    lea rax, [rip + ud_handler]
+.else
+    mov eax, ud_handler
+.endif
+    mov ecx, 6
+    mov edx, GATE_INT0
+    call idt_set
+    mov eax, 0x600dbeef
+    ud2
+ud_handler:
+    mov eax, 0x5eed5eed
+    PASS
+    cli
+    hlt
+"""
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", ["pae", "64"])
+def test_gdb_step_into_an_exception_stops_at_the_handler(tmp_path, mode):
+    """stepi over an instruction that raises #UD: the exception is delivered through the
+    guest's IDT and the step ends before the handler's first instruction (as a CPU's TF trap
+    after delivery)."""
+    path = tmp_path / "ud.asm"
+    path.write_text(STEP_INTO_FAULT)
+    prog = assemble_program(str(path), mode, 128 << 20)
+    cp = prog.base + prog.code.find(CHECKPOINT_MARK)
+    handler = prog.base + prog.code.find(HANDLER_MARK)
+    guest = Guest(path, mode)
+    out = gdb_batch(guest.port, _arch(mode), f"break *{cp:#x}", "continue", "delete",
+                    "stepi", "p/x $pc", "stepi", "p/x $pc", "stepi", "p/x $pc", "p/x $eax",
+                    "continue")
+    status, stdout, stderr = guest.finish()
+    at_ud2, at_handler, after, eax = _values(out)
+    assert int(at_ud2, 16) == cp + len(CHECKPOINT_MARK)
+    assert int(at_handler, 16) == handler, out
+    assert int(after, 16) == handler + len(HANDLER_MARK) and eax == "0x5eed5eed"
+    assert stdout == "PASS\n" and status == 0, stderr

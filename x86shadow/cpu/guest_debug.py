@@ -239,6 +239,9 @@ class VcpuTarget(Target):
             return Stop(exited=True, status=0x82)
         self.final = ex
         if ex.kind in _CRASH_KINDS:
+            if ex.crash is not None and ex.crash.rip is not None:
+                self.vcpu.pc = ex.crash.rip           # gdb shows where it crashed
+                self.sync_ip()
             return Stop(SIGSEGV)
         return Stop(exited=True, status=self._status(ex))
 
