@@ -160,11 +160,12 @@ def x86_registers(bits: int) -> list:
     regs.append(Reg("mxcsr", 32, "i386_mxcsr", _SSE, "vector"))
     regs.append(Reg("fs_base", w, f"int{w}", _SEGMENTS))
     regs.append(Reg("gs_base", w, f"int{w}", _SEGMENTS))
+    # unsigned, so that gdb does not print CR0 with PG set as a negative number
     if bits == 64:
-        regs.append(Reg("k_gs_base", 64, "int64", _SYS, "system"))
+        regs.append(Reg("k_gs_base", 64, "uint64", _SYS, "system"))
     for c in ("cr0", "cr2", "cr3", "cr4") + (("cr8",) if bits == 64 else ()):
-        regs.append(Reg(c, w, f"int{w}", _SYS, "system"))
-    regs.append(Reg("efer", w, f"int{w}", _SYS, "system"))
+        regs.append(Reg(c, w, f"uint{w}", _SYS, "system"))
+    regs.append(Reg("efer", w, f"uint{w}", _SYS, "system"))
     return regs
 
 
