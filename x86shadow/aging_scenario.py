@@ -642,12 +642,13 @@ def cli_main(args) -> int:
         raise ScenarioError(str(e)) from None
     con = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
-    chatty = sys.stderr.isatty()
-
-    def progress(name, what):
-        if chatty:
-            err.print(f"[dim]{name}: {what}[/dim]")
-    runs = run_many(params, variants, progress=progress)
+    from .progress import progress as show_progress
+    with show_progress(len(variants), "aging", args.quiet) as bar:
+        def progress(name, what):
+            if what == "done":
+                bar.advance()
+            bar.describe(f"{name}: {what}")
+        runs = run_many(params, variants, progress=progress)
     con.print(describe(params))
     con.print(table(runs))
     if args.json:

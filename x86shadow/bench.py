@@ -930,11 +930,15 @@ def main(args) -> int:
                              "--profile (give --unsync on or off)")
         unsync_variants(args.policy, "both")    # a policy with out-of-sync pages
     run_workloads, run_host = parts(args)
+    from .progress import progress
+    with progress(None, "bench", args.quiet) as bar:
+        def log(msg):
+            bar.log(msg)
+            bar.describe(msg)
+        return _main(args, modes, run_workloads, run_host, log)
 
-    def log(msg):
-        if not args.silent:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
+
+def _main(args, modes, run_workloads, run_host, log) -> int:
     if args.json:
         from .outputs import OutputError, check_writable
         try:

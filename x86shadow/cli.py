@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-insns", type=int, default=None, metavar="N",
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
+    _add_quiet(r)
+    r.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
+                   help="serve gdb's remote protocol there (`target remote HOST:PORT`; host "
+                        "default 127.0.0.1, port 0 picks a free one): docs/GDB.md")
+    r.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: wait for gdb before the first instruction")
     _add_host(r)
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
@@ -194,6 +200,7 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
     k.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="--compare: runs at a time, each in its own process (default 1)")
+    _add_quiet(k)
     _add_host(k)
     a = ssub.add_parser("aging", help="the host's LRU ageing a guest through KVM's aging "
                                       "variants (docs/AGING.md)",
@@ -239,6 +246,13 @@ def _add_scenario_parser(sub) -> None:
     a.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/AGING.md)")
     a.add_argument("--plot", metavar="PATH.png",
                    help="draw hot pages evicted per pass and the lock wait (matplotlib)")
+    _add_quiet(a)
+
+
+def _add_quiet(parser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (shown only on a terminal anyway; "
+                             "docs/PROGRESS.md)")
 
 
 def _check_program_path(path) -> None:
@@ -365,6 +379,18 @@ def cmd_run(args) -> int:
                  if args.trace else None)
     except OutputError as e:
         raise UsageError(str(e)) from None
+    if args.gdb_wait and args.gdb is None:
+        raise UsageError("--gdb-wait needs --gdb [HOST:]PORT")
+    gdb = None
+    if args.gdb is not None:
+        from .gdb_session import GdbSession
+        try:
+            gdb = GdbSession(args.gdb, args.gdb_wait)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        sys.stderr.write(f"x86shadow: gdb: listening on {gdb.address}"
+                         f"{' (waiting for gdb before the first instruction)' if args.gdb_wait else ''}\n")
+        sys.stderr.flush()
     serial = _Serial(sys.stdout.buffer)
     m = None
     stop = None
@@ -384,13 +410,15 @@ def cmd_run(args) -> int:
                              host=m.host is not None)
             live.start()
         try:
-            result = m.run(args.max_insns or 0)
+            result = _run_machine(m, args, gdb)
         except stopping.Stop as e:
             stop = e
         finally:
             if live is not None:
                 live.stop()
     finally:
+        if gdb is not None:
+            gdb.close()
         if trace is not None:
             trace.close()
         if stats_fp is not None and m is not None:
@@ -416,6 +444,18 @@ def cmd_run(args) -> int:
     return result.status
 
 
+def _run_machine(m, args, gdb):
+    """m.run(); with --max-insns (and no debugger) a progress bar of the instructions run."""
+    if gdb is not None:
+        return m.run(args.max_insns or 0, drive=gdb.drive(m))
+    if not args.max_insns:
+        return m.run()
+    from .progress import poll, progress
+    with progress(args.max_insns, "guest instructions", args.quiet) as bar:
+        with poll(bar, m.vcpu.insns_now):
+            return m.run(args.max_insns)
+
+
 def cmd_scenario(args) -> int:
     from rich.console import Console
 
@@ -435,9 +475,9 @@ def cmd_scenario(args) -> int:
     params = sc.KmapParams(mode=args.mode, variant=args.variant, order=args.order, tables=args.tables,
                            ptes=args.ptes, scans=args.scans, linearity=args.linearity, seed=args.seed,
                            ram_mib=args.ram)
+    from .progress import progress as show_progress
     con = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
-    chatty = sys.stderr.isatty()
     try:
         params.check()
         if args.plot:
@@ -450,11 +490,17 @@ def cmd_scenario(args) -> int:
             raise UsageError(str(e)) from None
         policies = comparison_configs(_unsync_arg(args)) if args.compare else [args.policy]
 
-        def progress(name, what):
-            if chatty:
-                err.print(f"[dim]{name}: {what}[/dim]")
-        runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare, progress=progress,
-                           unsync=_unsync_arg(args), host=_host_config(args))
+        parent = os.getpid()
+        with show_progress(len(policies), "kmap", args.quiet) as bar:
+            def progress(name, what):
+                if os.getpid() != parent:
+                    return                  # a forked run (--compare): the parent counts it
+                if what == "done":
+                    bar.advance()
+                bar.describe(f"{name}: {what}")
+            runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare,
+                               progress=progress, unsync=_unsync_arg(args),
+                               host=_host_config(args))
         con.print(sc.describe(params))
         if args.compare:
             con.print(sc.table_compare(runs))
@@ -511,7 +557,8 @@ def _add_bench_parser(sub) -> None:
                         "this part, with --workload those workloads too. Without --host and "
                         "--workload the bench runs every workload, then this part (not with "
                         "--unsync both)")
-    b.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    _add_quiet(b)
+    b.add_argument("--silent", dest="quiet", action="store_true", help="the same as --quiet")
 
 
 def cmd_bench(args) -> int:

@@ -40,6 +40,8 @@ class ExitKind(enum.Enum):
     INTERRUPTED = "interrupted"        # stopped from outside the guest (a signal, a watchdog):
                                        # KVM_RUN's -EINTR; run_once() can be called again
     INTERNAL_ERROR = "internal-error"  # the CPU emulator failed
+    DEBUG = "debug"                    # a breakpoint or the end of a single step (KVM_EXIT_DEBUG;
+                                       # cpu/guest_debug.py); run_once() can be called again
 
 
 @dataclass

@@ -213,16 +213,18 @@ class Machine:
         self.vcpu.delivery.crash_gates = self.boot.crash_gates
         self.program = program
 
-    def run(self, max_insns: int = 0, *, resume: bool = False) -> RunResult:
+    def run(self, max_insns: int = 0, *, resume: bool = False, drive=None) -> RunResult:
         """Boot and run the guest. ``max_insns``: stop after that many instructions retired
         (how "runaway"); ``resume``: go on from where such a stop left the guest instead of
-        booting (with a bigger ``max_insns``: it counts from the boot)."""
+        booting (with a bigger ``max_insns``: it counts from the boot). ``drive(max_insns) ->
+        Exit``, if given, runs the vCPU instead of one ``run_once`` (the gdb session:
+        gdb_session.py)."""
         if self.boot is None:
             raise ValueError("nothing loaded: call load() first")
         if not resume:
             self.vcpu.load_boot_state(self.boot.state)
         try:
-            ex = self.vcpu.run_once(max_insns)
+            ex = self.vcpu.run_once(max_insns) if drive is None else drive(max_insns)
             if self.host is not None:
                 self.host.pages.check_free_pages()       # a stale write after the last check
         except HostViolation as v:

@@ -190,6 +190,7 @@ class VCPU:
         self.msr_handlers = {}
         self.model_checks = ModelChecks(self, self.cpu_model)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
+        self.debug = None                # guest_debug.GuestDebug while a debugger is attached
         self.insns = 0                   # guest instructions retired so far (with max_insns)
         self.restarts = 0                # of the counted ones, started again (not retired)
 
@@ -257,9 +258,10 @@ class VCPU:
         return self.bits == 64 and bool(self.efer() & EFER_LMA)
 
     def segment_cache(self, name):
-        from .cpustate import _SEG, R_CS, R_SS
+        """(selector, base, limit, flags) of segment register ``name`` from QEMU's cache."""
+        from .cpustate import _SEG, R_CS, R_DS, R_ES, R_FS, R_GS, R_SS
         self.cpustate.snapshot()
-        reg = {"cs": R_CS, "ss": R_SS}[name]
+        reg = {"cs": R_CS, "ss": R_SS, "ds": R_DS, "es": R_ES, "fs": R_FS, "gs": R_GS}[name]
         off = self.cpustate.off.segs + 24 * reg
         return _SEG.unpack(ctypes.string_at(self.cpustate.addr + off, 24))
 
@@ -318,12 +320,26 @@ class VCPU:
                           data[pos:pos + chunk]))
             pos += chunk
         for gpa, part in parts:
-            self.mem.write(gpa, part)
-            if self.shadow and (self.mmu.vm.is_tracked(gpa >> 12)
-                                or self.mmu.vm.is_shadowed(gpa >> 12)):
-                # a write made for the guest (exception frame) to a guest page table, in sync
-                # or not: the pte-write path, as KVM's emulated writes (kvm_mmu_track_write)
-                self.mmu.pte_write(gpa, len(part))
+            self.write_guest_phys(gpa, part)
+
+    def write_guest_phys(self, gpa, part) -> None:
+        """A write made for the guest (an exception frame, a debugger's write) within one page
+        of guest-physical memory."""
+        self.mem.write(gpa, part)
+        if self.shadow and (self.mmu.vm.is_tracked(gpa >> 12)
+                            or self.mmu.vm.is_shadowed(gpa >> 12)):
+            # to a guest page table, in sync or not: the pte-write path, as KVM's emulated
+            # writes (kvm_mmu_track_write)
+            self.mmu.pte_write(gpa, len(part))
+
+    def code_changed(self) -> None:
+        """Guest memory changed behind the CPU (a debugger's write, between runs): drop every
+        translated block (UNICORN.md: writes into RAM never invalidate them) and, in shadow
+        mode, the TLB, so that the next fetch fill re-scans a changed code page for privileged
+        instructions."""
+        self.uc.ctl_flush_tb()
+        if self.shadow:
+            self.flush_tlb()
 
     # ------------------------------------------------------------------ TLB and MMU requests
     def flush_tlb(self):
@@ -689,6 +705,8 @@ class VCPU:
     def _privileged(self, uc, address, size, _ud):
         if self.stop is not None:
             return          # emulation is stopping before this instruction (exit port, event)
+        if self.debug is not None and self.debug.check(address):
+            return          # a breakpoint or the end of a step: stop before it
         if self._host_tick is not None:
             self._host_tick()
         insn = self._decode_at(address)
@@ -952,6 +970,8 @@ class VCPU:
                 return self._runaway(max_insns, pc)
             if self._host_tick is not None:
                 self._host_tick()
+            if self.debug is not None:
+                self.debug.resuming(pc)
             self.stop = None
             self.pending_fault = None
             self.retry_page = None
@@ -993,6 +1013,9 @@ class VCPU:
             if stop is not None and stop[0] == "exit":
                 self.pc = self.rip()
                 return Exit(ExitKind.SYSTEM_EVENT, status=stop[1])
+            if stop is not None and stop[0] == "debug":
+                self.pc = stop[1]                 # stopped before this instruction
+                return Exit(ExitKind.DEBUG)
             if self.retry_page is not None:
                 if max_insns and self._retry_counted:
                     self._restarted()
