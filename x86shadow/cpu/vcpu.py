@@ -16,6 +16,7 @@ run the devices. Guest-visible behaviour must be identical in both modes.
 from __future__ import annotations
 
 import ctypes
+import re
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
                      UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
@@ -27,7 +28,8 @@ from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
                                UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GDTR,
-                               UC_X86_REG_GS, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_RIP,
+                               UC_X86_REG_GS, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_MSR,
+                               UC_X86_REG_RIP,
                                UC_X86_REG_SS, UC_X86_REG_TR,
                                UC_X86_REG_EIP, UC_X86_REG_ESP, UC_X86_REG_RSP)
 
@@ -64,6 +66,8 @@ _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add 
 # read-modify-write classes: their memory operand is read, then written
 _RMW = frozenset("xchg cmpxchg cmpxchg8b cmpxchg16b bts btr btc or and xor add adc sub sbb inc dec "
                  "neg not xadd shl shr sar rol ror rcl rcr shld shrd".split())
+# an operand that is a segment register (mov sreg, m / mov m, sreg)
+_SREG_OPERAND = re.compile(r"(?:^|, )[cdefgs]s(?:,|$)")
 _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
 _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
@@ -77,6 +81,11 @@ class _Mmr(ctypes.Structure):
     """unicorn's uc_x86_mmr"""
     _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32)]
+
+
+class _Msr(ctypes.Structure):
+    """unicorn's uc_x86_msr"""
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
 def _reg_id(name):
@@ -119,6 +128,10 @@ class VCPU:
         self._wvp = ctypes.byref(self._wv)
         self._mmr = _Mmr()
         self._mmrp = ctypes.byref(self._mmr)
+        self._msr = _Msr()
+        self._msrp = ctypes.byref(self._msr)
+        self._batches = {}               # register id tuple -> prepared uc_reg_*_batch arrays
+        self.pinned_ctx = None           # the paging context of a delivery in progress (native)
         uc.mem_map_ptr(0, host_mem.size, UC_PROT_ALL, host_mem.address)
         self.mmu = None
         self.stop = None                 # why emu_start stopped: ("exit", status), ("crash", GuestCrash),
@@ -135,6 +148,7 @@ class VCPU:
         self._contexts = {}              # paging-relevant register bits -> PagingContext
         self._rmw_read = self._current_insn_is_rmw
         self._byte_repeat = None         # (next gpa, end, rip, tail): byte repeats of a store
+        self._parked = False             # this run's fault sits on the hole (a TLB entry to drop)
         self._stop_request = None        # request_stop(): why run_once() must return
         self._counting = None            # uc_struct offset of the counter while counting
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
@@ -216,6 +230,31 @@ class VCPU:
         self._wv.value = value & 0xFFFFFFFFFFFFFFFF
         _uc_reg_write(self._h, rid, self._wvp)
 
+    def _batch(self, ids: tuple):
+        """The ctypes arrays of a register batch (made once per tuple of ids)."""
+        prep = self._batches.get(ids)
+        if prep is None:
+            n = len(ids)
+            vals = (ctypes.c_uint64 * n)()
+            ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(vals) + 8 * i for i in range(n)])
+            prep = self._batches[ids] = ((ctypes.c_int * n)(*ids), ptrs, vals, n)
+        return prep
+
+    def read_regs(self, ids: tuple) -> list:
+        """Several registers in one raw ``uc_reg_read_batch`` (one call instead of one per
+        register: the exception delivery reads six)."""
+        rids, ptrs, vals, n = self._batch(ids)
+        ctypes.memset(vals, 0, 8 * n)       # 16/32-bit registers fill only the low bytes
+        uclib.uc_reg_read_batch(self._h, rids, ptrs, n)
+        return vals[:]
+
+    def write_regs(self, ids: tuple, values) -> None:
+        """Several registers in one raw ``uc_reg_write_batch``."""
+        rids, ptrs, vals, n = self._batch(ids)
+        for i, value in enumerate(values):
+            vals[i] = value & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write_batch(self._h, rids, ptrs, n)
+
     def mmr(self, rid):
         """(selector, base, limit, flags) of GDTR/IDTR/LDTR/TR, read without the binding."""
         m = self._mmr
@@ -225,11 +264,18 @@ class VCPU:
     def rip(self) -> int:
         return self.reg(self.R_IP)
 
+    def _read_efer(self) -> int:
+        """EFER through the raw API (the binding's msr_read costs several us)."""
+        m = self._msr
+        m.rid = EFER
+        _uc_reg_read(self._h, UC_X86_REG_MSR, self._msrp)
+        return m.value
+
     def efer(self) -> int:
         if not self.shadow:
-            return self.uc.msr_read(EFER)
+            return self._read_efer()
         if self._efer is None:          # shadow mode caches it: every EFER change is intercepted
-            self._efer = self.uc.msr_read(EFER)
+            self._efer = self._read_efer()
         return self._efer
 
     def long_mode(self) -> bool:
@@ -281,7 +327,7 @@ class VCPU:
     def _translate(self, va, access):
         if self.shadow:
             return self.mmu.translate(va, access)
-        return walk_translate(self.mem, self.paging_context(), va, access)
+        return walk_translate(self.mem, self.pinned_ctx or self.paging_context(), va, access)
 
     def read_virt(self, va, n, user=False) -> bytes:
         return read_guest_virt(self.mem, self._translate, va, n, user)
@@ -404,12 +450,15 @@ class VCPU:
                 # tools/probes/helper_access_fault.py)
                 self.pending_fault = (VEC_PF, error_code, cr2)
                 return False
-            # park the access on the hole so that _unmapped learns the exact byte address
+            # park the access on the hole so that _unmapped learns the exact byte address (the
+            # run loop must then flush the TLB to drop the hole entry)
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
             self.pending_fault = (VEC_PF, error_code, va)
+            self._parked = True
             return True
         # FILL_NO_MEMORY: let the access reach the hole and report it
+        self._parked = True
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
         self.pending_fault = ("nomem", va, addr)
@@ -555,9 +604,13 @@ class VCPU:
 
         Refused: an access that crosses into the next page (parked, QEMU would store the bytes
         of the page that is mapped before the parked ones fault -- measured: a partly done
-        store), and an access made by an instruction whose memory accesses TCG does not emit
-        inline (not in _RESTARTABLE: parked, the helper goes on with what it read there). The
-        faulting byte comes from the decoded memory operand."""
+        store), an access made by an instruction whose memory accesses TCG does not emit
+        inline (not in _RESTARTABLE: parked, the helper goes on with what it read there), and
+        -- for speed -- every access whose byte the decoded operand gives exactly: the one
+        explicit operand of an instruction that makes no other access (a refused fill leaves
+        no TLB entry behind, so the run loop need not flush the TLB after the fault and the
+        handler does not refill it; docs/PERFORMANCE.md). The faulting byte comes from the
+        decoded memory operand."""
         insn = self._decode_at(self.rip())
         ea = self._operand_address(insn)
         if ea is None:
@@ -567,7 +620,10 @@ class VCPU:
         size = insn.mem_operand.size or 1
         crosses = (ea & 0xFFF) + size > 0x1000
         page = ea & ~0xFFF
-        if page == va and (crosses or insn.kvm_class not in _RESTARTABLE):
+        if page == va and (crosses or insn.kvm_class not in _RESTARTABLE
+                           or not _SREG_OPERAND.search(insn.op_str)):
+            # (a segment register operand means a descriptor read too, which may be the access
+            # that faulted: parked, the hole tells)
             return ea
         if page + 0x1000 == va and crosses:
             return va                                 # the part on the next page faulted
@@ -814,6 +870,7 @@ class VCPU:
                 self._host_tick()
             self.stop = None
             self.pending_fault = None
+            self._parked = False
             self.retry_page = None
             self._byte_repeat = None
             try:
@@ -859,24 +916,26 @@ class VCPU:
                         if pf[1] is None else
                         f"virtual address {pf[1]:#x} maps guest-physical {pf[2]:#x}, outside RAM",
                         rip=self.rip()))
-                if self.shadow:
+                if self._parked:
                     self.flush_tlb()                      # drop the hole mapping
                 try:
-                    self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2], native=not self.shadow)
+                    pc = self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2],
+                                                       native=not self.shadow)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
-                pc = self.rip()
+                if self.shadow:
+                    self.service_requests()               # the frame may have hit a page table
                 continue
             if stop is not None and stop[0] == "event":
                 _, vector, ec, soft, rip, cr2 = stop
                 uc.reg_write(self.R_IP, rip)
                 try:
-                    self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft, return_rip=rip)
+                    pc = self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft,
+                                                       return_rip=rip)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
                 if self.shadow:
                     self.mmu.other_exit()
-                pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":
                 self.service_requests()
