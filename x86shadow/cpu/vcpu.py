@@ -19,11 +19,11 @@ import ctypes
 import re
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
-                     UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
+                     UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_WRITE_PROT,
                      UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
                      UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
-from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
+from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
@@ -46,6 +46,7 @@ from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_gues
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
+from . import rawhooks
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
 from .delivery import Delivery
 from .privileged import Interceptor
@@ -204,21 +205,9 @@ class VCPU:
         self.pc = state.entry
 
     def _add_raw_fill_hook(self):
-        """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss.
-        Exceptions are kept and re-raised by emu_start, as the binding does."""
-        uc = self.uc
-        fill = self._fill
-
-        def raw(_handle, vaddr, access, entry, _key):
-            try:
-                return fill(uc, vaddr, access, entry[0], None)
-            except BaseException as e:           # noqa: BLE001 - handed back to emu_start
-                if uc._hook_exception is None:
-                    uc._hook_exception = e
-                uc.emu_stop()
-                return False
-        self._raw_fill = HOOK_TLB_FILL_CFUNC(raw)
-        uc._Uc__do_hook_add(UC_HOOK_TLB_FILL, self._raw_fill, 1, 0)
+        """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss."""
+        self._raw_fill = rawhooks.tlb_fill_callback(self.uc, self._fill)
+        rawhooks.add_tlb_fill(self.uc, self._raw_fill)
 
     # ------------------------------------------------------------------ registers
     def reg(self, rid) -> int:
