@@ -67,6 +67,7 @@ _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add 
 # read-modify-write classes: their memory operand is read, then written
 _RMW = frozenset("xchg cmpxchg cmpxchg8b cmpxchg16b bts btr btc or and xor add adc sub sbb inc dec "
                  "neg not xadd shl shr sar rol ror rcl rcr shld shrd".split())
+_BIT_OPS = frozenset(("bt", "bts", "btr", "btc"))
 # an operand that is a segment register (mov sreg, m / mov m, sreg)
 _SREG_OPERAND = re.compile(r"(?:^|, )[cdefgs]s(?:,|$)")
 _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
@@ -601,7 +602,7 @@ class VCPU:
         handler does not refill it; docs/PERFORMANCE.md). The faulting byte comes from the
         decoded memory operand."""
         insn = self._decode_at(self.rip())
-        ea = self._operand_address(insn)
+        ea = self._accessed_address(insn)
         if ea is None:
             return None
         if acc != UC_MEM_WRITE and insn.kvm_class in ("movs", "cmps"):
@@ -640,6 +641,26 @@ class VCPU:
         if insn is None or insn.mem_operand is None or insn.mem_operand.implicit:
             return None
         return insn.mem_operand.effective_address(self._read_reg_by_name, insn.next_ip)
+
+    def _accessed_address(self, insn):
+        """Linear address the instruction's explicit memory operand is accessed at: the operand's
+        address, except for bt/bts/btr/btc with a register bit offset, which selects the
+        operand-sized unit of a bit string from the operand on (signed, so before it too): SDM
+        vol. 2 BT; QEMU 5.0 target/i386/translate.c, the bt case (ea + (offset >> (3 + ot)
+        << ot)). None without an explicit operand."""
+        ea = self._operand_address(insn)
+        if ea is None or insn.kvm_class not in _BIT_OPS:
+            return ea
+        src = insn.op_str.rsplit(", ", 1)[-1]
+        if src.isdigit() or src.startswith("0x") or not src.isalnum():
+            return ea                                 # an immediate offset stays in the unit
+        size = insn.mem_operand.size
+        bits = 8 * size
+        off = self._read_reg_by_name(src) & ((1 << bits) - 1)
+        if off >> (bits - 1):
+            off -= 1 << bits
+        ea += (off >> (bits.bit_length() - 1)) * size
+        return ea & ((1 << (8 * insn.mem_operand.addr_size)) - 1)
 
     def _write_access(self):
         """PFERR bits of a data write at the current CPL."""
