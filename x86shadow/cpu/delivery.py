@@ -16,6 +16,9 @@ from ..events import INJ_EXCEPTION
 from ..faults import (CONTRIBUTORY, VEC_DF, VEC_GP, VEC_NP, VEC_PF, VEC_SS, VEC_TS, Fault,
                       GuestCrash, vector_name)
 
+# a 64-bit exception frame, lowest address first: RIP, CS, RFLAGS, RSP, SS (error code below)
+_FRAME64 = struct.Struct("<5Q")
+_FRAME64_EC = struct.Struct("<6Q")
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 
 
@@ -27,6 +30,10 @@ class Delivery:
         self.vcpu = vcpu
         self.uc = vcpu.uc
         self.crash_gates = frozenset(crash_gates)
+        # what a delivery reads, in one batch, and writes, in another (docs/PERFORMANCE.md)
+        self._reads = (UC_X86_REG_CS, UC_X86_REG_SS, UC_X86_REG_EFLAGS, vcpu.R_IP, vcpu.R_SP,
+                       UC_X86_REG_CR0)
+        self._writes = (UC_X86_REG_EFLAGS, vcpu.R_SP, vcpu.R_IP)
 
     # --------------------------------------------------------------- descriptors
     def _descriptor(self, sel, vector_ec):
@@ -50,8 +57,26 @@ class Delivery:
 
     # --------------------------------------------------------------- one delivery
     def deliver(self, vector, error_code=None, *, soft=False, ext=True, return_rip=None):
-        """Deliver one event; raises Fault if delivery itself faults."""
+        """Deliver one event; raises Fault if delivery itself faults. Returns the handler's
+        address (the new RIP).
+
+        The registers are read in one batch and written in one; every guest-virtual access of
+        one delivery (gate, descriptors, TSS, frame) goes through one paging context, as the
+        CPU's does."""
         v = self.vcpu
+        if v.shadow:
+            return self._deliver(vector, error_code, soft, ext, return_rip)
+        v.pinned_ctx = v.paging_context()
+        try:
+            return self._deliver(vector, error_code, soft, ext, return_rip)
+        finally:
+            v.pinned_ctx = None
+
+    def _deliver(self, vector, error_code, soft, ext, return_rip):
+        v = self.vcpu
+        old_cs, old_ss, rflags, rip, old_rsp, cr0 = v.read_regs(self._reads)
+        if return_rip is not None:
+            rip = return_rip
         long_mode = v.long_mode()
         _, idt_base, idt_limit, _ = v.mmr(UC_X86_REG_IDTR)
         gsize = 16 if long_mode else 8
@@ -66,7 +91,7 @@ class Delivery:
             if gtype == 0x5 and not long_mode:
                 raise GuestCrash(f"task gate for {vector_name(vector)}: task switches are not modelled")
             raise Fault(VEC_GP, idt_ec)
-        cpl = v.reg(UC_X86_REG_CS) & 3
+        cpl = old_cs & 3
         if soft and gdpl < cpl:
             raise Fault(VEC_GP, idt_ec)
         if not present:
@@ -92,11 +117,6 @@ class Delivery:
         if long_mode and not csh & (1 << 21):
             raise Fault(VEC_GP, sel & ~3)
         gate32 = gtype in (0xE, 0xF)
-        rflags = v.reg(UC_X86_REG_EFLAGS)
-        rip = return_rip if return_rip is not None else v.reg(v.R_IP)
-        old_cs = v.reg(UC_X86_REG_CS)
-        old_ss = v.reg(UC_X86_REG_SS)
-        old_rsp = v.reg(v.R_SP)
         _, tss_base, tss_limit, _ = v.mmr(UC_X86_REG_TR)
         if long_mode:
             if ist:
@@ -106,10 +126,11 @@ class Delivery:
             else:
                 rsp = old_rsp
             rsp &= ~0xF
-            frame = [old_ss, old_rsp, rflags, old_cs, rip]
-            if error_code is not None:
-                frame.append(error_code)
-            data = b"".join(struct.pack("<Q", x & 0xFFFFFFFFFFFFFFFF) for x in reversed(frame))
+            if error_code is None:
+                data = _FRAME64.pack(rip, old_cs, rflags, old_rsp, old_ss)
+            else:
+                data = _FRAME64_EC.pack(error_code & 0xFFFFFFFFFFFFFFFF, rip, old_cs, rflags,
+                                        old_rsp, old_ss)
             rsp -= len(data)
             v.write_virt(rsp, data)
             # a privilege change loads a null SS with RPL = new CPL (do_interrupt64)
@@ -142,19 +163,18 @@ class Delivery:
         if new_cpl != cpl or new_cs != old_cs:
             if ss_cache is None:
                 ss_cache = v.segment_cache("ss")
-            v.cpustate.load_segments(cs_cache, ss_cache, new_cpl, long_mode,
-                                     pe=bool(v.reg(UC_X86_REG_CR0) & 1))
+            v.cpustate.load_segments(cs_cache, ss_cache, new_cpl, long_mode, pe=bool(cr0 & 1))
         rflags &= ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if gtype in (0xE, 0x6):
             rflags &= ~EFLAGS_IF
-        v.set_reg(UC_X86_REG_EFLAGS, rflags)
-        v.set_reg(v.R_SP, rsp)
-        v.set_reg(v.R_IP, offset)
+        v.write_regs(self._writes, (rflags, rsp, offset))
+        return offset
 
     # --------------------------------------------------------------- with escalation
     def raise_exception(self, vector, error_code=None, *, cr2=None, soft=False, return_rip=None,
                         native=True):
-        """Deliver an exception or software interrupt, escalating to #DF and triple fault.
+        """Deliver an exception or software interrupt, escalating to #DF and triple fault;
+        returns the address of the handler that got it (the new RIP).
 
         ``native``: Unicorn raised it (QEMU then remembers it as the exception in flight, which
         must be forgotten or the next native fault turns into a false #DF); False for the faults
@@ -172,10 +192,11 @@ class Delivery:
                 v.events.emit(INJ_EXCEPTION, vector=vector, error_code=error_code, rip=rip0,
                               cr2=cr2 if vector == VEC_PF else None)
             try:
-                self.deliver(vector, error_code, soft=soft, ext=ext, return_rip=return_rip)
+                target = self.deliver(vector, error_code, soft=soft, ext=ext,
+                                      return_rip=return_rip)
                 if native:
                     v.cpustate.clear_old_exception()
-                return
+                return target
             except GuestCrash as crash:
                 crash.rip = rip0 if crash.rip is None else crash.rip
                 if crash.vector is not None and crash.error_code is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from unicorn import UC_HOOK_CODE
+from . import rawhooks
 
 # prefixes that may precede the 0F escape: operand/address size, segment, lock/rep, REX (64-bit)
 _PREFIX32 = frozenset(b"\x66\x67\xF2\xF3\x2E\x36\x3E\x26\x64\x65\xF0")
@@ -52,6 +52,7 @@ class Interceptor:
         self.uc = uc
         self.bits = bits
         self.callback = callback
+        self._raw = rawhooks.code_callback(uc, callback)    # one C callback for every site
         self.scanned = {}          # va_page -> (gfn, page bytes) at the last scan
         self.hooked = set()        # virtual addresses with a hook
 
@@ -67,6 +68,6 @@ class Interceptor:
             va = va_page + off
             if va not in self.hooked:
                 self.hooked.add(va)
-                self.uc.hook_add(UC_HOOK_CODE, self.callback, begin=va, end=va)
+                rawhooks.add_code(self.uc, self._raw, va)
                 added = True
         return added

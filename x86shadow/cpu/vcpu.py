@@ -16,21 +16,23 @@ run the devices. Guest-visible behaviour must be identical in both modes.
 from __future__ import annotations
 
 import ctypes
+import re
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
                      UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT, UC_HOOK_MEM_UNMAPPED,
-                     UC_HOOK_MEM_WRITE_PROT, UC_HOOK_TLB_FILL,
+                     UC_HOOK_MEM_WRITE_PROT,
                      UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
                      UC_PROT_ALL, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc,
                      UcError)
 import unicorn.x86_const as _xc
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
-from unicorn.unicorn_py3.unicorn import HOOK_TLB_FILL_CFUNC, uclib
+from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL,
                                UC_X86_INS_SYSENTER, UC_X86_REG_CR0, UC_X86_REG_CR2,
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS, UC_X86_REG_EFLAGS,
                                UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GDTR,
-                               UC_X86_REG_GS, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_RIP,
+                               UC_X86_REG_GS, UC_X86_REG_IDTR, UC_X86_REG_LDTR, UC_X86_REG_MSR,
+                               UC_X86_REG_RIP,
                                UC_X86_REG_SS, UC_X86_REG_TR,
                                UC_X86_REG_EIP, UC_X86_REG_ESP, UC_X86_REG_RSP)
 
@@ -47,6 +49,7 @@ from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_gues
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
+from . import rawhooks
 from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
 from .delivery import Delivery
 from .model import ModelChecks, make_model
@@ -68,19 +71,33 @@ _RESTARTABLE = frozenset("mov stos movs xchg cmpxchg bts btr btc or and xor add 
 # read-modify-write classes: their memory operand is read, then written
 _RMW = frozenset("xchg cmpxchg cmpxchg8b cmpxchg16b bts btr btc or and xor add adc sub sbb inc dec "
                  "neg not xadd shl shr sar rol ror rcl rcr shld shrd".split())
+_BIT_OPS = frozenset(("bt", "bts", "btr", "btc"))
+# an operand that is a segment register (mov sreg, m / mov m, sreg)
+_SREG_OPERAND = re.compile(r"(?:^|, )[cdefgs]s(?:,|$)")
 _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
 _MAX_FLIPS = 16
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
-_uc_reg_read = uclib.uc_reg_read
+# Unicorn's register calls without the binding's argtypes: every argument passed is already a
+# ctypes object (handle, array, byref) or a C int (register id, count), so ctypes converts
+# nothing -- 0.2 us less per call (docs/PERFORMANCE.md), on every fill and register access
+_uclib = ctypes.CDLL(uclib._name)
+_uc_reg_read = _uclib.uc_reg_read
+_uc_reg_write = _uclib.uc_reg_write
+_uc_reg_read_batch = _uclib.uc_reg_read_batch
+_uc_reg_write_batch = _uclib.uc_reg_write_batch
 _new_tuple = tuple.__new__             # a NamedTuple without its Python-level constructor
-_uc_reg_write = uclib.uc_reg_write
 
 
 class _Mmr(ctypes.Structure):
     """unicorn's uc_x86_mmr"""
     _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32)]
+
+
+class _Msr(ctypes.Structure):
+    """unicorn's uc_x86_msr"""
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
 def _reg_id(name):
@@ -128,6 +145,10 @@ class VCPU:
         self._wvp = ctypes.byref(self._wv)
         self._mmr = _Mmr()
         self._mmrp = ctypes.byref(self._mmr)
+        self._msr = _Msr()
+        self._msrp = ctypes.byref(self._msr)
+        self._batches = {}               # register id tuple -> prepared uc_reg_*_batch arrays
+        self.pinned_ctx = None           # the paging context of a delivery in progress (native)
         # native mode: RAM is not executable until a page is first executed (_exec_page scans
         # it for privileged instructions then); shadow mode: the fill hook sets the rights
         uc.mem_map_ptr(0, host_mem.size, UC_PROT_ALL if self.shadow else UC_PROT_READ | UC_PROT_WRITE,
@@ -149,6 +170,7 @@ class VCPU:
         self._rmw_read = self._current_insn_is_rmw
         self._byte_repeat = None         # (next gpa, end, rip, tail): byte repeats of a store
         self._retry_counted = False      # retry_page was set by a data access (counted)
+        self._parked = False             # this run's fault sits on the hole (a TLB entry to drop)
         self._stop_request = None        # request_stop(): why run_once() must return
         self._counting = None            # uc_struct offset of the counter while counting
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
@@ -212,31 +234,44 @@ class VCPU:
         self.pc = state.entry
 
     def _add_raw_fill_hook(self):
-        """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss.
-        Exceptions are kept and re-raised by emu_start, as the binding does."""
-        uc = self.uc
-        fill = self._fill
-
-        def raw(_handle, vaddr, access, entry, _key):
-            try:
-                return fill(uc, vaddr, access, entry[0], None)
-            except BaseException as e:           # noqa: BLE001 - handed back to emu_start
-                if uc._hook_exception is None:
-                    uc._hook_exception = e
-                uc.emu_stop()
-                return False
-        self._raw_fill = HOOK_TLB_FILL_CFUNC(raw)
-        uc._Uc__do_hook_add(UC_HOOK_TLB_FILL, self._raw_fill, 1, 0)
+        """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss."""
+        self._raw_fill = rawhooks.tlb_fill_callback(self.uc, self._fill)
+        rawhooks.add_tlb_fill(self.uc, self._raw_fill)
 
     # ------------------------------------------------------------------ registers
     def reg(self, rid) -> int:
         self._rv.value = 0                  # 16/32-bit registers fill only the low bytes
-        uclib.uc_reg_read(self._h, rid, self._rvp)
+        _uc_reg_read(self._h, rid, self._rvp)
         return self._rv.value
 
     def set_reg(self, rid, value) -> None:
         self._wv.value = value & 0xFFFFFFFFFFFFFFFF
         _uc_reg_write(self._h, rid, self._wvp)
+
+    def _batch(self, ids: tuple):
+        """The ctypes arrays of a register batch (made once per tuple of ids)."""
+        prep = self._batches.get(ids)
+        if prep is None:
+            n = len(ids)
+            vals = (ctypes.c_uint64 * n)()
+            ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(vals) + 8 * i for i in range(n)])
+            prep = self._batches[ids] = ((ctypes.c_int * n)(*ids), ptrs, vals, n)
+        return prep
+
+    def read_regs(self, ids: tuple) -> list:
+        """Several registers in one raw ``uc_reg_read_batch`` (one call instead of one per
+        register: the exception delivery reads six)."""
+        rids, ptrs, vals, n = self._batch(ids)
+        ctypes.memset(vals, 0, 8 * n)       # 16/32-bit registers fill only the low bytes
+        _uc_reg_read_batch(self._h, rids, ptrs, n)
+        return vals[:]
+
+    def write_regs(self, ids: tuple, values) -> None:
+        """Several registers in one raw ``uc_reg_write_batch``."""
+        rids, ptrs, vals, n = self._batch(ids)
+        for i, value in enumerate(values):
+            vals[i] = value & 0xFFFFFFFFFFFFFFFF
+        _uc_reg_write_batch(self._h, rids, ptrs, n)
 
     def mmr(self, rid):
         """(selector, base, limit, flags) of GDTR/IDTR/LDTR/TR, read without the binding."""
@@ -247,11 +282,18 @@ class VCPU:
     def rip(self) -> int:
         return self.reg(self.R_IP)
 
+    def _read_efer(self) -> int:
+        """EFER through the raw API (the binding's msr_read costs several us)."""
+        m = self._msr
+        m.rid = EFER
+        _uc_reg_read(self._h, UC_X86_REG_MSR, self._msrp)
+        return m.value
+
     def efer(self) -> int:
         if not self.shadow:
-            return self.uc.msr_read(EFER)
+            return self._read_efer()
         if self._efer is None:          # shadow mode caches it: every EFER change is intercepted
-            self._efer = self.uc.msr_read(EFER)
+            self._efer = self._read_efer()
         return self._efer
 
     def long_mode(self) -> bool:
@@ -305,7 +347,7 @@ class VCPU:
     def _translate(self, va, access):
         if self.shadow:
             return self.mmu.translate(va, access)
-        return walk_translate(self.mem, self.paging_context(), va, access)
+        return walk_translate(self.mem, self.pinned_ctx or self.paging_context(), va, access)
 
     def read_virt(self, va, n, user=False) -> bytes:
         return read_guest_virt(self.mem, self._translate, va, n, user)
@@ -452,12 +494,15 @@ class VCPU:
                 # tools/probes/helper_access_fault.py)
                 self.pending_fault = (VEC_PF, error_code, cr2)
                 return False
-            # park the access on the hole so that _unmapped learns the exact byte address
+            # park the access on the hole so that _unmapped learns the exact byte address (the
+            # run loop must then flush the TLB to drop the hole entry)
             entry.paddr = layout.HOLE_BASE
             entry.perms = UC_PROT_ALL
             self.pending_fault = (VEC_PF, error_code, va)
+            self._parked = True
             return True
         # FILL_NO_MEMORY: let the access reach the hole and report it
+        self._parked = True
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
         self.pending_fault = ("nomem", va, addr)
@@ -651,11 +696,15 @@ class VCPU:
 
         Refused: an access that crosses into the next page (parked, QEMU would store the bytes
         of the page that is mapped before the parked ones fault -- measured: a partly done
-        store), and an access made by an instruction whose memory accesses TCG does not emit
-        inline (not in _RESTARTABLE: parked, the helper goes on with what it read there). The
-        faulting byte comes from the decoded memory operand."""
+        store), an access made by an instruction whose memory accesses TCG does not emit
+        inline (not in _RESTARTABLE: parked, the helper goes on with what it read there), and
+        -- for speed -- every access whose byte the decoded operand gives exactly: the one
+        explicit operand of an instruction that makes no other access (a refused fill leaves
+        no TLB entry behind, so the run loop need not flush the TLB after the fault and the
+        handler does not refill it; docs/PERFORMANCE.md). The faulting byte comes from the
+        decoded memory operand."""
         insn = self._decode_at(self.rip())
-        ea = self._operand_address(insn)
+        ea = self._accessed_address(insn)
         if ea is None:
             return None
         if acc != UC_MEM_WRITE and insn.kvm_class in ("movs", "cmps"):
@@ -663,7 +712,10 @@ class VCPU:
         size = insn.mem_operand.size or 1
         crosses = (ea & 0xFFF) + size > 0x1000
         page = ea & ~0xFFF
-        if page == va and (crosses or insn.kvm_class not in _RESTARTABLE):
+        if page == va and (crosses or insn.kvm_class not in _RESTARTABLE
+                           or not _SREG_OPERAND.search(insn.op_str)):
+            # (a segment register operand means a descriptor read too, which may be the access
+            # that faulted: parked, the hole tells)
             return ea
         if page + 0x1000 == va and crosses:
             return va                                 # the part on the next page faulted
@@ -691,6 +743,26 @@ class VCPU:
         if insn is None or insn.mem_operand is None or insn.mem_operand.implicit:
             return None
         return insn.mem_operand.effective_address(self._read_reg_by_name, insn.next_ip)
+
+    def _accessed_address(self, insn):
+        """Linear address the instruction's explicit memory operand is accessed at: the operand's
+        address, except for bt/bts/btr/btc with a register bit offset, which selects the
+        operand-sized unit of a bit string from the operand on (signed, so before it too): SDM
+        vol. 2 BT; QEMU 5.0 target/i386/translate.c, the bt case (ea + (offset >> (3 + ot)
+        << ot)). None without an explicit operand."""
+        ea = self._operand_address(insn)
+        if ea is None or insn.kvm_class not in _BIT_OPS:
+            return ea
+        src = insn.op_str.rsplit(", ", 1)[-1]
+        if src.isdigit() or src.startswith("0x") or not src.isalnum():
+            return ea                                 # an immediate offset stays in the unit
+        size = insn.mem_operand.size
+        bits = 8 * size
+        off = self._read_reg_by_name(src) & ((1 << bits) - 1)
+        if off >> (bits - 1):
+            off -= 1 << bits
+        ea += (off >> (bits.bit_length() - 1)) * size
+        return ea & ((1 << (8 * insn.mem_operand.addr_size)) - 1)
 
     def _write_access(self):
         """PFERR bits of a data write at the current CPL."""
@@ -974,6 +1046,7 @@ class VCPU:
                 self.debug.resuming(pc)
             self.stop = None
             self.pending_fault = None
+            self._parked = False
             self.retry_page = None
             self._byte_repeat = None
             self.exec_page = None
@@ -1034,13 +1107,15 @@ class VCPU:
                         if pf[1] is None else
                         f"virtual address {pf[1]:#x} maps guest-physical {pf[2]:#x}, outside RAM",
                         rip=self.rip()))
-                if self.shadow:
+                if self._parked:
                     self.flush_tlb()                      # drop the hole mapping
                 try:
-                    self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2], native=not self.shadow)
+                    pc = self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2],
+                                                       native=not self.shadow)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
-                pc = self.rip()
+                if self.shadow:
+                    self.service_requests()               # the frame may have hit a page table
                 continue
             if stop is not None and stop[0] == "emulate":
                 # an instruction the CPU model carries out itself: done here, outside the hook
@@ -1071,12 +1146,12 @@ class VCPU:
                             self.events.emit(ev.X86SHADOW_CPU_FAULT, insn=self._decode_at(rip).text,
                                              vector=vector, reason=done[2])
                 try:
-                    self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft, return_rip=rip)
+                    pc = self.delivery.raise_exception(vector, ec, cr2=cr2, soft=soft,
+                                                       return_rip=rip)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
                 if self.shadow:
                     self.mmu.other_exit()
-                pc = self.rip()
                 continue
             if stop is not None and stop[0] == "reexec":
                 if max_insns:
