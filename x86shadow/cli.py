@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario_parser(sub)
     _add_bench_parser(sub)
     add_trace_parser(sub)                   # x86shadow trace show (x86shadow/trace_view.py)
+    from .fuzz.command import add_fuzz_parser
+    add_fuzz_parser(sub)                    # x86shadow fuzz (x86shadow/fuzz/command.py)
     return p
 
 
