@@ -3,6 +3,7 @@ bug, saves a replayable program; the executors (local pool with >1 worker, Ray w
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ BUG = "stale-spte-after-pte-write"
 
 
 def _square(x):
+    time.sleep(0.3)                 # long enough that both workers get jobs
     return x, os.getpid(), x * x
 
 
@@ -40,14 +42,16 @@ def test_local_executor_uses_more_than_one_worker():
         out = list(ex.imap_unordered(_square, range(8)))
     assert sorted(r[2] for _, r in out) == [x * x for x in range(8)]
     assert all(item == r[0] for item, r in out)
-    assert len({r[1] for _, r in out}) >= 1 and ex.jobs == 2
+    assert len({r[1] for _, r in out}) == 2 and ex.jobs == 2
 
 
 def test_ray_executor_runs_jobs_on_a_local_instance():
     pytest.importorskip("ray", reason="Ray not installed (pip install 'x86shadow[ray]')")
+    shards = cp.shards(["32", "pae"], 3, 0)
     with make_executor("ray", jobs=2) as ex:
-        out = dict(ex.imap_unordered(_square, range(4)))
-    assert {k: v[2] for k, v in out.items()} == {0: 0, 1: 1, 2: 4, 3: 9}
+        out = list(ex.imap_unordered(cp.run_shard, shards))
+    assert sorted(s.mode for s, _ in out) == ["32", "pae"]
+    assert all(r.shard == s and r.examples == 3 and r.failure is None for s, r in out)
 
 
 def test_executor_errors():
