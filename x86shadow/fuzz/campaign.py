@@ -19,8 +19,9 @@ from .differential import CONFIGS, check_source
 from .ptprog import compared_frames, render
 
 SHARD_EXAMPLES = 20
-DEFAULT_SHRINK_BUDGET_S = 120.0      # wall clock a shard spends shrinking one failure
-RUN_TIMEOUT_S = 2.0                  # watchdog per run (a program runs in ~0.02 s; a livelock
+DEFAULT_SHRINK_RUNS = 150            # programs a shard runs while shrinking one failure (a
+                                     # count, not a time: the result must not depend on load)
+RUN_TIMEOUT_S = 5.0                  # watchdog per run (a program runs in ~0.02 s; a livelock
                                      # found while shrinking must not cost differential's 30 s)
 HEADER = "# x86shadow-fuzz: "        # the replay header line of a saved program (JSON)
 MODES = ("32", "pae", "64")
@@ -36,7 +37,7 @@ class Shard:
     host_events: bool = True
     planted_bug: str | None = None   # test-only (mmu/vm_mmu.py PLANTED_BUGS)
     deadline: float | None = None    # time.time() after which no new example starts
-    shrink_budget: float = DEFAULT_SHRINK_BUDGET_S
+    shrink_runs: int = DEFAULT_SHRINK_RUNS
 
     @property
     def hypothesis_seed(self) -> int:
@@ -103,7 +104,7 @@ class _ShardRun:
         self.last = None                    # (case, source, divergences) of the latest failure
         self.examples = 0
         self.runs = 0
-        self.shrink_until = None
+        self.shrink_runs_left = None
         self.stopped_early = False
 
     def __call__(self, case):
@@ -118,8 +119,10 @@ class _ShardRun:
         key = (source, case.host, case.host_seed)
         divs = self.cache.get(key)
         if divs is None:
-            if self.shrink_until is not None and time.time() > self.shrink_until:
-                return                      # shrink budget spent: only known failures fail
+            if self.shrink_runs_left is not None:
+                if self.shrink_runs_left <= 0:
+                    return                  # shrink budget spent: only known failures fail
+                self.shrink_runs_left -= 1
             self.runs += 1
             divs = divergences(source, sh.mode, self.configs, case.host, case.host_seed,
                                sh.planted_bug)
@@ -130,7 +133,7 @@ class _ShardRun:
             self.first = (case, source)
             # shrink against the configs that diverged only (the others cost time, show nothing)
             self.configs = [c for c in self.configs if any(d.startswith(c + ":") for d in divs)]
-            self.shrink_until = time.time() + sh.shrink_budget
+            self.shrink_runs_left = sh.shrink_runs
         self.last = (case, source, divs)
         raise _Divergent(divs[0])
 
