@@ -140,7 +140,7 @@ def test_locked_rmw_of_its_own_pte_sets_dirty_unlike_the_native_reference():
 def test_random_page_table_programs_match_the_native_mmu(rnd, mode):
     """Random page-table programs (window tables with random bits, self-maps, aliases, every
     store kind, misaligned and crossing, invlpg, CR3 reloads, CR0.WP toggles): every policy
-    leaves what --mmu native leaves. Bounded for CI; tools/fuzz_pagetables.py runs campaigns."""
+    leaves what --mmu native leaves. Bounded for CI; `x86shadow fuzz` runs campaigns."""
     spec = random_spec(random.Random(rnd.getrandbits(64)), mode, n_ops=12)
     native, shadows = run_source(render(spec), mode, compared_frames(mode))
     divergences = [d for s in shadows for d in compare(native, s, Layout(mode).pte_size)]

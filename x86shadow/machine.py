@@ -81,7 +81,8 @@ class Machine:
 
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
-                 host: HostConfig | None = None, cpu=None):
+                 host: HostConfig | None = None, cpu=None, planted_bug: str | None = None):
+        # planted_bug: test-only, breaks the shadow MMU on purpose (mmu/vm_mmu.py PLANTED_BUGS)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
@@ -132,7 +133,8 @@ class Machine:
                                 host=self.host,
                                 notifiers=host.notifiers if host is not None else "modern",
                                 break_flush=host is not None and host.break_flush,
-                                aging=host.aging if host is not None else None)
+                                aging=host.aging if host is not None else None,
+                                planted_bug=planted_bug)
             self.mem = self.vm_mmu.mem
             if self.host is not None:
                 from .memory.schedule import HostSchedule

@@ -68,9 +68,12 @@ class Divergence:
 
 
 def run_source(source: str, mode: str, frames, *, policies=CONFIGS,
-               max_insns=DEFAULT_MAX_INSNS, ram_mib=128, timeout=DEFAULT_TIMEOUT_S):
+               max_insns=DEFAULT_MAX_INSNS, ram_mib=128, timeout=DEFAULT_TIMEOUT_S,
+               host=None, planted_bug=None):
     """Assemble ``source`` and run it natively and under each policy (a config_label: a policy
-    name, or "kvm --unsync off"); returns (native Outcome, [shadow Outcome])."""
+    name, or "kvm --unsync off"); returns (native Outcome, [shadow Outcome]). ``host``: a
+    machine.HostConfig for the shadow runs (host events under the guest; the native run has
+    none); ``planted_bug``: test-only (mmu/vm_mmu.py PLANTED_BUGS)."""
     fd, path = tempfile.mkstemp(suffix=".asm", prefix="x86shadow-fuzz-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -80,14 +83,16 @@ def run_source(source: str, mode: str, frames, *, policies=CONFIGS,
         os.unlink(path)
     firmware = assemble_firmware(mode, ram_mib << 20)
     native = _run(program, firmware, mode, "native", None, frames, max_insns, ram_mib, timeout)
-    shadows = [_run(program, firmware, mode, "shadow", p, frames, max_insns, ram_mib, timeout)
+    shadows = [_run(program, firmware, mode, "shadow", p, frames, max_insns, ram_mib, timeout,
+                    host, planted_bug)
                for p in policies]
     return native, shadows
 
 
-def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib, timeout) -> Outcome:
+def _run(program, firmware, mode, mmu, policy, frames, max_insns, ram_mib, timeout, host=None,
+         planted_bug=None) -> Outcome:
     m = Machine(mode, mmu=mmu, policy=policy_of_label(policy) if policy else None,
-                ram_mib=ram_mib, audit=(mmu == "shadow"))
+                ram_mib=ram_mib, audit=(mmu == "shadow"), host=host, planted_bug=planted_bug)
     m.load(program, firmware)
     with Watchdog(m.vcpu, timeout):
         r = m.run(max_insns)

@@ -7,8 +7,8 @@ data frames, at themselves, at each other, at the window's directory or at the r
 of operations: stores of every kind (mov of each size, immediates, locked and unlocked
 read-modify-writes, xchg, cmpxchg, cmpxchg8b, xadd, bit operations, string stores, setcc),
 aligned, misaligned and page-crossing, through the window or through the identity map onto the
-table frames; loads; invlpg; CR3 reloads; CR0.WP toggles. After each operation it prints one line
-(operation number, faults taken, last error code and CR2, result registers and flags). After each
+table frames; loads; invlpg; CR3 reloads; CR0.WP toggles; EFER.NXE toggles (pae, 64). After
+each operation it prints one line (operation number, faults taken, last error code and CR2, result registers and flags). After each
 store it reloads CR3, so that no result depends on a stale TLB entry (which the architecture
 leaves undefined); global pages (G) are not enabled (CR4.PGE = 0).
 
@@ -136,6 +136,12 @@ class Spec:
 _RMW = ("or", "and", "xor", "add", "sub", "inc", "dec", "not", "neg", "bts", "btr", "btc",
         "xchg", "cmpxchg", "xadd", "cmpxchg8b")
 _OPS = ("mov", "movimm", "stos", "movs", "setcc", "load", "invlpg", "cr3", "wp") + _RMW
+_OPS_NX = _OPS + ("nx",)         # modes pae and 64: EFER.NXE toggles too
+
+
+def ops_of(mode):
+    """The operation kinds a program of ``mode`` draws from."""
+    return _OPS if mode == "32" else _OPS_NX
 
 
 def _random_pte(rng, lay: Layout, nxe: bool, present_bias=0.8):
@@ -195,11 +201,11 @@ def _random_target(rng, lay: Layout, size, win_ptes=None):
 
 
 def random_op(rng, lay: Layout, nxe: bool, win_ptes=None) -> Op:
-    kind = rng.choice(_OPS + ("mov", "mov", "load"))
+    kind = rng.choice(ops_of(lay.mode) + ("mov", "mov", "load"))
     wide = lay.mode == "64"
     if kind in ("invlpg",):
         return Op(kind, target=rng.choice((WINDOW, lay.window2)) + 0x1000 * rng.randrange(N_WIN))
-    if kind in ("cr3", "wp"):
+    if kind in ("cr3", "wp", "nx"):
         return Op(kind)
     if kind == "cmpxchg8b":
         size = 8
@@ -242,14 +248,26 @@ def random_op(rng, lay: Layout, nxe: bool, win_ptes=None) -> Op:
     return op
 
 
-def random_spec(rng: random.Random, mode: str, n_ops: int | None = None, seed=None) -> Spec:
+def random_tables(rng, mode: str) -> Spec:
+    """A Spec without operations: EFER.NXE at the start, the window tables' entries (random
+    bits, pointing at data frames, the tables themselves and each other) and the window
+    directory entries. ``rng``: anything with random.Random's random / choice / randrange /
+    getrandbits (the fuzzer passes hypothesis draws: fuzz/strategies.py)."""
     lay = Layout(mode)
     nxe = mode != "32" and rng.random() < 0.7
     win = [_random_pte(rng, lay, nxe, present_bias=0.85) for _ in range(2 * N_WIN)]
     pd1 = tuple(_PTE_P | _PTE_A | (_PTE_W if rng.random() < 0.8 else 0) |
                 (_PTE_U if rng.random() < 0.3 else 0) for _ in range(2))
+    return Spec(mode, nxe, win, pd1)
+
+
+def random_spec(rng: random.Random, mode: str, n_ops: int | None = None, seed=None) -> Spec:
+    spec = random_tables(rng, mode)
+    spec.seed = seed
     n = rng.randrange(4, 20) if n_ops is None else n_ops
-    return Spec(mode, nxe, win, pd1, [random_op(rng, lay, nxe, win) for _ in range(n)], seed=seed)
+    lay = Layout(mode)
+    spec.ops = [random_op(rng, lay, spec.nxe, spec.win_ptes) for _ in range(n)]
+    return spec
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -423,6 +441,10 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
     elif kind == "wp":
         a("mov rax, cr0" if a.wide else "mov eax, cr0", "xor eax, 0x10000",
           "mov cr0, rax" if a.wide else "mov cr0, eax")
+    elif kind == "nx":
+        # EFER.NXE toggled: NX (bit 63) in a pte becomes a reserved bit or back; the CR3
+        # reload below drops translations cached under the old setting
+        a("mov ecx, 0xc0000080", "rdmsr", "xor eax, 0x800", "wrmsr")
     else:
         raise ValueError(f"unknown op kind {kind!r}")
     a.label(done)
@@ -431,7 +453,7 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
     if a.wide:
         a("shr rax, 32", f"mov dword ptr [{V_RES + 4:#x}], eax", "shr rdx, 32",
           f"mov dword ptr [{V_RES2 + 4:#x}], edx")
-    if kind not in ("load", "invlpg", "cr3", "wp"):
+    if kind not in ("load", "invlpg", "cr3", "wp"):          # (after a store, and after nx)
         # the program invalidates after every store: what a stale TLB entry would give is
         # not defined by the architecture (the shadow MMU may drop an entry earlier than
         # Unicorn's TLB does), so no result may depend on one

@@ -37,18 +37,35 @@ class MMUError(Exception):
     """An internal inconsistency (reported, never silently ignored)."""
 
 
+# Test-only bugs the differential fuzzer must find (tests/test_fuzz.py, docs/FUZZ.md). Each
+# is read in exactly one place, named in its description.
+PLANTED_BUGS = {
+    "stale-spte-after-pte-write":
+        "drop_written_sptes keeps the leaf sptes of an emulated guest pte write, so the old "
+        "translation stays in the shadow table (the class of bug KVM's mmu_pte_write_zap_pte / "
+        "kvm_mmu_pte_write exist to prevent)",
+}
+
+
 class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
-                 "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point")
+                 "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point",
+                 "planted_bug")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
-                 notifiers="modern", break_flush=False, aging=None):
+                 notifiers="modern", break_flush=False, aging=None, planted_bug=None):
         """``mem``: guest RAM (a memory.ram.PhysMem, pfn == gfn). With a host memory manager
         ``host`` (memory.host.HostMM; ``mem`` is then None) guest-physical memory is a
         memory.guest_phys.GuestPhys view over the host's pages, and the MMU registers KVM's
         notifier of era ``notifiers`` on the host's mm, aging as ``aging`` says (mmu/aging.py;
-        None: the era's own variant)."""
+        None: the era's own variant). ``planted_bug``: test-only, a name from PLANTED_BUGS (the
+        MMU breaks on purpose so that the differential fuzzer's tests can find it; never set it
+        otherwise)."""
+        if planted_bug is not None and planted_bug not in PLANTED_BUGS:
+            raise ValueError(f"unknown planted bug {planted_bug!r} (choose from "
+                             f"{', '.join(PLANTED_BUGS)})")
+        self.planted_bug = planted_bug
         if host is not None:
             mem = GuestPhys(host, Memslots(host.npages), host.npages << 12)
         self.mem = mem
@@ -448,8 +465,9 @@ class VmMmu:
         """Drop every spte that shadows the written guest bytes (counting mmu_pde_zapped for
         non-leaf ones); the next access through them faults and re-reads the guest pte."""
         offset = gpa & 0xFFF
+        keep_leaves = self.planted_bug == "stale-spte-after-pte-write"     # test-only
         for sp in (self.shadow_pages_of(gpa >> 12) if sps is None else sps):
-            if sp.zapped:
+            if sp.zapped or (keep_leaves and sp.role.level == 1):
                 continue
             for idx in self.affected_sptes(sp, offset, size):
                 if sp.role.level > 1:
