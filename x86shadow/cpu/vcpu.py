@@ -376,7 +376,7 @@ class VCPU:
 
     def code_changed(self) -> None:
         """Guest memory changed behind the CPU (a debugger's write, between runs): drop every
-        translated block (UNICORN.md: writes into RAM never invalidate them) and, in shadow
+        translated block (measured on Unicorn 2.1.4: writes into RAM never invalidate them) and, in shadow
         mode, the TLB, so that the next fetch fill re-scans a changed code page for privileged
         instructions."""
         self.uc.ctl_flush_tb()
@@ -435,7 +435,7 @@ class VCPU:
             if self._rewritten and gfn in self._rewritten:
                 # the host replaced this page's contents (swap-in, migration, copy-on-write,
                 # poison) behind QEMU's back: code translated from what was there before must
-                # go (UNICORN.md: writes into the buffer never invalidate translated code). A
+                # go (measured on Unicorn 2.1.4: writes into the buffer never invalidate translated code). A
                 # page in the data state has none (a fetch makes it code; a store to a code
                 # page drops its translations)
                 self._rewritten.discard(gfn)
@@ -459,7 +459,7 @@ class VCPU:
                 self._retry_counted = True            # the storing instruction was counted
                 return False
             # Code pages R|X, data pages R|W: stores through an executable TLB entry take QEMU's
-            # slow path (UNICORN.md: 6-10x), so a page is executable only while it holds code.
+            # slow path (measured on Unicorn 2.1.4: 6-10x), so a page is executable only while it holds code.
             # A page that keeps flipping holds both; it gets R|W|X and QEMU's own SMC detection.
             if state == _CODE:
                 perms &= ~PERM_W
