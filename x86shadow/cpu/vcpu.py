@@ -435,8 +435,8 @@ class VCPU:
             if self._rewritten and gfn in self._rewritten:
                 # the host replaced this page's contents (swap-in, migration, copy-on-write,
                 # poison) behind QEMU's back: code translated from what was there before must
-                # go (measured on Unicorn 2.1.4: writes into the buffer never invalidate translated code). A
-                # page in the data state has none (a fetch makes it code; a store to a code
+                # go (measured on Unicorn 2.1.4: writes into the buffer never invalidate
+                # translated code). A page in the data state has none (a fetch makes it code; a store to a code
                 # page drops its translations)
                 self._rewritten.discard(gfn)
                 if state != _DATA and not self.invalidating:
