@@ -149,6 +149,51 @@ def test_large_guest_page_is_shadowed_by_a_direct_page(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_cr0_wp0_write_through_a_second_large_mapping_sets_its_dirty_bit(mode):
+    """kvm-unit-tests' check_large_pte_dirty_for_nowp: two clean, read-only, supervisor large
+    ptes map the same frame; CR0.WP=0. A read through the second, a write through the first,
+    then a write through the second must set the second pte's D bit: the supervisor write is
+    folded into the access before the direct page is chosen (FNAME(page_fault), Linux 3.8+),
+    so the first write's writable direct page is not the second mapping's read-only one."""
+    t, mmu = make(mode)
+    frame = 0 if mode == pg.Mode.LEGACY else 0x0020_0000     # data frames, below the tables
+    va1, va2 = 0x0080_0000, 0x00C0_0000
+    leaf1 = t.map(va1, frame, P, level=2)
+    leaf2 = t.map(va2, frame, P, level=2)
+    start(t, mmu, wp=False, **({"pse": True} if mode == pg.Mode.LEGACY else {}))
+    assert fill(mmu, va2, R)[2] == FILL_OK
+    assert t.rd(leaf2) & pg.PTE_A and not t.rd(leaf2) & pg.PTE_D
+    gpa, perms, kind = fill(mmu, va1, W)
+    assert kind == FILL_OK and perms & PERM_W and t.rd(leaf1) & pg.PTE_D
+    gpa, perms, kind = fill(mmu, va2, W)
+    assert kind == FILL_OK and perms & PERM_W
+    assert t.rd(leaf2) & pg.PTE_D, "the second mapping's first write did not set its D bit"
+    # the two writable mappings now share one direct page (same frame, same folded access)
+    direct = {sp for sp in mmu.vm.pages() if sp.role.direct and sp.role.access & pg.ACC_W}
+    assert len(direct) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("large", [False, True])
+def test_cr0_wp0_supervisor_write_to_a_user_page_under_smep_leaves_it_not_executable(mode, large):
+    """CR0.WP=0 and CR4.SMEP=1: a supervisor write to a read-only user page is shadowed as a
+    writable supervisor page, so it must also lose X: a supervisor fetch from it is still the
+    guest's SMEP #PF (FNAME(page_fault) / 3.0+ set_spte: "If we converted a user page to a
+    kernel page ... prevent the kernel from executing it if SMEP is enabled"; kvm-unit-tests'
+    check_smep_andnot_wp)."""
+    t, mmu = make(mode)
+    va = 0x0080_0000
+    if large:
+        t.map(va, 0 if mode == pg.Mode.LEGACY else 0x0020_0000, P | U, level=2)
+    else:
+        t.map(va, DATA, P | U)
+    start(t, mmu, wp=False, smep=True, **({"pse": True} if mode == pg.Mode.LEGACY else {}))
+    gpa, perms, kind = fill(mmu, va, W)
+    assert kind == FILL_OK and perms & PERM_W and not perms & PERM_X
+    assert fill(mmu, va, X)[2] == FILL_GUEST_FAULT
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_invlpg_keeps_synced_sptes(mode):
     # writes to shadowed tables are applied at once, so invlpg has nothing to resync
     t, mmu = make(mode)

@@ -392,9 +392,14 @@ class VmMmu:
         writable = bool(pte_access & _ACC_W)
         if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
             # CR0.WP=0: a supervisor write to a read-only page is allowed; KVM makes the spte
-            # writable and supervisor-only so that a later user access faults and is re-checked.
+            # writable and supervisor-only so that a later user access faults and is re-checked
+            # (and not executable under SMEP: FNAME(page_fault), Linux 3.8+; the fault path
+            # folds this into the access before the shadow pages are chosen, vcpu_mmu._fetch;
+            # here it is the indirect leaf, whose role's access lacks the W the fold added)
             writable = True
             user = False
+            if sp.role.smep:
+                pte_access &= ~_ACC_X
         if writable and not dirty:
             writable = False                      # dirty tracking: read-only until the first write
         if pfn is None:                           # (the fault path looked it up already)
