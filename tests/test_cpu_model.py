@@ -202,6 +202,18 @@ def test_unknown_msrs_fault_known_ones_do_not():
     assert model("qemu64", bits("lm", "nx")).rdmsr_fault(cm.MSR_TSC_AUX) is not None
 
 
+def test_amd_legacy_pmu_msrs_exist_on_amd_models_only():
+    amd = model("qemu64,vendor=AuthenticAMD")
+    for msr in range(0xC0010000, 0xC0010008):
+        assert amd.rdmsr_fault(msr) is None and amd.wrmsr_fault(msr, 0, 0, True) is None
+        assert HASWELL.rdmsr_fault(msr) is not None
+    assert amd.rdmsr_fault(0xC0010008) is not None
+    assert model("haswell,vendor=AuthenticAMD").rdmsr_fault(0xC0010000) is None
+    from x86shadow.cpu.model import make_model           # Unicorn's own qemu64 is AMD's
+    assert make_model("qemu64", 64).has_msr(0xC0010000)
+    assert not make_model("haswell", 64).has_msr(0xC0010000)
+
+
 def test_efer_rules():
     lme_lma = cm.EFER_LME | cm.EFER_LMA
     assert HASWELL.efer_write_fault(0, cm.EFER_NXE | cm.EFER_SCE | cm.EFER_LME, False) is None

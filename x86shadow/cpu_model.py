@@ -142,6 +142,13 @@ _KNOWN_MSRS = frozenset(
     + list(range(0x268, 0x270))           # MTRRfix4K_*
     + list(range(0x400, 0x400 + 4 * 10)))  # MCi_CTL/STATUS/ADDR/MISC, QEMU's 10 banks
 _MC_BANKS = (0x400, 0x400 + 4 * 10)
+# AMD's legacy performance counters, MSR_K7_EVNTSEL0..3 and MSR_K7_PERFCTR0..3: present on every
+# AMD CPU since the K7 (no CPUID bit announces them; AMD APM vol. 2, 13.2.1), so on an
+# AuthenticAMD model they read 0 and take writes, as KVM answers them for an AMD guest
+# (amd_pmu_get_pmc / amd_is_valid_msr, arch/x86/kvm/svm/pmu.c, Linux 6.18; before 6.9 x86.c
+# kvm_get_msr_common answered them for every guest). kvm-unit-tests' pmu_init resets them on
+# an AMD model (the pcid tests run on qemu64, which is AuthenticAMD).
+_AMD_K7_PMU_MSRS = range(0xC0010000, 0xC0010008)
 _CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_CSTAR, MSR_LSTAR})
 _MSRS_64 = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_FMASK, MSR_FS_BASE, MSR_GS_BASE,
                       MSR_KERNEL_GS_BASE})
@@ -354,8 +361,12 @@ class CpuModel:
         return cr3, None
 
     # ---------------------------------------------------------------- MSRs
+    def has_msr(self, index: int) -> bool:
+        """Does this model implement MSR ``index`` (known_msr, plus the vendor's own)?"""
+        return known_msr(index) or (self.vendor == "AuthenticAMD" and index in _AMD_K7_PMU_MSRS)
+
     def rdmsr_fault(self, index: int):
-        if not known_msr(index):
+        if not self.has_msr(index):
             return f"unknown MSR {index:#x}"
         if index == MSR_TSC_AUX and not (self.has("rdtscp") or self.has("rdpid")):
             return "IA32_TSC_AUX without RDTSCP or RDPID (kvm_get_msr_common)"
