@@ -141,22 +141,29 @@ def _step(world, actor, out) -> None:
 @dataclass
 class Report:
     interleavings: int = 0
+    random: int = 0                 # of which seeded random schedules
     states: int = 0
     seconds: float = 0.0
     violation: Outcome | None = None
 
 
 def explore(build, preemptions: int = 2, random_runs: int = 0, seed: int = 0,
-            stop=None) -> Report:
+            rep: Report | None = None) -> Report:
     """Every schedule of ``build`` with at most ``preemptions`` preemptions, depth first in a
     fixed order, then ``random_runs`` seeded random schedules; stops at the first violation.
-    ``stop()`` true: stop early (Ctrl-C), with the counts so far."""
+    ``rep``: the Report to fill as it goes (a caller interrupted by Ctrl-C keeps the counts)."""
     t0 = time.perf_counter()
-    rep = Report()
+    rep = rep if rep is not None else Report()
+    try:
+        _explore(build, preemptions, random_runs, seed, rep)
+    finally:
+        rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _explore(build, preemptions, random_runs, seed, rep) -> None:
     todo = [()]
     while todo:
-        if stop is not None and stop():
-            break
         prefix = todo.pop()
         out = run_schedule(build, prefix)
         rep.interleavings += 1
@@ -177,16 +184,13 @@ def explore(build, preemptions: int = 2, random_runs: int = 0, seed: int = 0,
     if rep.violation is None and random_runs:
         rng = random.Random(seed)
         for _ in range(random_runs):
-            if stop is not None and stop():
-                break
             out = run_schedule(build, rng=rng)
             rep.interleavings += 1
+            rep.random += 1
             rep.states += len(out.choices)
             if out.violation is not None:
                 rep.violation = out
                 break
-    rep.seconds = time.perf_counter() - t0
-    return rep
 
 
 def format_counterexample(out: Outcome) -> list:

@@ -305,6 +305,7 @@ class Lockless:
         flush, then the free the scheme chooses (each decision its own step)."""
         n = f"{len(pages)} page(s)"
         if "free-before-flush" in self.breaks:
+            yield Step(f"{who}: free {n} at once (before the flush)")
             self._free_now(pages)
             yield Step(f"{who}: remote flush (after the free)")
             yield from self.flush_remote_tlbs_steps(who)
