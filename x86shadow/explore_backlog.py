@@ -50,7 +50,8 @@ def run_load(scheme: str, delay, zaps: int = ZAPS, limit: int = LIMIT, bound: in
     vm = VmMmu(PhysMem(bytearray(RAM)), counters, max_pages=zaps + 16)
     lk = vm.lockless = Lockless(vm, scheme, limit=limit, bound=bound)
     t = GuestTables(pg.Mode.LONG, vm.mem, TABLES, TABLES_END)
-    v0, v1 = vm.add_vcpu(), vm.add_vcpu()
+    v0 = vm.add_vcpu()
+    vm.add_vcpu()                      # vcpu1: the zapper
     ctx = t.ctx()
     pages = [vm.get_page(ctx, i, 0, 1, True, ACC_ALL) for i in range(zaps)]
     zapper = zap_steps(vm, pages, "vcpu1 zap")

@@ -116,8 +116,8 @@ def _explore(scenario, args) -> int:
 def _counts(rep, args) -> str:
     rand = f" + {rep.random} random (seed {args.seed})" if rep.random else ""
     found = "1 violation" if rep.violation is not None else "no violation"
-    return (f"explored {rep.interleavings} interleavings{rand} ({rep.states} states) with at "
-            f"most {args.preemptions} preemptions: {found}")
+    return (f"explored {rep.interleavings - rep.random} interleavings with at most "
+            f"{args.preemptions} preemptions{rand} ({rep.states} states): {found}")
 
 
 def _backlog(args) -> int:
