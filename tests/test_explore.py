@@ -5,6 +5,7 @@ import pytest
 
 from x86shadow import paging as pg
 from x86shadow.cli import main
+from x86shadow.mmu.audit import AuditError, audit
 from x86shadow.counters import new_counters
 from x86shadow.explore import Actor, World, explore, format_counterexample, run_schedule
 from x86shadow.explore_backlog import run_load
@@ -25,6 +26,7 @@ BROKEN_FINDS = {
     "dirty-log": "FreedShadowPageAccess: dirty-log read",
     "notifier-flush": "HostViolation: a host page was freed while a vCPU's TLB may still map it",
     "seq-recheck": "holds pfn 0x10 but gfn 0x10 is backed by host pfn None",
+    "aging-rmap-lock": "RmapRace: rmap 0x10 changed while the ager held its lock bit",
 }
 
 
@@ -349,3 +351,69 @@ def test_cli_backlog(capsys):
 def test_guest_tables_for_the_scenarios_are_4_level():
     t = GuestTables(pg.Mode.LONG, PhysMem(bytearray(1 << 20)), 0x80000, 0xC0000)
     assert t.ctx().mode == pg.Mode.LONG
+
+
+@pytest.mark.parametrize("scheme", ["rcu-rate-limit", "rcu-sync"])
+def test_a_large_batch_keeps_the_bound(scheme):
+    """One commit of 10 pages (a root zapped with its children) while a dirty-log walker may
+    run: handed to call_rcu in chunks, waiting for grace periods in between."""
+    g = _Vm(scheme=scheme)
+    vm, lk = g.vm, g.vm.lockless
+    lk.limit, lk.bound = 2, 4
+    ctx = g.vcpus[0].ctx
+    pages = [vm.get_page(ctx, 0x20 + i, 0, 1, True, ACC_ALL) for i in range(10)]
+    lk.outside_begin("dirty-log")
+    for sp in pages:
+        vm.prepare_zap_page(sp, reason="test")
+    commit = vm.commit_zap_steps("test")
+    rcu = lk.rcu.steps()
+    rcu_step = next(rcu)
+    ended, waiting = _drive(commit)
+    assert not ended and lk.backlog <= lk.backlog_bound()
+    lk.outside_end("dirty-log")              # the walker leaves: grace periods can end
+    for _ in range(100):
+        if rcu_step.can_run():
+            rcu_step = rcu.send(None)
+        if not ended and waiting.can_run():
+            try:
+                waiting = commit.send(None)
+            except StopIteration:
+                ended = True
+        assert lk.backlog <= lk.backlog_bound()
+        audit(vm)
+    assert ended and lk.backlog == 0 and all(sp.freed for sp in pages)
+
+
+def test_audit_checks_the_lockless_bookkeeping():
+    g = _Vm(scheme="rcu-readers")
+    v0 = g.vcpus[0]
+    lk = g.vm.lockless
+    lk.walk_begin(v0)
+    run_steps(_zap(g.vm, g.leaf_page(v0)))
+    audit(g.vm)                              # one page waiting, one reader: consistent
+    lk.deferred[0].freed = True
+    with pytest.raises(AuditError, match="waits for a grace period but is freed"):
+        audit(g.vm)
+    lk.deferred[0].freed = False
+    lk.reader_counter += 1
+    with pytest.raises(AuditError, match="reader_counter 2 but 1 RCU readers"):
+        audit(g.vm)
+
+
+def test_ctrl_c_keeps_the_counts(capsys, monkeypatch):
+    from x86shadow import stopping
+    from x86shadow.explore_scenarios import Scenario
+    real = SCENARIOS["c1-irq"]
+    calls = [0]
+
+    def build(broken):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise stopping.Stop(130, "interrupted")
+        return real.build(broken)
+    monkeypatch.setitem(SCENARIOS, "c1-irq", Scenario("c1-irq", real.description, real.correct,
+                                                      real.broken, build))
+    status, out, err = _run(capsys, "c1-irq")
+    assert status == 130
+    assert "explored 3 interleavings with at most 2 preemptions" in out
+    assert "x86shadow: interrupted (after 3 interleavings)" in err

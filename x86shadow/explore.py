@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .steps import Step
+from .stopping import Stop
 
 
 class Violation(Exception):
@@ -125,8 +126,8 @@ def _step(world, actor, out) -> None:
     out.trace.append((actor.name, actor.step.label))
     try:
         actor._resume()
-    except Violation:
-        raise
+    except (Violation, Stop):
+        raise                   # (Stop: Ctrl-C / SIGTERM, not a finding)
     except Exception as e:      # noqa: BLE001 - what the real code raised is the finding
         raise Violation(f"{type(e).__name__}: {e}") from None
     if world.check is not None:

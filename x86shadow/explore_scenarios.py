@@ -181,6 +181,30 @@ def fault_steps(g, v, times=1, va=VA, who=None):
         yield r
 
 
+def aging_actor(vm, gen, who):
+    """mmu/aging.py's stepped actors report after a step (("rmap", gfn), ("cleared", gfn),
+    ...) and yield ("spin", what) while a lock they need is held; as explorer steps, each
+    resumes where the report was made, and a spin can run once that lock is free."""
+    lock = vm.mmu_lock
+
+    def free(what):
+        if what == "mmu_lock":
+            return lambda: lock.holder is None
+        gfn = int(what.split()[1], 16)               # "rmap 0x10"
+        return lambda: lock.rmap.holder(gfn) is None
+    yield Step(f"{who}: start")
+    while True:
+        try:
+            what = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if what[0] == "spin":
+            yield Step(f"{who}: take {what[1]} (held: spin until it is free)", ready=free(what[1]))
+        else:
+            done = " ".join(f"{x:#x}" if isinstance(x, int) else str(x) for x in what[:2])
+            yield Step(f"{who}: go on (after: {done})")
+
+
 # ---------------------------------------------------------------------- the scenarios
 def _c1(broken):
     g = _Vm(scheme="irq", breaks=("free-before-flush",) if broken else ())
@@ -252,6 +276,24 @@ def _seq_recheck(broken):
                     Actor("host", g.host.swap_out_steps(index))])
 
 
+VA2 = 0x0060_0000               # a second mapping of DATA (kernel direct map + user mapping)
+
+
+def _aging(broken):
+    from .mmu.aging import Aging, zap_spte_steps
+    g = _Vm(vcpus=1)
+    v0 = g.vcpus[0]
+    g.t.map(VA2, DATA, PWU | pg.PTE_A | pg.PTE_D)
+    g.access(v0, VA2)                               # rmap[DATA] has two sptes, both young
+    vm = g.vm
+    (sp, idx), _ = list(vm.rmap[DATA >> 12])
+    ager = Aging(vm, "6.15", "modern")
+    return g.world([Actor("aging", aging_actor(vm, ager.steps([DATA >> 12], "clear"), "aging")),
+                    Actor("zapper", aging_actor(vm, zap_spte_steps(vm, sp, idx, "zapper",
+                                                                   rmap_bit=not broken),
+                                                "zapper"))])
+
+
 SCENARIOS = {s.name: s for s in (
     Scenario("c1-irq",
              "C1: vcpu0 walks the shadow tables locklessly (IRQs off, READING_SHADOW_PAGE_TABLES) "
@@ -296,4 +338,10 @@ SCENARIOS = {s.name: s for s in (
              "the re-check sees the sequence moved: nothing installed, the fault retries",
              "the fault installs the pfn without the re-check (a freed host page)",
              _seq_recheck),
+    Scenario("aging-rmap-lock",
+             "DESIGN 7 / checklist D2 (6.15 lockless aging): the ager holds the rmap's lock bit "
+             "while an mmu_lock holder zaps one of its sptes",
+             "pte_list_remove takes the rmap bit: the writer spins until the ager is done",
+             "pte_list_remove without the rmap bit: the chain changes under the ager "
+             "(RmapRace)", _aging),
 )}

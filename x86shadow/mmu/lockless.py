@@ -24,8 +24,8 @@ scheme* of ``kvm_mmu_commit_zap_page``. The schemes KVM had or discussed, select
   ``call_rcu``. Marcelo Tosatti's objection (2013-10-07): "This is unbounded" (RCU's
   checklist: call_rcu users must limit their update rate).
 * ``rcu-rate-limit`` -- his first alternative: at most ``limit`` pages handed to call_rcu per
-  grace period; past it the freer waits for a grace period to end (backlog <= 2 * limit: the
-  pages of the grace period in progress and of the one waiting to start).
+  grace period; past it the freer waits for the next grace period to start (backlog <= 2 *
+  limit: the pages of the grace period in progress and of the one waiting to start).
 * ``rcu-sync`` -- his second: ``synchronize_rcu`` when the backlog would pass ``bound`` (the
   freer waits until a grace period that started after it has ended, which frees everything
   queued before). Caveat: KVM frees under mmu_lock, a spinlock, where synchronize_rcu may not
@@ -330,24 +330,32 @@ class Lockless:
         if not self.rcu_free_shadow_page:
             self._free_now(pages)
             return
+        if scheme == "rcu-always":
+            self._call_rcu(pages)              # every free while the flag is set
+            return
+        # the bounded schemes hand the pages over in chunks of at most LIMIT / BOUND, so that a
+        # large batch (a root zapped with its children) keeps the bound too
         rcu = self.rcu
-        if scheme == "rcu-rate-limit":
-            if rcu.started != self.window_gp:
-                self.window_gp, self.window_queued = rcu.started, 0
-            if self.window_queued and self.window_queued + len(pages) > self.limit:
-                target = rcu.started + 1
-                rcu.sync_wanted += 1
-                yield Step(f"{who}: rate limit ({self.limit} per grace period) reached: "
-                           "wait until the next grace period starts",
-                           ready=lambda: rcu.started >= target)
-                self.window_gp, self.window_queued = rcu.started, 0
-            self.window_queued += len(pages)
-        elif scheme == "rcu-sync" and self.backlog + len(pages) > self.bound:
-            yield from rcu.synchronize_steps(who)
-            if not self.rcu_free_shadow_page:
-                self._free_now(pages)
-                return
-        self._call_rcu(pages)                  # rcu-always: every free while the flag is set
+        size = self.limit if scheme == "rcu-rate-limit" else self.bound
+        for at in range(0, len(pages), size):
+            chunk = pages[at:at + size]
+            if scheme == "rcu-rate-limit":
+                if rcu.started != self.window_gp:
+                    self.window_gp, self.window_queued = rcu.started, 0
+                if self.window_queued and self.window_queued + len(chunk) > self.limit:
+                    target = rcu.started + 1
+                    rcu.sync_wanted += 1
+                    yield Step(f"{who}: rate limit ({self.limit} per grace period) reached: "
+                               "wait until the next grace period starts",
+                               ready=lambda: rcu.started >= target)
+                    self.window_gp, self.window_queued = rcu.started, 0
+                self.window_queued += len(chunk)
+            elif self.backlog + len(chunk) > self.bound:
+                yield from rcu.synchronize_steps(who)
+                if not self.rcu_free_shadow_page:
+                    self._free_now(pages[at:])
+                    return
+            self._call_rcu(chunk)
 
 
 def spte_walk_steps(vcpu, va: int, who: str | None = None):
