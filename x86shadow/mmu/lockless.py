@@ -317,16 +317,15 @@ class Lockless:
             self._free_now(pages)
             return
         if scheme == "rcu-readers":
-            yield Step(f"{who}: reader_counter is {self.reader_counter}: "
-                       + ("free at once" if not self.reader_counter
-                          or "free-ignoring-readers" in self.breaks else "call_rcu"))
+            yield Step(f"{who}: read reader_counter: non-zero -> call_rcu, else free {n}"
+                       + (" (broken: free whatever it says)"
+                          if "free-ignoring-readers" in self.breaks else ""))
             if self.reader_counter and "free-ignoring-readers" not in self.breaks:
                 self._call_rcu(pages)          # 3.4: kvm_mmu_isolate_pages + call_rcu
             else:
                 self._free_now(pages)
             return
-        yield Step(f"{who}: rcu_free_shadow_page is {bool(self.rcu_free_shadow_page)}: "
-                   + ("call_rcu" if self.rcu_free_shadow_page else f"free {n} at once"))
+        yield Step(f"{who}: read rcu_free_shadow_page: set -> call_rcu, else free {n}")
         if not self.rcu_free_shadow_page:
             self._free_now(pages)
             return

@@ -328,15 +328,8 @@ class VmMmu:
 
     def commit_zap(self) -> None:
         """kvm_mmu_commit_zap_page: every vCPU's TLB is flushed before the pages are freed."""
-        if self.lockless is None:
-            if not self.invalid_list:
-                return
-            self.request_all(REQ_TLB_FLUSH)
-            for sp in self.invalid_list:
-                sp.freed = True
-            self.invalid_list.clear()
-            return
-        run_steps(self.commit_zap_steps())
+        if self.invalid_list:
+            run_steps(self.commit_zap_steps())
 
     def commit_zap_steps(self, who: str = "zapper"):
         """commit_zap as a stepped actor (x86shadow/steps.py): with lockless walkers the flush
