@@ -9,7 +9,7 @@ from x86shadow.mmu.audit import AuditError, audit
 from x86shadow.counters import new_counters
 from x86shadow.explore import Actor, World, explore, format_counterexample, run_schedule
 from x86shadow.explore_backlog import run_load
-from x86shadow.explore_scenarios import ACC_ALL, SCENARIOS, VA, _Vm
+from x86shadow.explore_scenarios import ACC_ALL, SCENARIOS, VA, SmallVm
 from x86shadow.guesttables import GuestTables
 from x86shadow.memory.ram import PhysMem
 from x86shadow.mmu.lockless import (READING_SHADOW_PAGE_TABLES, FreedShadowPageAccess,
@@ -98,7 +98,7 @@ def _drive(gen):
 
 
 def test_irq_the_free_waits_for_the_walkers_ipi_acknowledgement():
-    g = _Vm(scheme="irq")
+    g = SmallVm(scheme="irq")
     v0 = g.vcpus[0]
     leaf = g.leaf_page(v0)
     lk = g.vm.lockless
@@ -122,7 +122,7 @@ def run_steps_from(gen, step):
 
 
 def test_irq_without_walkers_frees_at_once_through_the_plain_commit():
-    g = _Vm(scheme="irq")
+    g = SmallVm(scheme="irq")
     leaf = g.leaf_page(g.vcpus[0])
     g.vm.zap_page(leaf)
     assert leaf.freed and not g.vm.invalid_list
@@ -130,7 +130,7 @@ def test_irq_without_walkers_frees_at_once_through_the_plain_commit():
 
 @pytest.mark.parametrize("reader", [False, True])
 def test_rcu_readers_defers_only_while_a_reader_is_active(reader):
-    g = _Vm(scheme="rcu-readers")
+    g = SmallVm(scheme="rcu-readers")
     v0 = g.vcpus[0]
     leaf = g.leaf_page(v0)
     lk = g.vm.lockless
@@ -146,7 +146,7 @@ def test_rcu_readers_defers_only_while_a_reader_is_active(reader):
 
 
 def test_rcu_always_defers_every_free_while_a_walker_outside_vcpu_context_may_run():
-    g = _Vm(scheme="rcu-always")
+    g = SmallVm(scheme="rcu-always")
     vm, lk = g.vm, g.vm.lockless
     ctx = g.vcpus[0].ctx
     pages = [vm.get_page(ctx, 0x20 + i, 0, 1, True, ACC_ALL) for i in range(5)]
@@ -186,7 +186,7 @@ def test_a_reader_that_never_leaves_grows_rcu_always_without_bound_and_hangs_the
 
 
 def test_lockless_read_of_a_freed_page_raises():
-    g = _Vm(scheme="irq")
+    g = SmallVm(scheme="irq")
     v0 = g.vcpus[0]
     leaf = g.leaf_page(v0)
     assert run_steps(spte_walk_steps(v0, VA)) & 1          # present leaf spte
@@ -357,7 +357,7 @@ def test_guest_tables_for_the_scenarios_are_4_level():
 def test_a_large_batch_keeps_the_bound(scheme):
     """One commit of 10 pages (a root zapped with its children) while a dirty-log walker may
     run: handed to call_rcu in chunks, waiting for grace periods in between."""
-    g = _Vm(scheme=scheme)
+    g = SmallVm(scheme=scheme)
     vm, lk = g.vm, g.vm.lockless
     lk.limit, lk.bound = 2, 4
     ctx = g.vcpus[0].ctx
@@ -385,7 +385,7 @@ def test_a_large_batch_keeps_the_bound(scheme):
 
 
 def test_audit_checks_the_lockless_bookkeeping():
-    g = _Vm(scheme="rcu-readers")
+    g = SmallVm(scheme="rcu-readers")
     v0 = g.vcpus[0]
     lk = g.vm.lockless
     lk.walk_begin(v0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .steps import Step
 from .stopping import Stop
@@ -59,13 +59,12 @@ class Actor:
 
 @dataclass
 class World:
-    """One fresh run of a scenario: its actors, its checks, and what to print."""
+    """One fresh run of a scenario: its actors and its checks."""
     actors: list
     check: object = None            # () -> None, raises Violation
     audit: object = None            # () -> None (mmu/audit.py over the VM), when mmu_lock is free
     lock_free: object = None        # () -> bool: mmu_lock is not held
     final: object = None            # () -> None, raises Violation: checks at the end
-    notes: list = field(default_factory=list)
 
 
 @dataclass

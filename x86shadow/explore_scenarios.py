@@ -42,7 +42,7 @@ class Scenario:
     build: object               # (broken: bool) -> World
 
 
-class _Vm:
+class SmallVm:
     """A small VM: a 4-level guest with VA -> DATA, vCPUs on its CR3, optionally a host memory
     manager under guest RAM and a lockless scheme."""
 
@@ -207,7 +207,7 @@ def aging_actor(vm, gen, who):
 
 # ---------------------------------------------------------------------- the scenarios
 def _c1(broken):
-    g = _Vm(scheme="irq", breaks=("free-before-flush",) if broken else ())
+    g = SmallVm(scheme="irq", breaks=("free-before-flush",) if broken else ())
     v0, v1 = g.vcpus
     leaf = g.leaf_page(v0)
     return g.world([Actor("vcpu0-walk", spte_walk_steps(v0, VA, "vcpu0 walk")),
@@ -215,7 +215,7 @@ def _c1(broken):
 
 
 def _c2(broken):
-    g = _Vm(scheme="rcu-readers", breaks=("free-ignoring-readers",) if broken else ())
+    g = SmallVm(scheme="rcu-readers", breaks=("free-ignoring-readers",) if broken else ())
     v0, v1 = g.vcpus
     leaf = g.leaf_page(v0)
     return g.world([Actor("vcpu0-walk", spte_walk_steps(v0, VA, "vcpu0 walk")),
@@ -228,7 +228,7 @@ BACKLOG_ZAPS = 6
 
 
 def _c2_backlog(broken):
-    g = _Vm(scheme="rcu-always" if broken else "rcu-sync", bound=BACKLOG_BOUND)
+    g = SmallVm(scheme="rcu-always" if broken else "rcu-sync", bound=BACKLOG_BOUND)
     vm = g.vm
     g.access(g.vcpus[0], VA, pg.PFERR_W)
     ctx = g.vcpus[0].ctx
@@ -239,7 +239,7 @@ def _c2_backlog(broken):
 
 
 def _c3(broken):
-    g = _Vm(vcpus=3, scheme="irq", breaks=("ipi-in-guest-only",) if broken else ())
+    g = SmallVm(vcpus=3, scheme="irq", breaks=("ipi-in-guest-only",) if broken else ())
     v0, v1, v2 = g.vcpus
     g.vm.lockless.mode[v2.id] = IN_GUEST_MODE       # vcpu2 runs the guest: kicked either way
     leaf = g.leaf_page(v0)
@@ -248,7 +248,7 @@ def _c3(broken):
 
 
 def _dirty_log(broken):
-    g = _Vm(scheme="irq" if broken else "rcu-always")
+    g = SmallVm(scheme="irq" if broken else "rcu-always")
     vm = g.vm
     v0 = g.vcpus[0]
     g.access(v0, VA, pg.PFERR_W)                    # a writable spte for dirty logging to protect
@@ -259,7 +259,7 @@ def _dirty_log(broken):
 
 
 def _notifier_flush(broken):
-    g = _Vm(vcpus=1, host=True, break_flush=broken)
+    g = SmallVm(vcpus=1, host=True, break_flush=broken)
     v0 = g.vcpus[0]
     index = g.vm.memslots.gfn_to_index(DATA >> 12)
     g.access(v0)                                    # vcpu0's TLB maps the page
@@ -268,7 +268,7 @@ def _notifier_flush(broken):
 
 
 def _seq_recheck(broken):
-    g = _Vm(vcpus=1, host=True)
+    g = SmallVm(vcpus=1, host=True)
     g.vm.notifier.break_retry = broken
     v0 = g.vcpus[0]
     index = g.vm.memslots.gfn_to_index(DATA >> 12)
@@ -281,7 +281,7 @@ VA2 = 0x0060_0000               # a second mapping of DATA (kernel direct map + 
 
 def _aging(broken):
     from .mmu.aging import Aging, zap_spte_steps
-    g = _Vm(vcpus=1)
+    g = SmallVm(vcpus=1)
     v0 = g.vcpus[0]
     g.t.map(VA2, DATA, PWU | pg.PTE_A | pg.PTE_D)
     g.access(v0, VA2)                               # rmap[DATA] has two sptes, both young

@@ -6,7 +6,8 @@ The protocol is "announce, then do": each ``yield`` hands out a ``Step`` naming 
 generator will carry out when it is resumed, and ``ready`` (None: always) tells whether that
 step can run now (a lock it takes is free, the IPIs it waits for were acknowledged, a grace
 period it waits for has ended). A resumed generator runs exactly the announced step and then
-announces the next one; returning ends the actor. Because the condition is known before the
+announces the next one; returning ends the actor. Code before the first ``yield`` runs when the
+actor is started (its setup, before any step is scheduled). Because the condition is known before the
 step runs, an actor that cannot run is simply not chosen, and no step is an empty spin.
 """
 from __future__ import annotations
