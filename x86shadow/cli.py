@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     add_trace_parser(sub)                   # x86shadow trace show (x86shadow/trace_view.py)
     add_diff_parser(sub)                    # x86shadow diff (x86shadow/diff_cli.py)
+    from .explore_cli import add_explore_parser
+    add_explore_parser(sub)                 # x86shadow explore (x86shadow/explore_cli.py)
     from .fuzz.command import add_fuzz_parser
     add_fuzz_parser(sub)                    # x86shadow fuzz (x86shadow/fuzz/command.py)
     from .sweep import add_sweep_parser

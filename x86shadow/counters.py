@@ -14,6 +14,7 @@ COUNTER_NAMES = (
     "emulate_ahead", "wp_faults", "guest_insns",
     "pf_retry", "pte_prefetch_retry", "mmu_notifier_invalidate", "mmu_notifier_zapped",
     "mmu_notifier_flush", "mmu_notifier_flush_deferred",
+    "mmu_deferred_free", "mmu_deferred_peak", "rcu_grace_periods",
     "host_swap_out", "host_swap_in", "host_swap_young", "host_migrate", "host_ksm_merge",
     "host_cow_break", "host_munmap",
 )

@@ -30,6 +30,7 @@ from collections import deque
 from typing import NamedTuple
 
 from ..events import HOST_OP, HOST_TIMING, MMU_NOTIFIER
+from ..steps import Step, run_steps
 
 PAGE = 4096
 PAGE_POISON = 0xAA                   # include/linux/poison.h PAGE_POISON
@@ -282,17 +283,26 @@ class HostMM:
         2.6.27 clears the pte, then ``invalidate_page`` (ptep_clear_flush_notify); 6.x brackets
         the pte change with ``invalidate_range_start``/``end``. ``body()`` runs where the new pte
         is written (inside the bracket in 6.x)."""
+        run_steps(self._unmap_one_steps(index, new_state, body))
+
+    def _unmap_one_steps(self, index, new_state, body=None):
+        """_unmap_one as a stepped actor (x86shadow/steps.py): one step per notifier call (and
+        in 6.x the pte change between them)."""
         if self.era == "2008":
+            yield Step(f"host: clear the pte of hva {self.hva(index):#x}, invalidate_page")
             self.pt[index] = new_state
             self._invalidate_page(index)
             if body is not None:
                 body()
-        else:
-            self._range_start(index, index + 1)
-            self.pt[index] = new_state
-            if body is not None:
-                body()
-            self._range_end(index, index + 1)
+            return
+        yield Step(f"host: invalidate_range_start hva {self.hva(index):#x}")
+        self._range_start(index, index + 1)
+        yield Step(f"host: change the pte of hva {self.hva(index):#x}")
+        self.pt[index] = new_state
+        if body is not None:
+            body()
+        yield Step(f"host: invalidate_range_end hva {self.hva(index):#x}")
+        self._range_end(index, index + 1)
 
     def _timing(self):
         """perf_counter now if someone observes host timings (events.HOST_TIMING), else None."""
@@ -328,6 +338,11 @@ class HostMM:
         ``honour_young`` the page is first aged (``clear_flush_young``; 2.6.27 try_to_unmap_one
         returns SWAP_FAIL for a young page) and kept if young; without it the page goes
         regardless (MADV_PAGEOUT). Returns True if the page was swapped out."""
+        return run_steps(self.swap_out_steps(index, honour_young))
+
+    def swap_out_steps(self, index: int, honour_young: bool = False):
+        """swap_out as a stepped actor (the interleaving explorer runs it against the MMU):
+        the unmap's notifier calls, then the writeback and the free, one step each."""
         pfn = self.current(index)
         if pfn is None or index in self.readonly:
             return False                            # (KSM pages are not swapped here)
@@ -338,8 +353,12 @@ class HostMM:
             return False
         self._count("host_swap_out")
         self._trace("swap_out", hva=self.hva(index), pfn=pfn)
-        self._unmap_one(index, _SWAPPED)
-        self.swap[index] = self.pages.read_page(pfn)      # pageout: the writeback
+        # the contents are in the swap store from the pte change on (shrink_page_list puts the
+        # page in the swap cache, add_to_swap, before try_to_unmap), so a fault between the
+        # unmap and the free swaps them in
+        yield from self._unmap_one_steps(
+            index, _SWAPPED, lambda: self.swap.__setitem__(index, self.pages.read_page(pfn)))
+        yield Step(f"host: free host page {pfn:#x} (after the notifier returned)")
         self.pages.release_page(pfn)
         self._timed("op", t0)
         return True

@@ -394,18 +394,20 @@ def _take_rmap_bit(vm, gfn, who):
         yield ("spin", f"rmap {gfn:#x}")
 
 
-def zap_spte_steps(vm, sp, idx, who: str = "zapper"):
+def zap_spte_steps(vm, sp, idx, who: str = "zapper", rmap_bit: bool = True):
     """An rmap writer as a generator, for interleaving tests (model checklist D2): 6.15
     kvm_zap_one_rmap_spte under mmu_lock (write) -- the spte is cleared first
     (mmu_spte_clear_track_bits: the sptes are not under the rmap bit), then pte_list_remove,
     which needs the rmap's lock bit and spins while the ager holds it. Yields ("spin", ...)
-    while waiting, ("cleared", gfn) after clearing the spte."""
+    while waiting, ("cleared", gfn) after clearing the spte. ``rmap_bit`` False (the broken
+    variant of x86shadow explore's aging-rmap-lock scenario): pte_list_remove without the bit."""
     yield from _take_mmu_lock(vm, who)
     try:
         gfn = sp.gfns[idx]
         sp.spt[idx] = 0
         yield ("cleared", gfn)
-        yield from _take_rmap_bit(vm, gfn, who)
+        if rmap_bit:
+            yield from _take_rmap_bit(vm, gfn, who)
         try:
             entries = vm.rmap.get(gfn)
             if entries is not None:
@@ -415,7 +417,8 @@ def zap_spte_steps(vm, sp, idx, who: str = "zapper"):
             sp.gfns[idx] = None
             sp.gptes[idx] = None
         finally:
-            vm.mmu_lock.rmap.unlock(gfn, who)
+            if rmap_bit:
+                vm.mmu_lock.rmap.unlock(gfn, who)
         vm.request_all(REQ_TLB_FLUSH)
     finally:
         vm.mmu_lock.release(who)

@@ -10,7 +10,10 @@ Checks, after an exit:
   maps the page writable;
 * parent/child links agree both ways, and root counts match the roots of every vCPU;
 * write tracking counts exactly the shadow pages of each frame plus the PAE PDPTs in use;
-* no zapped page is left uncommitted on the invalid list.
+* no zapped page is left uncommitted on the invalid list;
+* with lockless walks (mmu/lockless.py): every page waiting for a grace period is zapped, not
+  freed and no longer hashed, the backlog is within the scheme's bound, the reader count and the
+  vCPU modes agree with the walkers inside their read side.
 """
 from __future__ import annotations
 
@@ -165,6 +168,8 @@ def audit(vm) -> None:
     if dict(vm.write_track) != want:
         p(f"write tracking {dict(vm.write_track)} but shadows and PDPTs need {want}")
     _audit_unsync(vm, p)
+    if vm.lockless is not None:
+        _audit_lockless(vm, p)
     if problems:
         raise AuditError("shadow MMU audit failed:\n  " + "\n  ".join(problems[:20]) +
                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
@@ -202,3 +207,23 @@ def _audit_unsync(vm, p) -> None:
         p(f"mmu_unsync is {vm.counters['mmu_unsync']} but {n_unsync} pages are unsync")
     if rules:
         rules.audit(vm, p)
+
+
+def _audit_lockless(vm, p) -> None:
+    from .lockless import IN_GUEST_MODE, READING_SHADOW_PAGE_TABLES
+    lk = vm.lockless
+    for sp in lk.deferred:
+        if not sp.zapped or sp.freed:
+            p(f"{sp} waits for a grace period but is {'freed' if sp.freed else 'not zapped'}")
+        if vm.hash.get((sp.gfn, sp.role)) is sp:
+            p(f"{sp} waits for a grace period but is still hashed")
+    bound = lk.backlog_bound()
+    if bound is not None and lk.backlog > bound:
+        p(f"{lk.backlog} pages wait for a grace period, over the {lk.scheme} bound {bound}")
+    if lk.scheme == "rcu-readers" and lk.reader_counter != len(lk.rcu.readers):
+        p(f"reader_counter {lk.reader_counter} but {len(lk.rcu.readers)} RCU readers")
+    if lk.reader_counter < 0 or lk.rcu_free_shadow_page < 0:
+        p("a lockless walk ended more often than it began")
+    for vid, mode in lk.mode.items():
+        if mode not in (IN_GUEST_MODE, READING_SHADOW_PAGE_TABLES):
+            p(f"vcpu{vid} in unknown mode {mode!r}")

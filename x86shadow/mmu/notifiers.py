@@ -49,6 +49,9 @@ class KvmNotifier:
         self.era = era
         self.aging = Aging(vm, aging, era)   # the aging variant (mmu/aging.py); None: the era's
         self.break_flush = break_flush
+        # explorer and tests only: the fault installs its pfn without the sequence re-check
+        # (the broken variant of x86shadow explore's seq-recheck scenario; read in retry())
+        self.break_retry = False
         self.seq = 0                    # mmu_notifier_seq (2008) / mmu_invalidate_seq (modern)
         self.count = 0                  # mmu_notifier_count / mmu_invalidate_in_progress
         self.range_start = _INVALID_GFN  # modern: the union range of invalidations in progress
@@ -63,6 +66,8 @@ class KvmNotifier:
         """Must a fault that snapshotted ``seq`` before gfn -> pfn install nothing for gfn?
         2008 mmu_notifier_retry: an invalidation in progress, or the sequence moved. Modern
         mmu_invalidate_retry_gfn: in progress *and* gfn inside the union range, or moved."""
+        if self.break_retry:
+            return False
         if self.era == "2008":
             return self.count != 0 or self.seq != seq
         if self.count and self.range_start <= gfn < self.range_end:

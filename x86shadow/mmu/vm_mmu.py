@@ -27,6 +27,7 @@ from ..memory.host import Pfn
 from .mmu_lock import MmuLock
 from .notifiers import KvmNotifier
 from .spte import SPTE_A, SPTE_FRAME, SPTE_P, SPTE_W, make_spte
+from ..steps import run_steps
 
 
 
@@ -51,17 +52,19 @@ class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
                  "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point",
-                 "planted_bug")
+                 "planted_bug", "lockless")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
-                 notifiers="modern", break_flush=False, aging=None, planted_bug=None):
+                 notifiers="modern", break_flush=False, aging=None, planted_bug=None,
+                 lockless=None):
         """``mem``: guest RAM (a memory.ram.PhysMem, pfn == gfn). With a host memory manager
         ``host`` (memory.host.HostMM; ``mem`` is then None) guest-physical memory is a
         memory.guest_phys.GuestPhys view over the host's pages, and the MMU registers KVM's
         notifier of era ``notifiers`` on the host's mm, aging as ``aging`` says (mmu/aging.py;
         None: the era's own variant). ``planted_bug``: test-only, a name from PLANTED_BUGS (the
         MMU breaks on purpose so that the differential fuzzer's tests can find it; never set it
-        otherwise)."""
+        otherwise). ``lockless``: the freeing scheme for lockless shadow walks (mmu/lockless.py
+        SCHEMES, or a ``Lockless``); None: no lockless walkers, pages are freed at commit."""
         if planted_bug is not None and planted_bug not in PLANTED_BUGS:
             raise ValueError(f"unknown planted bug {planted_bug!r} (choose from "
                              f"{', '.join(PLANTED_BUGS)})")
@@ -101,6 +104,10 @@ class VmMmu:
         self.next_id = 0
         # KVM: 2% of RAM pages (KVM_PERMILLE_MMU_PAGES 20), at least 64
         self.max_pages = max_pages or max(64, (self.ram_frames * 20) // 1000)
+        if isinstance(lockless, str):
+            from .lockless import Lockless
+            lockless = Lockless(self, lockless)
+        self.lockless = lockless
 
     def add_vcpu(self):
         from .vcpu_mmu import VcpuMmu
@@ -321,12 +328,23 @@ class VmMmu:
 
     def commit_zap(self) -> None:
         """kvm_mmu_commit_zap_page: every vCPU's TLB is flushed before the pages are freed."""
-        if not self.invalid_list:
+        if self.invalid_list:
+            run_steps(self.commit_zap_steps())
+
+    def commit_zap_steps(self, who: str = "zapper"):
+        """commit_zap as a stepped actor (x86shadow/steps.py): with lockless walkers the flush
+        may wait for them and the free may be deferred to a grace period, as the scheme says
+        (mmu/lockless.py)."""
+        pages = self.invalid_list
+        if not pages:
             return
-        self.request_all(REQ_TLB_FLUSH)
-        for sp in self.invalid_list:
-            sp.freed = True
-        self.invalid_list.clear()
+        self.invalid_list = []
+        if self.lockless is None:
+            self.request_all(REQ_TLB_FLUSH)
+            for sp in pages:
+                sp.freed = True
+            return
+        yield from self.lockless.commit_steps(pages, who)
 
     def zap_page(self, sp: ShadowPage, reason: str = "") -> None:
         self.prepare_zap_page(sp, reason)
