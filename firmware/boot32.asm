@@ -97,9 +97,35 @@ fw_pd_loop:
     mov cr0, eax
     jmp fw_paging_on
 fw_paging_on:
+    mov dword ptr [FW_SMP_READY], 1             # the other vCPUs may go on (docs/SMP.md)
 
     # -- main's environment (stack, EFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
+
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 has built the GDT, IDT and page tables: its stack, TSS
+#      and descriptor, then the same GDT, IDT, CR4, CR3 and CR0 as vCPU 0
+fw_ap_start:
+    mov esp, ebp
+    shl esp, 15
+    add esp, VCPU_STACKS
+    FW_AP_TSS
+    lgdt [fw_gdtr]
+    ljmp SEL_KCODE:fw_ap_cs_loaded
+fw_ap_cs_loaded:
+    FW_LOAD_SEGMENTS
+    mov eax, cr4
+.if PAGING == 2
+    or eax, CR4_PSE
+.else
+    or eax, CR4_PAE
+.endif
+    mov cr4, eax
+    mov eax, FW_PT_BASE
+    mov cr3, eax
+    mov eax, cr0
+    or eax, CR0_PG | CR0_WP
+    mov cr0, eax
+    jmp fw_call_main
 
 # ---- data kept in the image
     .balign 8

@@ -90,9 +90,38 @@ fw_idt_loop:
     retfq
 fw_cs_loaded:
     FW_LOAD_SEGMENTS
+    mov dword ptr [FW_SMP_READY], 1             # the other vCPUs may go on (docs/SMP.md)
 
     # -- main's environment (stack, RFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
+
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 has built the page tables, GDT and IDT: its stack, the
+#      same CR4, CR3, EFER and CR0 as vCPU 0, its TSS and descriptor, the same GDT and IDT
+fw_ap_start:
+    mov esp, ebp
+    shl esp, 15
+    add esp, VCPU_STACKS
+    mov rax, cr4
+    or eax, CR4_PAE
+    mov cr4, rax
+    mov eax, FW_PML4
+    mov cr3, rax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_LME
+    wrmsr
+    mov rax, cr0
+    mov ecx, CR0_PG | CR0_WP
+    or rax, rcx
+    mov cr0, rax
+    FW_AP_TSS
+    lgdt [fw_gdtr]
+    push SEL_KCODE
+    push fw_ap_cs_loaded
+    retfq
+fw_ap_cs_loaded:
+    FW_LOAD_SEGMENTS
+    jmp fw_call_main
 
 # ---- data kept in the image
     .balign 8
