@@ -7,9 +7,11 @@
 # vCPU; vCPU 0 when it is alone) rewrites PT's ptes 0..3 -- and stores the same values again into
 # ptes 4..7 -- while every other vCPU keeps reading pages 4..7 through PT (those reads must see the
 # fixed frames whatever the shadow's state: a write that leaves a pte unchanged changes nothing);
-# then it publishes the round and every vCPU invalidates pages 0..3: invlpg in even rounds, a CR3
-# reload in odd ones (Xen 3.3 sh_update_cr3 resyncs the other vCPUs' out-of-sync pages then);
-# barrier; every vCPU checks all eight pages.
+# then it publishes the round; every reader invalidates pages 0..3 -- invlpg in even rounds, a
+# CR3 reload in odd ones -- checks them at once and acknowledges; the writer, once every reader
+# has, invalidates its own; barrier; every vCPU checks all eight pages. A reader's CR3 reload meets
+# the writer's page still out of sync: under xen-oos it sees the new ptes only because Xen 3.3
+# sh_update_cr3 refreshes the other vCPUs' out-of-sync pages (shadow_sync_other_vcpus).
 # Exit codes: 3 a fixed page read wrong while PT was written, 4 a moved page wrong after the flush.
 .include "lib/console.inc"
 .include "lib/main.inc"
@@ -25,6 +27,7 @@
 .set v_gen, PROG_VARS + 0x0c          # dword: the last round the writer published
 .set v_f, PROG_VARS + 0x10            # 12 dwords: F0..F11
 .set v_writer, PROG_VARS + 0x40       # dword: the writer's vCPU number
+.set v_acks, PROG_VARS + 0x44         # dword: readers' shoot-downs done, over all rounds
 .if PAGING == 2
 .set PTE_SHIFT, 2                     # log2 PTE_SIZE
 .else
@@ -162,6 +165,7 @@ map_frame:
     and eax, ~(PAGE - 1)
     mov dword ptr [v_pt], eax
     mov dword ptr [v_gen], 0
+    mov dword ptr [v_acks], 0
     mov eax, dword ptr [smp_n]
     dec eax
     mov dword ptr [v_writer], eax
@@ -179,15 +183,27 @@ round:
     call write_ptes
     lea eax, [ecx + 1]
     mov dword ptr [v_gen], eax
-    jmp flush
+    # the writer flushes last: the readers' shoot-downs meet its table still out of sync
+    mov eax, dword ptr [smp_n]
+    dec eax
+    lea edx, [ecx + 1]
+    imul eax, edx
+writer_wait:
+    pause
+    cmp dword ptr [v_acks], eax
+    jne writer_wait
+    call flush_moved
+    jmp flushed
 reader:
     lea eax, [ecx + 1]
 reader_spin:
     call check_fixed                  # reads through PT while the writer writes it
     cmp dword ptr [v_gen], eax
     jne reader_spin
-flush:
     call flush_moved
+    call check_moved                  # its own flush is all a reader needs to see the new ptes
+    lock inc dword ptr [v_acks]
+flushed:
     call smp_barrier                  # every vCPU has flushed
     call check_moved
     call check_fixed
