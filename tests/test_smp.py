@@ -28,10 +28,11 @@ MODES = ("32", "pae", "64")
 RAM_MIB = 128
 
 
-def machine(path, mode, *, vcpus, mmu="shadow", policy="kvm", schedule=None, audit=True):
+def machine(path, mode, *, vcpus, mmu="shadow", policy="kvm", schedule=None, audit=True,
+            host=None):
     program = assemble_program(str(path), mode, RAM_MIB << 20)
     m = Machine(mode, mmu=mmu, policy=policy if mmu == "shadow" else None, ram_mib=RAM_MIB,
-                audit=audit and mmu == "shadow", vcpus=vcpus, schedule=schedule)
+                audit=audit and mmu == "shadow", vcpus=vcpus, schedule=schedule, host=host)
     m.load(program, assemble_firmware(mode, RAM_MIB << 20))
     return m
 
@@ -284,6 +285,21 @@ def test_eight_vcpus():
     m = machine(path, "64", vcpus=8, policy="xen-oos")
     r = m.run()
     assert (r.status, bytes(m.output)) == (status, out), r.report
+
+
+@pytest.mark.parametrize("ops", ["swap:20", "migrate:30,ksm:40"])
+def test_host_memory_under_several_vcpus(ops):
+    """The host swaps / migrates / merges pages under three vCPUs: the notifiers' synchronous
+    flush reaches every vCPU's TLB (the host's flush-before-free check looks at all of them)."""
+    from x86shadow.machine import HostConfig
+    path = ROOT / "guestcode/smp_unsync.asm"
+    status, out = native(path, "pae", 3)
+    m = machine(path, "pae", vcpus=3, host=HostConfig(schedule=ops))
+    r = m.run()
+    assert (r.status, bytes(m.output)) == (status, out), r.report
+    c = m.counters
+    assert c["host_swap_out"] + c["host_migrate"] + c["host_ksm_merge"] > 0
+    assert c["mmu_notifier_flush"] > 0
 
 
 def test_audit_catches_a_missing_remote_flush(monkeypatch):
