@@ -97,19 +97,17 @@ fw_pd_loop:
     mov cr0, eax
     jmp fw_paging_on
 fw_paging_on:
-    mov dword ptr [FW_SMP_READY], 1             # the other vCPUs may go on (docs/SMP.md)
 
     # -- main's environment (stack, EFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
 
-# ---- vCPU n > 0 (EBP = n), once vCPU 0 has built the GDT, IDT and page tables: its stack, TSS
-#      and descriptor, then the same GDT, IDT, CR4, CR3 and CR0 as vCPU 0
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 is in main: its stack, GDT and TSS, the same IDT, CR4,
+#      CR3 and CR0 as vCPU 0 (docs/SMP.md)
 fw_ap_start:
     mov esp, ebp
     shl esp, 15
     add esp, VCPU_STACKS
-    FW_AP_TSS
-    lgdt [fw_gdtr]
+    FW_AP_SETUP
     ljmp SEL_KCODE:fw_ap_cs_loaded
 fw_ap_cs_loaded:
     FW_LOAD_SEGMENTS
@@ -125,7 +123,9 @@ fw_ap_cs_loaded:
     mov eax, cr0
     or eax, CR0_PG | CR0_WP
     mov cr0, eax
-    jmp fw_call_main
+    push 2
+    popfd
+    jmp fw_main_tail
 
 # ---- data kept in the image
     .balign 8

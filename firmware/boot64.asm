@@ -90,13 +90,12 @@ fw_idt_loop:
     retfq
 fw_cs_loaded:
     FW_LOAD_SEGMENTS
-    mov dword ptr [FW_SMP_READY], 1             # the other vCPUs may go on (docs/SMP.md)
 
     # -- main's environment (stack, RFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
 
-# ---- vCPU n > 0 (EBP = n), once vCPU 0 has built the page tables, GDT and IDT: its stack, the
-#      same CR4, CR3, EFER and CR0 as vCPU 0, its TSS and descriptor, the same GDT and IDT
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 is in main: its stack, the same CR4, CR3, EFER and CR0
+#      as vCPU 0, its GDT and TSS, the same IDT (docs/SMP.md)
 fw_ap_start:
     mov esp, ebp
     shl esp, 15
@@ -114,14 +113,15 @@ fw_ap_start:
     mov ecx, CR0_PG | CR0_WP
     or rax, rcx
     mov cr0, rax
-    FW_AP_TSS
-    lgdt [fw_gdtr]
+    FW_AP_SETUP
     push SEL_KCODE
     push fw_ap_cs_loaded
     retfq
 fw_ap_cs_loaded:
     FW_LOAD_SEGMENTS
-    jmp fw_call_main
+    push 2
+    popfq
+    jmp fw_main_tail
 
 # ---- data kept in the image
     .balign 8

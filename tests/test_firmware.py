@@ -190,7 +190,7 @@ def test_segments_and_descriptor_tables(booted, mode):
     for r in (UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_SS, UC_X86_REG_FS, UC_X86_REG_GS):
         assert b.reg(r) == L.SEL_KDATA
     _, gbase, glimit, _ = b.reg(UC_X86_REG_GDTR)
-    assert (gbase, glimit) == (L.FW_GDT, 24 * 8 - 1)     # room for 8 vCPUs' TSS descriptors
+    assert (gbase, glimit) == (L.FW_GDT, 16 * 8 - 1)
     _, ibase, ilimit, _ = b.reg(UC_X86_REG_IDTR)
     gate = 16 if mode == "64" else 8
     assert (ibase, ilimit) == (L.FW_IDT, 256 * gate - 1)

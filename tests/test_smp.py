@@ -127,6 +127,30 @@ def test_max_insns_counts_all_vcpus():
     assert sum(v.insns for v in m.vcpus) == 5000
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_each_vcpu_has_its_own_stack_gdt_and_tss(mode):
+    from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_TR
+    from x86shadow import layout as L
+    m = machine(ROOT / "guestcode/smp_barrier.asm", mode, vcpus=3, audit=False)
+    assert m.run().status == 0
+    v0 = m.vcpus[0]
+    for v in m.vcpus:
+        n = v.index
+        sel, base, limit, _ = v.mmr(UC_X86_REG_TR)
+        assert (sel, base, limit) == (L.SEL_TSS, L.FW_TSS + L.TSS_STRIDE * n, 0x67)
+        _, gdt, glimit, _ = v.mmr(UC_X86_REG_GDTR)
+        assert glimit == 16 * 8 - 1
+        assert gdt == (L.FW_GDT if n == 0 else L.FW_SMP + 0x380 + 0x80 * n)
+        assert v.mmr(UC_X86_REG_IDTR)[1] == L.FW_IDT
+        assert v.reg(UC_X86_REG_CR3) == L.FW_PT_BASE
+        esp0 = int.from_bytes(m.read_phys(L.FW_TSS + L.TSS_STRIDE * n + 4, 4), "little")
+        assert esp0 == L.vcpu_tss_stack_top(n)
+        if n:
+            # the same descriptors as vCPU 0's but the TSS
+            assert m.read_phys(gdt, L.SEL_TSS) == m.read_phys(L.FW_GDT, L.SEL_TSS)
+        assert v is v0 or v.reg(v.R_SP) <= L.vcpu_stack_top(n)
+
+
 # ------------------------------------------------------------------ requests, sans CPU
 
 X = 0x0040_0000

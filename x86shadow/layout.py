@@ -9,6 +9,7 @@ MiB = 1 << 20
 
 FW_BASE = 0x0010_0000          # firmware image (code + data); the CPU starts here
 FW_UNHANDLED = FW_BASE + 0x10  # target of every firmware IDT gate: "unhandled exception" (crash report)
+FW_AP_ENTRY = FW_BASE + 0x18   # where vCPU n > 0 starts (docs/SMP.md)
 FW_DATA = 0x0018_0000          # firmware GDT / IDT / TSS (see FW_* below)
 FW_GDT = FW_DATA + 0x0000      # 16 descriptors
 FW_IDT = FW_DATA + 0x1000      # 256 gates (16 bytes each in 64-bit mode, 8 in 32-bit)
@@ -21,16 +22,17 @@ PROG_BASE = 0x0040_0000        # programs are assembled for, loaded at and run a
 PROG_LIMIT = 0x0100_0000       # program image must end below 16 MiB
 FREE_BASE = 0x0100_0000        # 16 MiB..64 MiB: free for the program
 FREE_END = 0x0400_0000
-# Several vCPUs (docs/SMP.md): vCPU 0 keeps STACK_TOP / TSS_STACK_TOP / FW_TSS / SEL_TSS; vCPU
+# Several vCPUs (docs/SMP.md): vCPU 0 keeps STACK_TOP / TSS_STACK_TOP / FW_GDT / FW_TSS; vCPU
 # n >= 1 has the 32 KiB area VCPU_STACKS + (n - 1) * VCPU_AREA: its TSS (ESP0/RSP0) stack in the
-# first 8 KiB, its main stack (24 KiB) above it; its TSS at FW_TSS + n * TSS_STRIDE and its TSS
-# descriptor at selector SEL_TSS + 16 n
+# first 8 KiB, its main stack (24 KiB) above it; its TSS at FW_TSS + n * TSS_STRIDE and its own
+# copy of the GDT (TSS descriptor 0x28 = SEL_TSS pointing at its TSS) in the FW_SMP page
 MAX_VCPUS = 8
 VCPU_STACKS = 0x001C_0000      # 0x1C0000..0x1F8000: the areas of vCPUs 1..7
 VCPU_AREA = 0x8000
 VCPU_TSS_STACK = 0x2000
 TSS_STRIDE = 0x80
-FW_SMP = FW_DATA + 0x3000      # firmware words: vCPU count (+0), "vCPU 0 has set up paging" (+4)
+FW_SMP = FW_DATA + 0x3000      # a page: the vCPU count (dword, stored by the machine), the other
+                               # vCPUs' GDTRs (+0x110..) and GDTs (+0x400..)
 MIN_IDENTITY = 64 * MiB        # the firmware identity-maps at least this much (all of RAM, in fact)
 
 SERIAL_PORT = 0x3F8
@@ -74,6 +76,7 @@ def asm_symbols(mode: str, ram_size: int) -> dict:
         "TSS_STACK_TOP": TSS_STACK_TOP,
         "FW_BASE": FW_BASE,
         "FW_UNHANDLED": FW_UNHANDLED,
+        "FW_AP_ENTRY": FW_AP_ENTRY,
         "FW_DATA": FW_DATA,
         "FW_GDT": FW_GDT,
         "FW_IDT": FW_IDT,

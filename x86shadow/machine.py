@@ -293,14 +293,18 @@ class Machine:
 
     def _boot_vcpus(self) -> None:
         """Every vCPU in the firmware's boot state, with EDI = its number and ESI = the number
-        of vCPUs (docs/GUEST_CONTRACT.md); vCPU n > 0 on its own stack from the start."""
+        of vCPUs (docs/GUEST_CONTRACT.md); vCPU 0 at the firmware's start (the one-vCPU path,
+        instruction for instruction), vCPU n > 0 at FW_AP_ENTRY on its own stack."""
         from unicorn.x86_const import UC_X86_REG_EDI, UC_X86_REG_ESI
-        from .layout import vcpu_stack_top
+        from .layout import FW_AP_ENTRY, FW_SMP, vcpu_stack_top
+        self.mem.write(FW_SMP, len(self.vcpus).to_bytes(4, "little"))    # main's ESI
         for v in self.vcpus:
             v.load_boot_state(self.boot.state)
             v.set_reg(UC_X86_REG_EDI, v.index)
             v.set_reg(UC_X86_REG_ESI, len(self.vcpus))
             if v.index:
+                # vCPU n > 0 waits in the firmware for vCPU 0, then sets itself up (docs/SMP.md)
+                v.pc = FW_AP_ENTRY
                 v.set_reg(v.R_SP, vcpu_stack_top(v.index))
 
     # ------------------------------------------------------------------ reporting
