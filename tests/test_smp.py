@@ -224,7 +224,7 @@ def test_zap_flushes_remotely_and_reloads_the_shared_root():
 
 def test_remote_flush_counts_only_vcpus_not_outside_guest_mode():
     e = TwoVcpus()
-    vm, (_v0, v1) = e.vm, e.v
+    vm, v1 = e.vm, e.v[1]
     c = vm.counters
     v1.mode = OUTSIDE_GUEST_MODE                       # halted: no IPI, still the request
     vm.flush_remote_tlbs()
