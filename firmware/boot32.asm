@@ -101,6 +101,32 @@ fw_paging_on:
     # -- main's environment (stack, EFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
 
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 is in main: its stack, GDT and TSS, the same IDT, CR4,
+#      CR3 and CR0 as vCPU 0 (docs/SMP.md)
+fw_ap_start:
+    mov esp, ebp
+    shl esp, 15
+    add esp, VCPU_STACKS
+    FW_AP_SETUP
+    ljmp SEL_KCODE:fw_ap_cs_loaded
+fw_ap_cs_loaded:
+    FW_LOAD_SEGMENTS
+    mov eax, cr4
+.if PAGING == 2
+    or eax, CR4_PSE
+.else
+    or eax, CR4_PAE
+.endif
+    mov cr4, eax
+    mov eax, FW_PT_BASE
+    mov cr3, eax
+    mov eax, cr0
+    or eax, CR0_PG | CR0_WP
+    mov cr0, eax
+    push 2
+    popfd
+    jmp fw_main_tail
+
 # ---- data kept in the image
     .balign 8
 fw_gdt_template:

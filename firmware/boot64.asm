@@ -94,6 +94,35 @@ fw_cs_loaded:
     # -- main's environment (stack, RFLAGS, registers), call MAIN; main returned: stop (status 0)
     FW_CALL_MAIN
 
+# ---- vCPU n > 0 (EBP = n), once vCPU 0 is in main: its stack, the same CR4, CR3, EFER and CR0
+#      as vCPU 0, its GDT and TSS, the same IDT (docs/SMP.md)
+fw_ap_start:
+    mov esp, ebp
+    shl esp, 15
+    add esp, VCPU_STACKS
+    mov rax, cr4
+    or eax, CR4_PAE
+    mov cr4, rax
+    mov eax, FW_PML4
+    mov cr3, rax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_LME
+    wrmsr
+    mov rax, cr0
+    mov ecx, CR0_PG | CR0_WP
+    or rax, rcx
+    mov cr0, rax
+    FW_AP_SETUP
+    push SEL_KCODE
+    push fw_ap_cs_loaded
+    retfq
+fw_ap_cs_loaded:
+    FW_LOAD_SEGMENTS
+    push 2
+    popfq
+    jmp fw_main_tail
+
 # ---- data kept in the image
     .balign 8
 fw_gdt_template:

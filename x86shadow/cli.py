@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a guest that runs more than N instructions (exit 4); counting makes "
                         "execution several times slower. Default: no limit")
     _add_quiet(r)
+    _add_smp(r)
     r.add_argument("--gdb", metavar="[HOST:]PORT", default=None,
                    help="serve gdb's remote protocol there (`target remote HOST:PORT`; host "
                         "default 127.0.0.1, port 0 picks a free one): docs/GDB.md")
@@ -355,6 +356,34 @@ def load_program(args):
     return program, firmware
 
 
+def _add_smp(r) -> None:
+    """--vcpus / --schedule (docs/SMP.md)."""
+    g = r.add_argument_group("several vCPUs (docs/SMP.md)")
+    g.add_argument("--vcpus", type=int, default=1, metavar="N",
+                   help="vCPUs, 1..8 (default 1); each enters main with its number in EDI/RDI "
+                        "and N in ESI/RSI")
+    g.add_argument("--schedule", default=None, metavar="rr[:Q]|random:SEED[:Q][:exits]",
+                   help="how the vCPUs share the host thread: round robin or seeded random "
+                        "slices of Q guest instructions (default rr:1000); ':exits' also "
+                        "switches at every MMU exit")
+
+
+def _smp_config(args):
+    """(vcpus, schedule) from --vcpus / --schedule; bad input is a UsageError."""
+    from .machine import check_vcpus
+    from .vm_scheduler import parse_schedule
+    try:
+        check_vcpus(args.vcpus)
+        schedule = parse_schedule(args.schedule) if args.schedule is not None else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.vcpus > 1 and args.gdb is not None:
+        raise UsageError("--gdb debugs one vCPU: leave out --vcpus (or use --vcpus 1)")
+    if schedule is not None and args.vcpus == 1:
+        raise UsageError("--schedule needs several vCPUs (--vcpus N, N > 1)")
+    return args.vcpus, schedule
+
+
 def cmd_run(args) -> int:
     from . import stopping
     from .outputs import OutputError, open_output
@@ -378,6 +407,7 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     host = _host_config(args)
+    vcpus, schedule = _smp_config(args)
     program, firmware = load_program(args)
     try:
         stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
@@ -405,7 +435,8 @@ def cmd_run(args) -> int:
         try:
             m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
-                        unsync=_unsync_arg(args), host=host, cpu=args.cpu)
+                        unsync=_unsync_arg(args), host=host, cpu=args.cpu,
+                        vcpus=vcpus, schedule=schedule)
             m.load(program, firmware)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -9,6 +9,7 @@ MiB = 1 << 20
 
 FW_BASE = 0x0010_0000          # firmware image (code + data); the CPU starts here
 FW_UNHANDLED = FW_BASE + 0x10  # target of every firmware IDT gate: "unhandled exception" (crash report)
+FW_AP_ENTRY = FW_BASE + 0x18   # where vCPU n > 0 starts (docs/SMP.md)
 FW_DATA = 0x0018_0000          # firmware GDT / IDT / TSS (see FW_* below)
 FW_GDT = FW_DATA + 0x0000      # 16 descriptors
 FW_IDT = FW_DATA + 0x1000      # 256 gates (16 bytes each in 64-bit mode, 8 in 32-bit)
@@ -21,6 +22,17 @@ PROG_BASE = 0x0040_0000        # programs are assembled for, loaded at and run a
 PROG_LIMIT = 0x0100_0000       # program image must end below 16 MiB
 FREE_BASE = 0x0100_0000        # 16 MiB..64 MiB: free for the program
 FREE_END = 0x0400_0000
+# Several vCPUs (docs/SMP.md): vCPU 0 keeps STACK_TOP / TSS_STACK_TOP / FW_GDT / FW_TSS; vCPU
+# n >= 1 has the 32 KiB area VCPU_STACKS + (n - 1) * VCPU_AREA: its TSS (ESP0/RSP0) stack in the
+# first 8 KiB, its main stack (24 KiB) above it; its TSS at FW_TSS + n * TSS_STRIDE and its own
+# copy of the GDT (TSS descriptor 0x28 = SEL_TSS pointing at its TSS) in the FW_SMP page
+MAX_VCPUS = 8
+VCPU_STACKS = 0x001C_0000      # 0x1C0000..0x1F8000: the areas of vCPUs 1..7
+VCPU_AREA = 0x8000
+VCPU_TSS_STACK = 0x2000
+TSS_STRIDE = 0x80
+FW_SMP = FW_DATA + 0x3000      # a page: the vCPU count (dword, stored by the machine), the other
+                               # vCPUs' GDTRs (+0x110..) and GDTs (+0x400..)
 MIN_IDENTITY = 64 * MiB        # the firmware identity-maps at least this much (all of RAM, in fact)
 
 SERIAL_PORT = 0x3F8
@@ -33,6 +45,16 @@ SEL_KDATA = 0x10
 SEL_UCODE = 0x18 | 3
 SEL_UDATA = 0x20 | 3
 SEL_TSS = 0x28
+
+
+def vcpu_stack_top(n: int) -> int:
+    """Top of vCPU n's main stack (docs/GUEST_CONTRACT.md)."""
+    return STACK_TOP if n == 0 else VCPU_STACKS + n * VCPU_AREA
+
+
+def vcpu_tss_stack_top(n: int) -> int:
+    """Top of vCPU n's TSS (ESP0/RSP0) stack."""
+    return TSS_STACK_TOP if n == 0 else VCPU_STACKS + (n - 1) * VCPU_AREA + VCPU_TSS_STACK
 
 # Guest physical addresses above RAM that the Unicorn adapter uses (never guest RAM):
 ALIAS_BASE = 1 << 36           # read-only alias of RAM: writes to tracked page tables trap here
@@ -54,6 +76,7 @@ def asm_symbols(mode: str, ram_size: int) -> dict:
         "TSS_STACK_TOP": TSS_STACK_TOP,
         "FW_BASE": FW_BASE,
         "FW_UNHANDLED": FW_UNHANDLED,
+        "FW_AP_ENTRY": FW_AP_ENTRY,
         "FW_DATA": FW_DATA,
         "FW_GDT": FW_GDT,
         "FW_IDT": FW_IDT,
@@ -68,4 +91,12 @@ def asm_symbols(mode: str, ram_size: int) -> dict:
         "SEL_UCODE": SEL_UCODE,
         "SEL_UDATA": SEL_UDATA,
         "SEL_TSS": SEL_TSS,
+        "MAX_VCPUS": MAX_VCPUS,
+        "VCPU_STACKS": VCPU_STACKS,
+        "VCPU_AREA": VCPU_AREA,
+        "VCPU_TSS_STACK": VCPU_TSS_STACK,
+        "TSS_STRIDE": TSS_STRIDE,
+        "FW_SMP": FW_SMP,
+        **{f"STACK_TOP_{n}": vcpu_stack_top(n) for n in range(MAX_VCPUS)},
+        **{f"TSS_STACK_TOP_{n}": vcpu_tss_stack_top(n) for n in range(MAX_VCPUS)},
     }

@@ -63,6 +63,13 @@ RAM_MIN_MIB = 64                     # the firmware identity-maps at least this 
 RAM_MAX_MIB = {"32": 4096, "pae": 4096, "64": 65536}
 
 
+def check_vcpus(n: int) -> None:
+    """--vcpus: 1..MAX_VCPUS (the firmware's per-vCPU stacks and TSSes: layout.py)."""
+    from .layout import MAX_VCPUS
+    if not isinstance(n, int) or not 1 <= n <= MAX_VCPUS:
+        raise ValueError(f"--vcpus {n}: the number of vCPUs must be 1..{MAX_VCPUS}")
+
+
 def check_ram(mode: str, ram_mib: int) -> None:
     """Guest RAM limits per mode (ValueError naming them): modes 32 and PAE address 4 GiB; the
     64-bit firmware identity-maps RAM with 2 MiB pages from tables below 4 MiB."""
@@ -81,13 +88,17 @@ class Machine:
 
     def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
-                 host: HostConfig | None = None, cpu=None, planted_bug: str | None = None):
+                 host: HostConfig | None = None, cpu=None, planted_bug: str | None = None,
+                 vcpus: int = 1, schedule=None):
         # planted_bug: test-only, breaks the shadow MMU on purpose (mmu/vm_mmu.py PLANTED_BUGS)
+        # vcpus, schedule: several vCPUs (docs/SMP.md; schedule: a --schedule string or a
+        # vm_scheduler.Schedule, default round robin)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
             raise ValueError(f"unknown MMU {mmu!r} (choose from {', '.join(MMUS)})")
         check_ram(mode, ram_mib)
+        check_vcpus(vcpus)
         self.mode = mode
         self.mmu_kind = mmu
         self.ram_size = ram_mib << 20
@@ -147,17 +158,33 @@ class Machine:
                 vm_mmu = self.vm_mmu
                 self.events.subscribe(lambda _kind, _fields: run_audit(vm_mmu), (ev.EXIT,))
         self.policy = self.vm_mmu.policy if self.vm_mmu is not None else None
-        self.vcpu = VCPU(mode, self.mem, vm_mmu=self.vm_mmu, counters=self.counters,
-                         events=self.events, bus=self.ports, host_mem=self.host_phys,
-                         host_tick=self.host_schedule.tick if self.host_schedule else None,
-                         host_rewritten=self.host.pages.rewritten if self.host else None,
-                         cpu=cpu)
+        self.vcpus = []
+        for index in range(vcpus):
+            # every vCPU its own Unicorn instance over the same host buffer (mem_map_ptr)
+            v = VCPU(mode, self.mem, vm_mmu=self.vm_mmu, counters=self.counters,
+                     events=self.events, bus=self.ports, host_mem=self.host_phys,
+                     host_tick=self.host_schedule.tick if self.host_schedule else None,
+                     host_rewritten=self.host.pages.rewritten if self.host else None,
+                     cpu=cpu)
+            v.index = index
+            if audit and vcpus > 1 and v.mmu is not None:
+                v.mmu.tlb_record = {}                 # what its TLB may hold (mmu/audit.py)
+            self.vcpus.append(v)
+        self.vcpu = self.current_vcpu = self.vcpus[0]
+        self.scheduler = None
+        if vcpus > 1:
+            from .vm_scheduler import Schedule, VmScheduler, parse_schedule
+            if schedule is None:
+                schedule = Schedule("rr")
+            elif isinstance(schedule, str):
+                schedule = parse_schedule(schedule)
+            self.scheduler = VmScheduler(self, schedule)
         self.program = None
         self.boot = None
 
     def _host_clock(self) -> str:
         try:
-            rip = f", guest RIP {self.vcpu.rip():#x}"
+            rip = f", guest RIP {self.current_vcpu.rip():#x}"
         except Exception:                               # noqa: BLE001 - a report, never raise
             rip = ""
         return f"at exit {self.counters['exits']}{rip}"
@@ -180,15 +207,18 @@ class Machine:
         at_exit = [None]          # the count at the last kvm_exit (None: none yet)
 
         def sub(kind, fields):
+            v = self.current_vcpu
             if kind == ev.KVM_ENTRY:
                 # written lazily: the guest has not run since that exit (or since the start)
                 n = at_exit[0]
-                if n is None and self.vcpu.insns_now() is not None:
+                if n is None and v.insns_now() is not None:
                     n = 0
             else:
-                n = self.vcpu.insns_now()
+                n = v.insns_now()
                 if kind == ev.KVM_EXIT:
                     at_exit[0] = n
+            if self.scheduler is not None:
+                fields = {**fields, "vcpu": v.index}     # several vCPUs: whose event
             trace(kind, fields if n is None else {**fields, "insns": n})
         return sub
 
@@ -203,8 +233,11 @@ class Machine:
     def stats_record(self) -> dict:
         """``--stats-json`` (docs/JSON_RECORDS.md): the counters, and the marker-port writes in
         order, each with the counters at that moment."""
-        return {**self.counters,
-                "markers": [{"value": v, "counters": c} for v, c in self.markers]}
+        record = {**self.counters,
+                  "markers": [{"value": v, "counters": c} for v, c in self.markers]}
+        if self.scheduler is not None:
+            record["smp"] = self.scheduler.stats()       # several vCPUs (docs/SMP.md)
+        return record
 
     # ------------------------------------------------------------------ loading and boot
     def load(self, program, firmware: bytes) -> None:
@@ -212,7 +245,8 @@ class Machine:
         self.boot = firmware_boot(self.mode, program, firmware)
         for addr, data in self.boot.images:
             self.mem.write(addr, data)
-        self.vcpu.delivery.crash_gates = self.boot.crash_gates
+        for v in self.vcpus:
+            v.delivery.crash_gates = self.boot.crash_gates
         self.program = program
 
     def run(self, max_insns: int = 0, *, resume: bool = False, drive=None) -> RunResult:
@@ -224,9 +258,14 @@ class Machine:
         if self.boot is None:
             raise ValueError("nothing loaded: call load() first")
         if not resume:
-            self.vcpu.load_boot_state(self.boot.state)
+            self._boot_vcpus()
         try:
-            ex = self.vcpu.run_once(max_insns) if drive is None else drive(max_insns)
+            if self.scheduler is not None:
+                if drive is not None:
+                    raise ValueError("a debugger drives one vCPU: run it with vcpus=1")
+                ex, self.current_vcpu = self.scheduler.run(max_insns)
+            else:
+                ex = self.vcpu.run_once(max_insns) if drive is None else drive(max_insns)
             if self.host is not None:
                 self.host.pages.check_free_pages()       # a stale write after the last check
         except HostViolation as v:
@@ -252,6 +291,22 @@ class Machine:
                              f"x86shadow: stopped: {ex.crash.reason}", self.counters, ex.kind)
         return RunResult(4, "crash", ex.crash, self.crash_report(ex.crash), self.counters, ex.kind)
 
+    def _boot_vcpus(self) -> None:
+        """Every vCPU in the firmware's boot state, with EDI = its number and ESI = the number
+        of vCPUs (docs/GUEST_CONTRACT.md); vCPU 0 at the firmware's start (the one-vCPU path,
+        instruction for instruction), vCPU n > 0 at FW_AP_ENTRY on its own stack."""
+        from unicorn.x86_const import UC_X86_REG_EDI, UC_X86_REG_ESI
+        from .layout import FW_AP_ENTRY, FW_SMP, vcpu_stack_top
+        self.mem.write(FW_SMP, len(self.vcpus).to_bytes(4, "little"))    # main's ESI
+        for v in self.vcpus:
+            v.load_boot_state(self.boot.state)
+            v.set_reg(UC_X86_REG_EDI, v.index)
+            v.set_reg(UC_X86_REG_ESI, len(self.vcpus))
+            if v.index:
+                # vCPU n > 0 waits in the firmware for vCPU 0, then sets itself up (docs/SMP.md)
+                v.pc = FW_AP_ENTRY
+                v.set_reg(v.R_SP, vcpu_stack_top(v.index))
+
     # ------------------------------------------------------------------ reporting
     def violation_report(self, v: HostViolation) -> str:
         lines = [f"x86shadow: violation: {v.what}", f"  where  {v.where}", f"  when   {v.when}"]
@@ -263,9 +318,11 @@ class Machine:
         return "\n".join(lines)
 
     def crash_report(self, crash: GuestCrash) -> str:
-        v = self.vcpu
+        v = self.current_vcpu
         rip = crash.rip if crash.rip is not None else v.rip()
         lines = [f"x86shadow: guest crashed: {crash.reason}"]
+        if len(self.vcpus) > 1:
+            lines.append(f"  vCPU        {v.index} of {len(self.vcpus)}")
         if crash.vector is not None:
             ec = "none" if crash.error_code is None else f"{crash.error_code:#x}"
             if crash.vector == 14 and crash.error_code is not None:
@@ -284,7 +341,7 @@ class Machine:
 
     def register_dump(self) -> list:
         """General registers, RFLAGS, EFER and the descriptor-table registers, for a report."""
-        v = self.vcpu
+        v = self.current_vcpu
         wide = v.bits == 64
         names = (["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
                   "r11", "r12", "r13", "r14", "r15"] if wide else
@@ -302,14 +359,15 @@ class Machine:
 
     def describe_insn(self, rip) -> str:
         from .emulate.decode import decode
+        v = self.current_vcpu
         try:
-            code = self.vcpu.read_virt(rip, 15)
+            code = v.read_virt(rip, 15)
         except Exception:                                 # noqa: BLE001 - report, never raise
             try:
-                code = self.vcpu.read_virt(rip, 0x1000 - (rip & 0xFFF))
+                code = v.read_virt(rip, 0x1000 - (rip & 0xFFF))
             except Exception:                             # noqa: BLE001
                 return f"{rip:#x}: <not mapped>"
-        d = decode(code, rip, self.vcpu.bits)
+        d = decode(code, rip, v.bits)
         if d is None:
             return f"{rip:#x}: <cannot decode: {code[:8].hex(' ')}>"
         return f"{rip:#x}: {d.text}   ({d.bytes.hex(' ')})"

@@ -213,6 +213,7 @@ class VCPU:
         self.model_checks = ModelChecks(self, self.cpu_model)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
         self.debug = None                # guest_debug.GuestDebug while a debugger is attached
+        self.before_insn = False         # inside the privileged-instruction hook (_privileged)
         self.insns = 0                   # guest instructions retired so far (with max_insns)
         self.restarts = 0                # of the counted ones, started again (not retired)
 
@@ -390,8 +391,11 @@ class VCPU:
                            "cannot flush")
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.counters["tlb_flush"] += 1
-        if self.mmu is not None and self.mmu.tlb_pfns:
-            self.mmu.tlb_pfns.clear()
+        if self.mmu is not None:
+            if self.mmu.tlb_pfns:
+                self.mmu.tlb_pfns.clear()
+            if self.mmu.tlb_record:
+                self.mmu.tlb_record.clear()
 
     def service_requests(self):
         """Carry out what the MMU asked of the CPU (KVM's vcpu_enter_guest request loop). The
@@ -478,6 +482,9 @@ class VCPU:
                 perms &= ~PERM_W
             entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
+            if mmu.tlb_record is not None:          # --audit with several vCPUs (mmu/audit.py)
+                mmu.tlb_record[va >> 12] = (gfn, perms if kind == FILL_OK else perms & ~PERM_W,
+                                            access & pg.PFERR_U)
             return True
         if kind == FILL_GUEST_FAULT:
             if vector != VEC_PF:            # #GP(0): non-canonical address
@@ -775,6 +782,15 @@ class VCPU:
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
+        # an emu_stop() from here stops before the instruction: vm_scheduler.py must not cut a
+        # slice at an exit this hook takes (the instruction would be intercepted again)
+        self.before_insn = True
+        try:
+            self._privileged_insn(uc, address)
+        finally:
+            self.before_insn = False
+
+    def _privileged_insn(self, uc, address):
         if self.stop is not None:
             return          # emulation is stopping before this instruction (exit port, event)
         if self.debug is not None and self.debug.check(address):
@@ -868,6 +884,8 @@ class VCPU:
             self._shadow_cr_write(3, value, address)      # counts the CPU's flush
             self.service_requests()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)    # the flush the CPU's mov does
+        if self.mmu is not None and self.mmu.tlb_record:
+            self.mmu.tlb_record.clear()
 
     def _shadow_cr_write(self, crn, value, address):
         """The shadow MMU's side of a mov to CR0/CR3/CR4 of ``value`` (before the CPU does it)."""
@@ -888,6 +906,8 @@ class VCPU:
                 # paging on, right after this hook: that flush is ours
                 self.mmu.requests &= ~REQ_TLB_FLUSH
                 self.counters["tlb_flush"] += 1
+                if self.mmu.tlb_record:
+                    self.mmu.tlb_record.clear()
         else:
             self._set_context(cr4=value)
             self._cr4 = None                          # re-read once the CPU has executed it

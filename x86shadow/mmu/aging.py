@@ -45,7 +45,6 @@ calls run the generator to the end (a spin there is an error: nobody else can ru
 """
 from __future__ import annotations
 
-from .requests import REQ_TLB_FLUSH
 from .spte import SPTE_A, SPTE_P
 
 VARIANTS = ("2008", "6.14", "6.15", "single-rmap-skip", "single-rmap-fallback")
@@ -275,7 +274,7 @@ class Aging:
                 rec.sptes += n
                 if n:
                     young = True
-                    vm.request_all(REQ_TLB_FLUSH)
+                    vm.flush_remote_tlbs()
                 yield ("rmap", gfn)
                 continue
             for sp, idx in list(entries):
@@ -419,7 +418,7 @@ def zap_spte_steps(vm, sp, idx, who: str = "zapper", rmap_bit: bool = True):
         finally:
             if rmap_bit:
                 vm.mmu_lock.rmap.unlock(gfn, who)
-        vm.request_all(REQ_TLB_FLUSH)
+        vm.flush_remote_tlbs()
     finally:
         vm.mmu_lock.release(who)
 

@@ -14,12 +14,18 @@ Checks, after an exit:
 * with lockless walks (mmu/lockless.py): every page waiting for a grace period is zapped, not
   freed and no longer hashed, the backlog is within the scheme's bound, the reader count and the
   vCPU modes agree with the walkers inside their read side.
+* with several vCPUs (``VcpuMmu.tlb_record``): no vCPU's TLB maps more than its sptes allow once
+  its flush requests are served -- every recorded entry of a vCPU without a pending
+  KVM_REQ_TLB_FLUSH is backed by a present leaf spte of its root with the same pfn and at least
+  the entry's rights (the rule kvm_flush_remote_tlbs exists for: every downgrade another vCPU's
+  TLB may hold is flushed before that vCPU runs again).
 """
 from __future__ import annotations
 
 from .. import paging as pg
 from .pages import PaeRoot
-from .spte import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W, spte_pfn
+from .shadow_walk import shadow_leaf
+from .spte import PERM_W, PERM_X, SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W, spte_pfn
 
 
 class AuditError(AssertionError):
@@ -170,6 +176,7 @@ def audit(vm) -> None:
     _audit_unsync(vm, p)
     if vm.lockless is not None:
         _audit_lockless(vm, p)
+    audit_tlbs(vm, p)
     if problems:
         raise AuditError("shadow MMU audit failed:\n  " + "\n  ".join(problems[:20]) +
                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
@@ -227,3 +234,33 @@ def _audit_lockless(vm, p) -> None:
     for vid, mode in lk.mode.items():
         if mode not in (IN_GUEST_MODE, READING_SHADOW_PAGE_TABLES):
             p(f"vcpu{vid} in unknown mode {mode!r}")
+
+
+def audit_tlbs(vm, p) -> None:
+    """Every vCPU's recorded TLB against its sptes (see the module docstring). A vCPU with a
+    TLB flush pending is skipped: its TLB is flushed before it runs the guest again
+    (vm_scheduler.py services the request before each slice), which is all KVM promises."""
+    from .requests import REQ_MMU_RELOAD, REQ_TLB_FLUSH
+    for v in vm.vcpus:
+        rec = v.tlb_record
+        if not rec or v.requests & (REQ_TLB_FLUSH | REQ_MMU_RELOAD) or v.root is None:
+            continue
+        for vpn, (pfn, perms, user) in rec.items():
+            va = vpn << 12
+            leaf = shadow_leaf(v.root, v.root_level, va)
+            if leaf is None:
+                p(f"vcpu{v.id} TLB maps va {va:#x} -> pfn {pfn:#x} but no spte does (no flush "
+                  "since the spte went)")
+                continue
+            sp, idx = leaf
+            spte = sp.spt[idx]
+            if spte_pfn(spte) != pfn:
+                p(f"vcpu{v.id} TLB maps va {va:#x} -> pfn {pfn:#x} but {sp}[{idx}] maps pfn "
+                  f"{spte_pfn(spte):#x}")
+            if perms & PERM_W and not spte & SPTE_W:
+                p(f"vcpu{v.id} TLB maps va {va:#x} writable but {sp}[{idx}] = {spte:#x} is not")
+            if perms & PERM_X and spte & SPTE_NX:
+                p(f"vcpu{v.id} TLB maps va {va:#x} executable but {sp}[{idx}] = {spte:#x} is NX")
+            if user and not spte & SPTE_U:
+                p(f"vcpu{v.id} TLB maps va {va:#x} for CPL3 but {sp}[{idx}] = {spte:#x} is "
+                  "supervisor-only")

@@ -49,7 +49,8 @@ request without KVM_REQUEST_WAIT: a walker in READING_SHADOW_PAGE_TABLES is not 
 from __future__ import annotations
 
 from ..steps import Step
-from .requests import REQ_TLB_FLUSH
+# vcpu->mode values are the vCPUs' own (mmu/requests.py)
+from .requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, READING_SHADOW_PAGE_TABLES, REQ_TLB_FLUSH
 from .spte import SPTE_P, SPTE_W
 
 SCHEMES = {
@@ -66,11 +67,6 @@ BREAKS = ("free-before-flush", "ipi-in-guest-only", "free-ignoring-readers")
 DEFAULT_LIMIT = 4              # rcu-rate-limit: pages per grace period
 DEFAULT_BOUND = 8              # rcu-sync: pages
 
-# vcpu->mode (include/linux/kvm_host.h: OUTSIDE_GUEST_MODE, IN_GUEST_MODE,
-# READING_SHADOW_PAGE_TABLES since 3.5)
-OUTSIDE_GUEST_MODE = "OUTSIDE_GUEST_MODE"
-IN_GUEST_MODE = "IN_GUEST_MODE"
-READING_SHADOW_PAGE_TABLES = "READING_SHADOW_PAGE_TABLES"
 
 
 class FreedShadowPageAccess(Exception):

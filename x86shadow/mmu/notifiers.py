@@ -113,7 +113,7 @@ class KvmNotifier:
         out (too late: the host freed the page in between)."""
         if self.owed_flush:
             self.owed_flush = False
-            self.vm.request_all(REQ_TLB_FLUSH)
+            self.vm.flush_remote_tlbs()
 
     def _trace(self, kind, **fields):
         events = self.vm.events

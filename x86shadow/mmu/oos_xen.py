@@ -24,7 +24,6 @@ from __future__ import annotations
 from .. import events as ev
 from .. import paging as pg
 from .pages import PaeRoot, ShadowPage, prefetch_invalid_gpte
-from .requests import REQ_TLB_FLUSH
 from .spte import SPTE_P, SPTE_W
 from .unsync import UnsyncRules, unlink_unsync_page
 
@@ -206,7 +205,8 @@ class Xen33Rules(UnsyncRules):
             if f is not None:
                 _remove_write(f, gfn)
         vm.write_protect(gfn)
-        vm.request_all(REQ_TLB_FLUSH)             # "always flush the TLBs on resync"
+        # "always flush the TLBs on resync" (_sh_resync -> flush_tlb_mask(d->domain_dirty_cpumask))
+        vm.flush_remote_tlbs()
         self._refresh(mmu, slot, reason)
         for sp in list(vm.sps_by_gfn.get(gfn, ())):
             unlink_unsync_page(vm, sp)

@@ -25,6 +25,7 @@ from .pages import PaeRoot
 from .shadow_walk import shadow_leaf
 from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W,
                    spte_pfn)
+from .requests import OUTSIDE_GUEST_MODE, REQ_MMU_SYNC
 from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
 
 # kinds of Fill
@@ -93,7 +94,8 @@ def _no_rip():
 class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
-                 "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb", "retrying")
+                 "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb", "retrying", "mode",
+                 "tlb_record")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -118,10 +120,30 @@ class VcpuMmu:
         self.tlb_pfns = None if vm.host is None else {}
         self.flush_hw_tlb = self._flush_model_tlb        # the CPU adapter's "flush my TLB now"
         self.retrying = False                            # hw_fill: again after a pf_retry
+        self.mode = OUTSIDE_GUEST_MODE                   # vcpu->mode (mmu/requests.py)
+        # with --audit and several vCPUs: what the CPU's TLB may hold, virtual page ->
+        # (pfn, perms, user), filled by the adapter at every fill, emptied at every flush,
+        # a page dropped at invlpg (the audit checks it against the sptes: mmu/audit.py)
+        self.tlb_record = None
 
     def _flush_model_tlb(self) -> None:
         if self.tlb_pfns:
             self.tlb_pfns.clear()
+        if self.tlb_record:
+            self.tlb_record.clear()
+
+    def enter_guest(self) -> None:
+        """The MMU part of vcpu_enter_guest's request loop (2.6.28 arch/x86/kvm/x86.c:
+        KVM_REQ_MMU_RELOAD -> kvm_mmu_unload + kvm_mmu_reload, KVM_REQ_MMU_SYNC ->
+        kvm_mmu_sync_roots), for a vCPU about to run after other vCPUs ran (vm_scheduler.py).
+        KVM_REQ_TLB_FLUSH stays for the CPU adapter (``VCPU.service_requests``)."""
+        if self.requests & REQ_MMU_RELOAD:
+            self.reload_root()
+        rules = self.policy.unsync
+        if self.requests & REQ_MMU_SYNC:
+            if rules:
+                rules.fault_done(self)                 # the rule set's KVM_REQ_MMU_SYNC
+            self.requests &= ~REQ_MMU_SYNC
 
     # ------------------------------------------------------------------ requests
     def take_requests(self) -> int:
@@ -493,6 +515,8 @@ class VcpuMmu:
         spte...) is its ``invlpg`` hook. (The CPU's TLB entry goes: the CPU executes the invlpg
         itself.)"""
         self.counters["invlpg"] += 1
+        if self.tlb_record:
+            self.tlb_record.pop(va >> 12, None)        # the CPU drops its own entry
         if self.events.tracing:
             self.events.emit(ev.INVLPG, address=va)
         self.policy.invlpg(self, va)

@@ -21,7 +21,7 @@ from ..counters import new_counters
 from ..memory.memslots import Memslots
 from . import unsync
 from .pages import ENTRIES, Role, ShadowPage
-from .requests import REQ_MMU_RELOAD, REQ_TLB_FLUSH
+from .requests import OUTSIDE_GUEST_MODE, REQ_MMU_RELOAD, REQ_TLB_FLUSH
 from ..memory.guest_phys import GuestPhys
 from ..memory.host import Pfn
 from .mmu_lock import MmuLock
@@ -52,7 +52,7 @@ class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
                  "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point",
-                 "planted_bug", "lockless")
+                 "planted_bug", "lockless", "running")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
                  notifiers="modern", break_flush=False, aging=None, planted_bug=None,
@@ -101,6 +101,8 @@ class VmMmu:
                                                 # pages of it, a PAE PDPT in use): KVM's page track
         self.invalid_list: list = []            # prepared zaps waiting for commit
         self.vcpus: list = []
+        self.running = None                     # the VcpuMmu whose vCPU the host thread runs
+                                                # now (vm_scheduler.py; None: one vCPU)
         self.next_id = 0
         # KVM: 2% of RAM pages (KVM_PERMILLE_MMU_PAGES 20), at least 64
         self.max_pages = max_pages or max(64, (self.ram_frames * 20) // 1000)
@@ -116,10 +118,29 @@ class VmMmu:
         return v
 
     # ------------------------------------------------------------------ requests
-    def request_all(self, req: int) -> None:
-        """kvm_make_all_cpus_request."""
+    def request_all(self, req: int) -> bool:
+        """kvm_make_all_cpus_request: ``req`` on every vCPU; True if another vCPU had to be
+        interrupted for it -- one not OUTSIDE_GUEST_MODE (Linux 3.5+ kvm_make_all_cpus_request
+        / 6.x kvm_make_vcpus_request_mask and kvm_request_needs_ipi: a KVM_REQUEST_WAIT request
+        such as KVM_REQ_TLB_FLUSH IPIs every vCPU whose mode is not OUTSIDE_GUEST_MODE, the
+        requester itself excepted)."""
+        ipi = False
+        me = self.running
         for v in self.vcpus:
             v.requests |= req
+            if v is not me and v.mode != OUTSIDE_GUEST_MODE:
+                ipi = True
+        return ipi
+
+    def flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs (virt/kvm/kvm_main.c, Linux 2.6.x-6.x): KVM_REQ_TLB_FLUSH on
+        every vCPU, so every vCPU's TLB is flushed before it next runs the guest (the adapter
+        services it at its next fill or entry; vm_scheduler.py before each slice). Counts
+        ``remote_tlb_flush`` as KVM does -- ``if (!kvm_arch_flush_remote_tlbs(kvm) ||
+        kvm_make_all_cpus_request(kvm, KVM_REQ_TLB_FLUSH)) ++remote_tlb_flush`` -- that is, only
+        when another vCPU was interrupted for it (so never with one vCPU)."""
+        if self.request_all(REQ_TLB_FLUSH):
+            self.counters["remote_tlb_flush"] += 1
 
     # ------------------------------------------------------------------ host pages
     def gfn_to_pfn(self, gfn, write: bool = False, atomic: bool = False):
@@ -170,9 +191,15 @@ class VmMmu:
         returns (the CPU adapter flushes now; without one, the model TLB is emptied)."""
         timed = ev.HOST_TIMING in self.events.subs
         t0 = time.perf_counter() if timed else 0.0
+        me = self.running
+        ipi = False
         for v in self.vcpus:
             v.requests &= ~REQ_TLB_FLUSH
             v.flush_hw_tlb()
+            if v is not me and v.mode != OUTSIDE_GUEST_MODE:
+                ipi = True
+        if ipi:
+            self.counters["remote_tlb_flush"] += 1       # kvm_flush_remote_tlbs, as above
         if timed:
             self.events.emit(ev.HOST_TIMING, part="flush", seconds=time.perf_counter() - t0)
 
@@ -213,7 +240,9 @@ class VmMmu:
                 sp.spt[idx] = spte & ~SPTE_W
                 changed = True
         if changed:
-            self.request_all(REQ_TLB_FLUSH)
+            # 2.6.28 kvm_mmu_get_page / 6.x kvm_mmu_alloc_shadow_page -> account_shadowed:
+            # rmap_write_protect, then kvm_flush_remote_tlbs
+            self.flush_remote_tlbs()
 
     # ------------------------------------------------------------------ shadow pages
     @staticmethod
@@ -340,7 +369,7 @@ class VmMmu:
             return
         self.invalid_list = []
         if self.lockless is None:
-            self.request_all(REQ_TLB_FLUSH)
+            self.flush_remote_tlbs()   # kvm_mmu_commit_zap_page (6.18 mmu.c): flush, then free
             for sp in pages:
                 sp.freed = True
             return
@@ -386,7 +415,8 @@ class VmMmu:
             child.parents.discard((sp, idx))
             sp.children[idx] = None
         sp.spt[idx] = 0
-        self.request_all(REQ_TLB_FLUSH)
+        # mmu_page_zap_pte's callers (kvm_mmu_pte_write, sync_page) flush remotely
+        self.flush_remote_tlbs()
 
     def mark_accessed(self, sp, idx) -> None:
         sp.spt[idx] |= SPTE_A
@@ -449,9 +479,10 @@ class VmMmu:
             if sp.gfns[idx] != gfn:
                 self._rmap_remove(sp.gfns[idx], sp, idx)
                 self.rmap[gfn][(sp, idx)] = None
-                self.request_all(REQ_TLB_FLUSH)
+                self.flush_remote_tlbs()          # mmu_set_spte: a new pfn -> remote flush
             elif (old & SPTE_FRAME) != (spte & SPTE_FRAME) or (old & SPTE_W and not spte & SPTE_W):
-                self.request_all(REQ_TLB_FLUSH)
+                # mmu_set_spte / mmu_spte_update (3.x+): a W removed -> kvm_flush_remote_tlbs
+                self.flush_remote_tlbs()
         else:
             self.rmap[gfn][(sp, idx)] = None
         sp.spt[idx] = spte
