@@ -76,6 +76,7 @@ def test_legacy_protection_faults():
     assert walk(t.mem, wp0, 0x1000, W_ | PFERR_U).error_code == 7
     assert walk(t.mem, wp1, 0x2000, R_ | PFERR_U).error_code == PFERR_P | PFERR_U
     assert walk(t.mem, wp1, 0x2000, X_ | PFERR_U).error_code == PFERR_P | PFERR_U   # no I/D: no PAE/SMEP
+    assert t.mem.read32(sup) == 0x6000 | P | W          # faulting user accesses set no A bit
     # U/S and R/W combine over levels: PDE without U makes every page below supervisor
     t.set(0x2000, 2, t.get(0x2000, 2) & ~U)
     w = walk(t.mem, wp1, 0x1000, R_ | PFERR_U)
