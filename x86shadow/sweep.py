@@ -116,7 +116,8 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("spec", metavar="SPEC.toml")
     s.add_argument("-o", "--output", metavar="PATH",
                    help="the JSON-lines file (default: the spec's output, else SPEC.jsonl)")
-    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown only on a terminal anyway; docs/PROGRESS.md)")
     add_executor_options(s)
     s.set_defaults(run_command=cmd_sweep)
 
@@ -131,19 +132,21 @@ def cmd_sweep(args) -> int:
     except (SweepError, ExecutorError, OutputError) as e:
         sys.stderr.write(f"x86shadow: error: {e}\n")
         return 2
+    from .progress import progress
     n = 0
     status = 0
     with open(path, "w", encoding="utf-8") as f:
         try:
-            with ex:
+            with ex, progress(len(points), "sweep points", args.quiet) as bar:
+                bar.describe(f"sweep {kind}: {len(points)} points ({ex.name}, {ex.jobs} jobs)")
                 jobs = [(i, kind, p) for i, p in enumerate(points)]
                 for _job, rec in ex.imap_unordered(run_point, jobs):
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     n += 1
-                    if not args.quiet:
-                        print(f"point {rec['point']}: {rec['params']} done ({n}/{len(points)})",
-                              file=sys.stderr)
+                    bar.advance()
+                    bar.describe(f"sweep {kind}: point {rec['point']} done "
+                                 f"({', '.join(f'{k}={v}' for k, v in rec['params'].items())})")
         except KeyboardInterrupt:
             status = 130
         except Exception as e:                          # noqa: BLE001
