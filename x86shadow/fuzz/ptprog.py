@@ -7,7 +7,11 @@ data frames, at themselves, at each other, at the window's directory or at the r
 of operations: stores of every kind (mov of each size, immediates, locked and unlocked
 read-modify-writes, xchg, cmpxchg, cmpxchg8b, xadd, bit operations, string stores, setcc),
 aligned, misaligned and page-crossing, through the window or through the identity map onto the
-table frames; loads; invlpg; CR3 reloads; CR0.WP toggles; EFER.NXE toggles (pae, 64). After
+table frames; loads; invlpg; CR3 reloads; CR0.WP toggles; EFER.NXE toggles (pae, 64); CR3
+switches to a second root and back (``Layout.root2``: its window entries point at the first
+root's window tables, the same or swapped, or at a third one, ``pt3``); user-mode excursions
+(``_render_user``: iret to CPL 3, one load, store or fetch through the window, ``int 0x81``
+back; the identity map has U so that the program's code and stack serve at CPL 3). After
 each operation it prints one line (operation number, faults taken, last error code and CR2, result registers and flags). After each
 store it reloads CR3, so that no result depends on a stale TLB entry (which the architecture
 leaves undefined); global pages (G) are not enabled (CR4.PGE = 0).
@@ -103,7 +107,7 @@ class Layout:
 
     def window_tables(self, root2_tables=None):
         """The tables that translate (WINDOW, window2) under the first root, or under root2
-        when given ``Spec.root2``'s table choices."""
+        when given ``Spec.root2_tables``."""
         if root2_tables is None:
             return (self.ptw, self.pt2)
         tables = (self.ptw, self.pt2, self.pt3)
