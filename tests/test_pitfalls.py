@@ -217,3 +217,48 @@ def test_runaway_exit_kind():
     res = m.run(20000)
     assert (res.status, res.exit_kind) == (4, ExitKind.RUNAWAY) and "runaway" in res.report
     assert m.counters["guest_insns"] == 20000
+
+
+def test_a_restart_after_a_refused_fill_under_a_code_hook_gets_wrong_flags():
+    """Measured on Unicorn 2.1.4 (no x86shadow): ``sub al, 2`` (0 - 2: SF|AF|CF), then a pushfd
+    whose stack fill is refused once and the instruction started again. Without a code hook
+    the restarted pushfd pushes the right flags; with a UC_HOOK_CODE over the code (what
+    ``emu_start(count=N)``, i.e. --max-insns, puts there) AF is lost. The shadow MMU refuses
+    fills, the native one never does: x86shadow fuzz therefore runs without an instruction
+    limit (fuzz/differential.py DEFAULT_MAX_INSNS). If this test fails, Unicorn was fixed."""
+    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+    from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_TLB_FILL, UC_MODE_32, UC_PROT_ALL,
+                         UC_TLB_VIRTUAL, Uc, UcError)
+    from unicorn.x86_const import UC_X86_REG_EBX, UC_X86_REG_EIP, UC_X86_REG_ESP
+    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm("xor eax, eax; sub al, 2; pushfd; pop ebx; nop")[0])
+
+    def pushed_flags(code_hook, count=0):
+        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map(0, 0x10000)
+        uc.mem_write(0x1000, code)
+        uc.reg_write(UC_X86_REG_ESP, 0x8000)
+        refused = []
+
+        def fill(uc, va, acc, entry, _data):
+            if va >> 12 == 7 and not refused:          # the stack page, once
+                refused.append(va)
+                return False
+            entry.paddr, entry.perms = va & ~0xFFF, UC_PROT_ALL
+            return True
+        uc.hook_add(UC_HOOK_TLB_FILL, fill)
+        if code_hook:
+            uc.hook_add(UC_HOOK_CODE, lambda *_: None)
+        pc, end = 0x1000, 0x1000 + len(code)
+        for _ in range(2):
+            try:
+                uc.emu_start(pc, end, count=count)
+                break
+            except UcError:
+                pc = uc.reg_read(UC_X86_REG_EIP)       # the refused pushfd, again
+        assert refused
+        return uc.reg_read(UC_X86_REG_EBX) & 0x8D5      # OF SF ZF AF PF CF
+
+    assert pushed_flags(False) == 0x91                 # SF | AF | CF: right
+    assert pushed_flags(True) == 0x81                  # AF lost
+    assert pushed_flags(False, count=1000) == 0x81     # --max-insns: the same

@@ -80,3 +80,32 @@ def test_long_run_progress_counts_guest_instructions():
     quiet = _run("run", "guestcode/hello.asm", "--mode", "pae", "--max-insns", "100000000",
                  "--quiet", env_extra={FORCE_ENV: "1"})
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == forced.stdout
+
+
+FUZZ = ["fuzz", "--mode", "32", "--count", "2", "--jobs", "1", "--no-host"]
+
+
+def test_fuzz_progress_only_when_forced_and_not_quiet(tmp_path):
+    save = ["--save", str(tmp_path)]
+    plain = _run(*FUZZ, *save)
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr
+    assert "mode 32 shard 0: 2 examples, no divergence" in plain.stdout   # the plain lines stay
+    forced = _run(*FUZZ, *save, env_extra={FORCE_ENV: "1"})
+    assert forced.returncode == 0 and "fuzz: 2 examples, 0 divergence(s)" in forced.stderr
+    assert "1/1" in forced.stderr and "\x1b[" not in forced.stdout
+    quiet = _run(*FUZZ, *save, "--quiet", env_extra={FORCE_ENV: "1"})
+    assert quiet.returncode == 0 and quiet.stderr == "" and "shard 0:" not in quiet.stdout
+
+
+def test_sweep_progress_only_when_forced_and_not_quiet(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('kind = "kmap"\n[fixed]\ntables = 1\nptes = 8\nscans = 1\n'
+                    '[grid]\norder = ["table", "rmap"]\n')
+    args = ["sweep", str(spec), "-o", str(tmp_path / "o.jsonl"), "--jobs", "1"]
+    plain = _run(*args)
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr
+    forced = _run(*args, env_extra={FORCE_ENV: "1"})
+    assert forced.returncode == 0 and "sweep kmap: point" in forced.stderr
+    assert "2/2" in forced.stderr and "\x1b[" not in forced.stdout
+    quiet = _run(*args, "--quiet", env_extra={FORCE_ENV: "1"})
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -44,3 +44,36 @@ def test_bad_specs_are_clear_errors(tmp_path):
         r = _sweep(tmp_path, text)
         assert r.returncode == 2 and r.stderr.startswith("x86shadow: error:"), (text, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+
+
+def test_bench_kind_writes_the_rows_bench_json_gives(tmp_path):
+    out = tmp_path / "b.jsonl"
+    r = _sweep(tmp_path, 'kind = "bench"\n[fixed]\nworkload = "pte-write"\n'
+               '[grid]\nmode = ["pae", "64"]\n', "-o", str(out), "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    recs = sorted((json.loads(line) for line in out.read_text().splitlines()),
+                  key=lambda x: x["point"])
+    assert [x["params"]["mode"] for x in recs] == ["pae", "64"]
+    bench = tmp_path / "bench.json"
+    b = subprocess.run([sys.executable, "-m", "x86shadow.cli", "bench", "--quick", "--workload",
+                        "pte-write", "--mode", "pae", "--json", str(bench), "--quiet"],
+                       capture_output=True, text=True)
+    assert b.returncode == 0, b.stderr
+    row = next(w for w in json.loads(bench.read_text())["workloads"] if w["name"] == "pte-write")
+    rec = recs[0]["record"]
+    assert rec.keys() == row.keys() and rec["mode"] == "pae" and rec["name"] == "pte-write"
+    for key in ("guest_insns", "exits", "counters", "ptes_written"):    # counts, not times
+        assert rec[key] == row[key], key
+    assert recs[1]["record"]["mode"] == "64"
+
+
+def test_bad_bench_specs_are_clear_errors(tmp_path):
+    for text, msg in (('kind = "bench"\n[grid]\nmode = ["pae"]\n', "no workload"),
+                      ('kind = "bench"\n[grid]\nworkload = ["nope"]\n', "workload 'nope'"),
+                      ('kind = "bench"\n[grid]\nworkload = ["idle"]\nquick = [1]\n',
+                       "must be bool"),
+                      ('kind = "bench"\n[fixed]\nworkload = "idle"\npolicy = "xen"\n'
+                       'unsync = true\n', "no out-of-sync")):
+        r = _sweep(tmp_path, text)
+        assert r.returncode == 2 and r.stderr.startswith("x86shadow: error:"), (text, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)

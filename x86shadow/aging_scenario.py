@@ -487,8 +487,18 @@ def run_aging(params: AgingParams, variant: str, *, progress=None) -> dict:
     return run
 
 
-def run_many(params: AgingParams, variants, progress=None) -> list:
+def run_many(params: AgingParams, variants, progress=None, executor=None) -> list:
+    """Run the scenario under each variant; results in order. ``executor`` (x86shadow/
+    executor.py, ``fresh_process=True``): every run a job in a process of its own; None: one
+    after the other here."""
     params.check()
+    if executor is not None:
+        from .executor import map_in_order
+        from .scenario import job_result
+        results = map_in_order(executor, _aging_job, [(params, v) for v in variants],
+                               done=(lambda job, _r: progress(job[1], "done"))
+                               if progress else None)
+        return [job_result(r) for r in results]
     runs = []
     for v in variants:
         if progress:
@@ -498,6 +508,18 @@ def run_many(params: AgingParams, variants, progress=None) -> list:
         if progress:
             progress(v, "done")
     return runs
+
+
+def _aging_job(job):
+    """One aging run in an executor's worker -> ("ok", record) or ("error", (message, status))."""
+    params, variant = job
+    try:
+        return "ok", run_aging(params, variant)
+    except ScenarioError as e:
+        return "error", (str(e), e.status)
+    except Exception as e:                         # noqa: BLE001 - reported by the parent
+        return "error", (f"internal error in the run of variant {variant}: "
+                         f"{type(e).__name__}: {e}", 70)
 
 
 # ---------------------------------------------------------------------------------- output
@@ -642,13 +664,19 @@ def cli_main(args) -> int:
         raise ScenarioError(str(e)) from None
     con = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
+    from .executor import ExecutorError, compare_executor
     from .progress import progress as show_progress
-    with show_progress(len(variants), "aging", args.quiet) as bar:
+    try:
+        ex = compare_executor(args)
+    except ExecutorError as e:
+        raise ScenarioError(str(e)) from None
+    with show_progress(len(variants), "aging", args.quiet) as bar, ex:
         def progress(name, what):
             if what == "done":
                 bar.advance()
             bar.describe(f"{name}: {what}")
-        runs = run_many(params, variants, progress=progress)
+        runs = run_many(params, variants, progress=progress,
+                        executor=ex if args.compare else None)
     con.print(describe(params))
     con.print(table(runs))
     if args.json:

@@ -205,8 +205,7 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/JSON_RECORDS.md)")
     k.add_argument("--compare", action="store_true", help="run every policy; one side-by-side table")
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
-    k.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="--compare: runs at a time, each in its own process (default 1)")
+    _add_compare_executor(k)
     _add_quiet(k)
     _add_host(k)
     a = ssub.add_parser("aging", help="the host's LRU ageing a guest through KVM's aging "
@@ -253,7 +252,16 @@ def _add_scenario_parser(sub) -> None:
     a.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/AGING.md)")
     a.add_argument("--plot", metavar="PATH.png",
                    help="draw hot pages evicted per pass and the lock wait (matplotlib)")
+    _add_compare_executor(a)
     _add_quiet(a)
+
+
+def _add_compare_executor(parser) -> None:
+    """--executor, --jobs, --address of ``scenario ... --compare`` (x86shadow/executor.py)."""
+    from .executor import add_executor_options
+    # one run at a time by default: the runs' wall times and peak RSS are measured
+    add_executor_options(parser, default_jobs=1,
+                         jobs_help="--compare: runs at a time, each in a process of its own")
 
 
 def _add_quiet(parser) -> None:
@@ -507,8 +515,11 @@ def cmd_scenario(args) -> int:
         except sc.ScenarioError as e:
             sys.stderr.write(f"x86shadow: error: {e}\n")
             return e.status
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    from .executor import ExecutorError, compare_executor
+    try:
+        ex = compare_executor(args)
+    except ExecutorError as e:
+        raise UsageError(str(e)) from None
     params = sc.KmapParams(mode=args.mode, variant=args.variant, order=args.order, tables=args.tables,
                            ptes=args.ptes, scans=args.scans, linearity=args.linearity, seed=args.seed,
                            ram_mib=args.ram)
@@ -527,15 +538,12 @@ def cmd_scenario(args) -> int:
             raise UsageError(str(e)) from None
         policies = comparison_configs(_unsync_arg(args)) if args.compare else [args.policy]
 
-        parent = os.getpid()
-        with show_progress(len(policies), "kmap", args.quiet) as bar:
+        with show_progress(len(policies), "kmap", args.quiet) as bar, ex:
             def progress(name, what):
-                if os.getpid() != parent:
-                    return                  # a forked run (--compare): the parent counts it
                 if what == "done":
                     bar.advance()
                 bar.describe(f"{name}: {what}")
-            runs = sc.run_many(params, policies, jobs=args.jobs, isolate=args.compare,
+            runs = sc.run_many(params, policies, executor=ex if args.compare else None,
                                progress=progress, unsync=_unsync_arg(args),
                                host=_host_config(args))
         con.print(sc.describe(params))

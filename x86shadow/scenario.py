@@ -354,13 +354,14 @@ def scan_metric(run: dict, k: int, key: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- running several
-def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = True, progress=None,
-             unsync=None, host=None):
-    """Run the scenario under each policy. ``policies``: names, or (name, unsync) pairs. With
-    ``isolate`` every run is a forked child process (so wall time and peak RSS are that run's
-    own), ``jobs`` of them at a time; results in order. ``unsync`` (on/off/None) applies to the
-    names given without a pair when they have out-of-sync pages; with several policies the
-    others run as they are."""
+def run_many(params: KmapParams, policies, *, executor=None, progress=None, unsync=None,
+             host=None):
+    """Run the scenario under each policy; results in order. ``policies``: names, or (name,
+    unsync) pairs. ``executor`` (x86shadow/executor.py, made with ``fresh_process=True``):
+    every run is a job in a process of its own (so wall time and peak RSS are that run's own);
+    None: one after the other in this process. ``unsync`` (on/off/None) applies to the names
+    given without a pair when they have out-of-sync pages; with several policies the others
+    run as they are."""
     params.check()
     from .policies import UNSYNC_POLICIES
 
@@ -369,7 +370,7 @@ def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = Tru
             return entry
         return entry, (unsync if len(policies) == 1 or entry in UNSYNC_POLICIES else None)
     configs = [config(e) for e in policies]
-    if not isolate or not hasattr(os, "fork"):
+    if executor is None:
         out = []
         for name, u in configs:
             if progress:
@@ -379,42 +380,30 @@ def run_many(params: KmapParams, policies, *, jobs: int = 1, isolate: bool = Tru
             if progress:
                 progress(name, "done")
         return out
-    import multiprocessing as mp
-    _images(params)                 # assemble once, before the children fork
-    ctx = mp.get_context("fork")
-    pending = list(enumerate(configs))
-    running = {}
-    results = [None] * len(configs)
-    while pending or running:
-        while pending and len(running) < max(1, jobs):
-            i, (name, u) = pending.pop(0)
-            rx, tx = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(params, name, tx, progress, u, host),
-                               daemon=True)
-            proc.start()
-            tx.close()
-            running[rx] = (i, name, proc)
-            if progress:
-                progress(name, "start")
-        ready = mp.connection.wait(list(running))
-        for rx in ready:
-            i, name, proc = running.pop(rx)
-            try:
-                kind, payload = rx.recv()
-            except EOFError:
-                kind, payload = "error", (f"the run of policy {name} died (exit code {proc.exitcode})", 70)
-            proc.join()
-            rx.close()
-            if kind == "error":
-                for other_rx, (_, _, other) in running.items():
-                    other.kill()
-                    other.join()
-                    other_rx.close()
-                raise ScenarioError(*payload)
-            results[i] = payload
-            if progress:
-                progress(name, "done")
-    return results
+    from .executor import map_in_order
+    jobs = [(params, name, u, host) for name, u in configs]
+    results = map_in_order(executor, _kmap_job, jobs,
+                           done=(lambda job, _r: progress(job[1], "done")) if progress else None)
+    return [job_result(r) for r in results]
+
+
+def job_result(result):
+    """The record of a scenario job (``_kmap_job``, aging's ``_aging_job``), or its error."""
+    kind, payload = result
+    if kind == "error":
+        raise ScenarioError(*payload)
+    return payload
+
+
+def _kmap_job(job):
+    """One kmap run in an executor's worker -> ("ok", record) or ("error", (message, status))."""
+    params, name, unsync, host = job
+    try:
+        return "ok", run_kmap(params, name, unsync=unsync, host=host)
+    except ScenarioError as e:
+        return "error", (str(e), e.status)
+    except Exception as e:                         # noqa: BLE001 - reported by the parent
+        return "error", (f"internal error in the run of policy {name}: {type(e).__name__}: {e}", 70)
 
 
 def _scan_progress(name, params, progress):
@@ -425,18 +414,6 @@ def _scan_progress(name, params, progress):
         if phase == PH_KSCAND:
             progress(name, f"scan {scan + 1}/{params.scans}")
     return each
-
-
-def _child(params, name, tx, progress=None, unsync=None, host=None):
-    try:
-        tx.send(("ok", run_kmap(params, name, progress=_scan_progress(name, params, progress),
-                                unsync=unsync, host=host)))
-    except ScenarioError as e:
-        tx.send(("error", (str(e), e.status)))
-    except BaseException as e:                     # noqa: BLE001 - reported by the parent
-        tx.send(("error", (f"internal error in the run of policy {name}: {type(e).__name__}: {e}", 70)))
-    finally:
-        tx.close()
 
 
 # ---------------------------------------------------------------------------------- output

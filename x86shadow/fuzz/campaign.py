@@ -93,6 +93,12 @@ class _Divergent(Exception):
     pass
 
 
+class _ShrinkBudgetSpent(BaseException):
+    """Ends hypothesis's shrinking when the shard's budget of runs is spent (not an Exception:
+    hypothesis lets it through at once instead of taking it for a failure; its own shrink
+    passes over a long choice sequence would otherwise go on for minutes without a run)."""
+
+
 class _ShardRun:
     """The property hypothesis runs for one shard, with what it saw."""
 
@@ -121,7 +127,7 @@ class _ShardRun:
         if divs is None:
             if self.shrink_runs_left is not None:
                 if self.shrink_runs_left <= 0:
-                    return                  # shrink budget spent: only known failures fail
+                    raise _ShrinkBudgetSpent    # the smallest failure so far is the result
                 self.shrink_runs_left -= 1
             self.runs += 1
             divs = divergences(source, sh.mode, self.configs, case.host, case.host_seed,
@@ -161,7 +167,7 @@ def run_shard(shard: Shard) -> ShardResult:
     result = ShardResult(shard)
     try:
         test()
-    except (_Divergent, Flaky):
+    except (_Divergent, Flaky, _ShrinkBudgetSpent):
         pass
     except Unsatisfiable:                   # the deadline came before the first example
         pass

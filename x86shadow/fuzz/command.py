@@ -33,7 +33,8 @@ def add_fuzz_parser(sub) -> None:
     f.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting examples after this long")
     f.add_argument("--replay", metavar="FILE", help="run a saved program again instead")
-    f.add_argument("--quiet", action="store_true", help="only failures and the summary")
+    f.add_argument("--quiet", action="store_true",
+                   help="only failures and the summary; no progress bar (docs/PROGRESS.md)")
     f.add_argument("--planted-bug", default=None, help=argparse_suppress())
     add_executor_options(f)
     f.set_defaults(run_command=cmd_fuzz)
@@ -83,12 +84,17 @@ def cmd_fuzz(args) -> int:
         ex = executor_from_args(args)
     except ExecutorError as e:
         return _err(str(e))
+    from ..progress import progress
     done, failures = [], []
     status = 0
     try:
-        with ex:
+        with ex, progress(len(shards), "fuzz shards", args.quiet) as bar:
+            bar.describe(f"fuzz: {len(shards)} shards ({ex.name}, {ex.jobs} jobs)")
             for _shard, r in ex.imap_unordered(cp.run_shard, shards):
                 done.append(r)
+                bar.advance()
+                bar.describe(f"fuzz: {sum(x.examples for x in done)} examples, "
+                             f"{len(failures) + (r.failure is not None)} divergence(s)")
                 if r.failure is not None:
                     f = r.failure
                     path = cp.save_failure(args.save, f)

@@ -7,7 +7,11 @@ data frames, at themselves, at each other, at the window's directory or at the r
 of operations: stores of every kind (mov of each size, immediates, locked and unlocked
 read-modify-writes, xchg, cmpxchg, cmpxchg8b, xadd, bit operations, string stores, setcc),
 aligned, misaligned and page-crossing, through the window or through the identity map onto the
-table frames; loads; invlpg; CR3 reloads; CR0.WP toggles; EFER.NXE toggles (pae, 64). After
+table frames; loads; invlpg; CR3 reloads; CR0.WP toggles; EFER.NXE toggles (pae, 64); CR3
+switches to a second root and back (``Layout.root2``: its window entries point at the first
+root's window tables, the same or swapped, or at a third one, ``pt3``); user-mode excursions
+(``_render_user``: iret to CPL 3, one load, store or fetch through the window, ``int 0x81``
+back; the identity map has U so that the program's code and stack serve at CPL 3). After
 each operation it prints one line (operation number, faults taken, last error code and CR2, result registers and flags). After each
 store it reloads CR3, so that no result depends on a stale TLB entry (which the architecture
 leaves undefined); global pages (G) are not enabled (CR4.PGE = 0).
@@ -39,8 +43,14 @@ WINDOW = 0x4000_0000             # VA of the window (PD index 0x100 / PDPT index
 N_WIN = 16                       # entries used in each window page table
 
 PROG_VARS_OFF = 0x0300_0000      # program variables (identity-mapped, never a target)
-V_RESUME, V_ERR, V_CR2, V_CNT, V_RES, V_RES2 = (PROG_VARS_OFF + 8 * i for i in range(6))
+V_RESUME, V_ERR, V_CR2, V_CNT, V_RES, V_RES2, V_KSP, V_KRET = (PROG_VARS_OFF + 8 * i
+                                                              for i in range(8))
 IDT = PROG_VARS_OFF + 0x1000
+USTACK_TOP = PROG_VARS_OFF + 0x4000  # the user-mode excursions' stack
+TO_KERNEL_VECTOR = 0x81          # the DPL3 gate a user-mode excursion comes back through
+FETCH_OFF = 0xF00                # 0xF00..0xF7F of every table and data frame: `ret` bytes,
+FETCH_LEN = 0x80                 # what a fetch through the window executes (never written)
+N_TABLES = 0xA000 // 0x1000      # T..T+0xA000: every table frame of both roots
 
 _PTE_P, _PTE_W, _PTE_U, _PTE_PWT, _PTE_PCD, _PTE_A, _PTE_D, _PTE_PS, _PTE_G = (
     1, 2, 4, 8, 0x10, 0x20, 0x40, 0x80, 0x100)
@@ -80,6 +90,47 @@ class Layout:
         return T + 0x5000
 
     @property
+    def root2(self):                 # the second root (CR3 switches)
+        return T + 0x6000
+
+    @property
+    def pdpt0b(self):                # 64 only: root2's PML4[0] -> PDPT0b
+        return T + 0x7000
+
+    @property
+    def pd1b(self):                  # root2's window directory (32: root2 itself)
+        return self.root2 if self.mode == "32" else T + 0x8000
+
+    @property
+    def pt3(self):                   # a third window table, only root2 may map it
+        return T + 0x9000
+
+    def window_tables(self, root2_tables=None):
+        """The tables that translate (WINDOW, window2) under the first root, or under root2
+        when given ``Spec.root2_tables``."""
+        if root2_tables is None:
+            return (self.ptw, self.pt2)
+        tables = (self.ptw, self.pt2, self.pt3)
+        return tuple(tables[i] for i in root2_tables)
+
+    def identity_frames(self):
+        """Tables whose first entry maps the program (pdpt0 / pdpt0b entry 0, pd0): a store
+        crossing into one from the frame before would unmap it."""
+        if self.mode == "32":
+            return ()
+        if self.mode == "pae":
+            return (self.pd0,)
+        return (self.pdpt0, self.pd0, self.pdpt0b)
+
+    def second_frames(self):
+        """The frames of root2's structures (the identity part shares pd0 in pae / 64)."""
+        if self.mode == "32":
+            return [self.root2, self.pt3]
+        if self.mode == "pae":
+            return [self.root2, self.pd1b, self.pt3]
+        return [self.root2, self.pdpt0b, self.pd1b, self.pt3]
+
+    @property
     def window2(self):               # VA mapped by the second window table
         return WINDOW + (0x40_0000 if self.mode == "32" else 0x20_0000)
 
@@ -95,12 +146,13 @@ class Layout:
 
     def writable_entries(self, frame):
         """Entry indices of a table frame that ops may write without unmapping the program."""
-        if self.mode == "32" and frame == self.root:
+        if self.mode == "32" and frame in (self.root, self.root2):
             return [0x100, 0x101] + list(range(0x102, 0x110)) + [0x3ff]
-        if self.mode == "pae" and frame == self.root:
+        if self.mode == "pae" and frame in (self.root, self.root2):
             return []                                   # PDPT: see Op "pdpt"
-        if self.mode == "64" and frame in (self.root, self.pdpt0):
-            return [1, 2, 3, 0x1ff] if frame == self.pdpt0 else [1, 2, 0x100, 0x1ff]
+        if self.mode == "64" and frame in (self.root, self.pdpt0, self.root2, self.pdpt0b):
+            return ([1, 2, 3, 0x1ff] if frame in (self.pdpt0, self.pdpt0b)
+                    else [1, 2, 0x100, 0x1ff])
         return list(range(0, N_WIN + 2)) + [0x1ff]
 
 
@@ -109,7 +161,7 @@ def compared_frames(mode):
     frames = lay.table_frames() + lay.data_frames()
     if mode != "32":
         frames.append(lay.pd0)
-    return frames
+    return frames + lay.second_frames()
 
 
 @dataclass
@@ -131,11 +183,18 @@ class Spec:
     pd1_flags: tuple             # flags of the two window directory entries
     ops: list = field(default_factory=list)
     seed: int | None = None
+    # the second root: which table (0 ptw, 1 pt2, 2 pt3) each of its two window directory
+    # entries points at, and their flags; pt3's entries (N_WIN)
+    root2_tables: tuple = (0, 1)
+    root2_flags: tuple = (0x23, 0x23)
+    pt3: tuple = ()
 
 
 _RMW = ("or", "and", "xor", "add", "sub", "inc", "dec", "not", "neg", "bts", "btr", "btc",
         "xchg", "cmpxchg", "xadd", "cmpxchg8b")
-_OPS = ("mov", "movimm", "stos", "movs", "setcc", "load", "invlpg", "cr3", "wp") + _RMW
+_OPS = ("mov", "movimm", "stos", "movs", "setcc", "load", "invlpg", "cr3", "wp", "cr3switch",
+        "user", "user") + _RMW
+USER_ACCESSES = ("load", "store", "fetch")  # Op("user").extra: what the excursion does
 _OPS_NX = _OPS + ("nx",)         # modes pae and 64: EFER.NXE toggles too
 
 
@@ -150,7 +209,7 @@ def _random_pte(rng, lay: Layout, nxe: bool, present_bias=0.8):
     flags = 0
     if rng.random() < present_bias:
         flags |= _PTE_P
-    for bit, p in ((_PTE_W, 0.6), (_PTE_U, 0.3), (_PTE_PWT, 0.05), (_PTE_PCD, 0.05),
+    for bit, p in ((_PTE_W, 0.6), (_PTE_U, 0.5), (_PTE_PWT, 0.05), (_PTE_PCD, 0.05),
                    (_PTE_A, 0.5), (_PTE_D, 0.4), (_PTE_G, 0.1)):
         if rng.random() < p:
             flags |= bit
@@ -163,22 +222,30 @@ def _random_pte(rng, lay: Layout, nxe: bool, present_bias=0.8):
     return v
 
 
-def _random_target(rng, lay: Layout, size, win_ptes=None):
+def _window_slot(rng, lay: Layout, w, win_ptes, pt3, entries=24):
+    """A pte slot (byte offset) of window page ``w`` (0 .. 2 * N_WIN - 1) that is safe to
+    write: a page that initially maps a table the program runs on, through any of the tables
+    that may translate it (ptw and pt2 under either root, pt3 under the second), is written
+    only in the entries that do not map the program (``Layout.writable_entries``)."""
+    i = w % N_WIN
+    frames = {v & 0xFFFFF000 for v in (list(win_ptes or ())[i::N_WIN] + list(pt3 or ())[i:i + 1])}
+    for frame in frames:
+        if frame == lay.root or (lay.mode == "64" and frame == lay.pdpt0):
+            return rng.choice(lay.writable_entries(frame) or [0x1ff]) * lay.pte_size
+    return rng.randrange(0, entries) * lay.pte_size
+
+
+def _random_target(rng, lay: Layout, size, win_ptes=None, pt3=()):
     """A linear address: through the window, or through the identity map onto a table frame
-    or a data frame; aligned, the high half of a pte, misaligned, or crossing a page. A window
-    page that initially maps a table the program runs on is written only in the entries that
-    do not map the program (``Layout.writable_entries``)."""
+    (of either root) or a data frame; aligned, the high half of a pte, misaligned, or crossing
+    a page; through the window only in safe slots (``_window_slot``)."""
     where = rng.random()
     if where < 0.5:
         w = rng.randrange(2 * N_WIN)
         base = (WINDOW if w < N_WIN else lay.window2) + 0x1000 * (w % N_WIN)
-        frame = (win_ptes[w] if win_ptes else 0) & 0xFFFFF000
-        if frame == lay.root or (lay.mode == "64" and frame == lay.pdpt0):
-            slot = rng.choice(lay.writable_entries(frame) or [0x1ff]) * lay.pte_size
-        else:
-            slot = rng.randrange(0, 24) * lay.pte_size
+        slot = _window_slot(rng, lay, w, win_ptes, pt3)
     elif where < 0.85:
-        frame = rng.choice(lay.table_frames())
+        frame = rng.choice(lay.table_frames() + lay.second_frames())
         entries = lay.writable_entries(frame)
         if not entries:
             frame = lay.ptw
@@ -189,6 +256,8 @@ def _random_target(rng, lay: Layout, size, win_ptes=None):
         base = rng.choice(lay.data_frames())
         slot = rng.randrange(0, 64) * 4
     sub = rng.random()
+    if base + 0x1000 in lay.identity_frames():
+        sub = min(sub, 0.91)        # no crossing into the identity map the program runs on
     if sub < 0.55:
         off = slot
     elif sub < 0.7 and lay.pte_size == 8:
@@ -200,13 +269,27 @@ def _random_target(rng, lay: Layout, size, win_ptes=None):
     return base + (off & 0xFFF)
 
 
-def random_op(rng, lay: Layout, nxe: bool, win_ptes=None) -> Op:
+def random_op(rng, lay: Layout, nxe: bool, win_ptes=None, pt3=()) -> Op:
     kind = rng.choice(ops_of(lay.mode) + ("mov", "mov", "load"))
     wide = lay.mode == "64"
     if kind in ("invlpg",):
         return Op(kind, target=rng.choice((WINDOW, lay.window2)) + 0x1000 * rng.randrange(N_WIN))
     if kind in ("cr3", "wp", "nx"):
         return Op(kind)
+    if kind == "cr3switch":
+        return Op(kind, extra=rng.randrange(2))              # 1: to root2, 0: back to root
+    if kind == "user":
+        # a user-mode excursion: iret to CPL 3, one access through the window, int back
+        access = rng.randrange(len(USER_ACCESSES))
+        w = rng.randrange(2 * N_WIN)
+        page = (WINDOW if w < N_WIN else lay.window2) + 0x1000 * (w % N_WIN)
+        if USER_ACCESSES[access] == "fetch":
+            return Op(kind, target=page + FETCH_OFF + 16 * rng.randrange(FETCH_LEN // 16),
+                      extra=access)
+        size = rng.choice((1, 4))
+        off = _window_slot(rng, lay, w, win_ptes, pt3) + rng.choice((0, 0, 1, 4))
+        return Op(kind, target=page + off, size=size, extra=access,
+                  value=rng.getrandbits(8 * size))
     if kind == "cmpxchg8b":
         size = 8
     elif kind in ("setcc",):
@@ -219,7 +302,7 @@ def random_op(rng, lay: Layout, nxe: bool, win_ptes=None) -> Op:
         size = 4
     else:
         size = rng.choice((1, 2, 4, 8) if wide else (1, 2, 4))
-    target = _random_target(rng, lay, size, win_ptes)
+    target = _random_target(rng, lay, size, win_ptes, pt3)
     if kind in _RMW and WINDOW <= target < lay.window2 + 0x1000 * N_WIN \
             and (target & 0xFFF) + size > 0x1000:
         target = (target & ~0xFFF) + 0x1000 - size      # (module docstring, difference 3)
@@ -257,8 +340,16 @@ def random_tables(rng, mode: str) -> Spec:
     nxe = mode != "32" and rng.random() < 0.7
     win = [_random_pte(rng, lay, nxe, present_bias=0.85) for _ in range(2 * N_WIN)]
     pd1 = tuple(_PTE_P | _PTE_A | (_PTE_W if rng.random() < 0.8 else 0) |
-                (_PTE_U if rng.random() < 0.3 else 0) for _ in range(2))
-    return Spec(mode, nxe, win, pd1)
+                (_PTE_U if rng.random() < 0.6 else 0) for _ in range(2))
+    spec = Spec(mode, nxe, win, pd1)
+    # the second root: its window entries reuse the first root's tables (the same or swapped)
+    # or point at pt3, whose entries are drawn like the window's
+    spec.root2_tables = (rng.randrange(3), rng.randrange(3))
+    spec.root2_flags = tuple(_PTE_P | _PTE_A | (_PTE_W if rng.random() < 0.8 else 0) |
+                             (_PTE_U if rng.random() < 0.5 else 0) for _ in range(2))
+    if 2 in spec.root2_tables:
+        spec.pt3 = tuple(_random_pte(rng, lay, nxe, present_bias=0.85) for _ in range(N_WIN))
+    return spec
 
 
 def random_spec(rng: random.Random, mode: str, n_ops: int | None = None, seed=None) -> Spec:
@@ -266,7 +357,7 @@ def random_spec(rng: random.Random, mode: str, n_ops: int | None = None, seed=No
     spec.seed = seed
     n = rng.randrange(4, 20) if n_ops is None else n_ops
     lay = Layout(mode)
-    spec.ops = [random_op(rng, lay, spec.nxe, spec.win_ptes) for _ in range(n)]
+    spec.ops = [random_op(rng, lay, spec.nxe, spec.win_ptes, spec.pt3) for _ in range(n)]
     return spec
 
 
@@ -322,35 +413,53 @@ def render(spec: Spec) -> str:
         a("push ebx", "push esi", "push edi", "push ebp")
     a("cld")
     # zero the tables and the variables, fill the data frames
-    a(f"mov edi, {T:#x}", f"mov ecx, {0x6000 // 4:#x}", "xor eax, eax")
+    a(f"mov edi, {T:#x}", f"mov ecx, {N_TABLES * 0x1000 // 4:#x}", "xor eax, eax")
     a("rep stosd dword ptr es:[rdi], eax" if a.wide else "rep stosd dword ptr es:[edi], eax")
     a(f"mov edi, {PROG_VARS_OFF:#x}", "mov ecx, 0x400", "xor eax, eax")
     a("rep stosd dword ptr es:[rdi], eax" if a.wide else "rep stosd dword ptr es:[edi], eax")
     for i, f in enumerate(lay.data_frames()):
         a(f"mov edi, {f:#x}", "mov ecx, 0x400", f"mov eax, {0xd0000007 | (i << 16):#x}")
         a("rep stosd dword ptr es:[rdi], eax" if a.wide else "rep stosd dword ptr es:[edi], eax")
-    big = _PTE_P | _PTE_W | _PTE_A | _PTE_D | _PTE_PS      # 0xe3: identity large pages
+    # `ret` bytes where a fetch through the window lands (entries no walk reaches in a table)
+    for f in [T + 0x1000 * i for i in range(N_TABLES)] + lay.data_frames():
+        a(f"mov edi, {f + FETCH_OFF:#x}", f"mov ecx, {FETCH_LEN // 4}", "mov eax, 0xc3c3c3c3")
+        a("rep stosd dword ptr es:[rdi], eax" if a.wide else "rep stosd dword ptr es:[edi], eax")
+    # 0xe7: identity large pages, U too (user-mode excursions run the program's code and stack
+    # at CPL 3; CR4.SMEP / SMAP stay clear, so the supervisor's accesses are unchanged)
+    big = _PTE_P | _PTE_W | _PTE_U | _PTE_A | _PTE_D | _PTE_PS
+    r2 = lay.window_tables(spec.root2_tables)
     if mode == "32":
         for i in range(16):
             _entry(a, lay.root, i, (i << 22) | big, 4)
         _entry(a, lay.root, 0x100, lay.ptw | spec.pd1_flags[0], 4)
         _entry(a, lay.root, 0x101, lay.pt2 | spec.pd1_flags[1], 4)
+        for i in range(16):
+            _entry(a, lay.root2, i, (i << 22) | big, 4)
+        _entry(a, lay.root2, 0x100, r2[0] | spec.root2_flags[0], 4)
+        _entry(a, lay.root2, 0x101, r2[1] | spec.root2_flags[1], 4)
     else:
         for i in range(32):
             _entry(a, lay.pd0, i, (i << 21) | big, 8)
         _entry(a, lay.pd1, 0, lay.ptw | spec.pd1_flags[0], 8)
         _entry(a, lay.pd1, 1, lay.pt2 | spec.pd1_flags[1], 8)
+        _entry(a, lay.pd1b, 0, r2[0] | spec.root2_flags[0], 8)
+        _entry(a, lay.pd1b, 1, r2[1] | spec.root2_flags[1], 8)
         if mode == "pae":
-            _entry(a, lay.root, 0, lay.pd0 | 1, 8)
-            _entry(a, lay.root, 1, lay.pd1 | 1, 8)
+            for root, pd1 in ((lay.root, lay.pd1), (lay.root2, lay.pd1b)):
+                _entry(a, root, 0, lay.pd0 | 1, 8)
+                _entry(a, root, 1, pd1 | 1, 8)
         else:
-            _entry(a, lay.root, 0, lay.pdpt0 | 0x27, 8)
-            _entry(a, lay.pdpt0, 0, lay.pd0 | 0x27, 8)
-            _entry(a, lay.pdpt0, 1, lay.pd1 | 0x27, 8)
+            for root, pdpt0, pd1 in ((lay.root, lay.pdpt0, lay.pd1),
+                                     (lay.root2, lay.pdpt0b, lay.pd1b)):
+                _entry(a, root, 0, pdpt0 | 0x27, 8)
+                _entry(a, pdpt0, 0, lay.pd0 | 0x27, 8)
+                _entry(a, pdpt0, 1, pd1 | 0x27, 8)
     for i, v in enumerate(spec.win_ptes[:N_WIN]):
         _entry(a, lay.ptw, i, v if ps == 8 else v & 0xFFFFFFFF, ps)
     for i, v in enumerate(spec.win_ptes[N_WIN:]):
         _entry(a, lay.pt2, i, v if ps == 8 else v & 0xFFFFFFFF, ps)
+    for i, v in enumerate(spec.pt3):
+        _entry(a, lay.pt3, i, v if ps == 8 else v & 0xFFFFFFFF, ps)
     # the #PF handler: a copy of the firmware IDT with vector 14 replaced
     a("mov esi, FW_IDT", f"mov edi, {IDT:#x}", f"mov ecx, {(4096 if a.wide else 2048) // 4}")
     a("rep movsd dword ptr es:[rdi], dword ptr [rsi]" if a.wide
@@ -359,6 +468,11 @@ def render(spec: Spec) -> str:
     a("mov eax, pf_handler", f"mov word ptr [{gate:#x}], ax", "shr eax, 16",
       f"mov word ptr [{gate + 6:#x}], ax", f"mov word ptr [{gate + 2:#x}], SEL_KCODE",
       f"mov word ptr [{gate + 4:#x}], 0x8e00")
+    # the way back from a user-mode excursion: an interrupt gate of DPL 3
+    gate = IDT + TO_KERNEL_VECTOR * (16 if a.wide else 8)
+    a("mov eax, to_kernel", f"mov word ptr [{gate:#x}], ax", "shr eax, 16",
+      f"mov word ptr [{gate + 6:#x}], ax", f"mov word ptr [{gate + 2:#x}], SEL_KCODE",
+      f"mov word ptr [{gate + 4:#x}], 0xee00")
     idtr = PROG_VARS_OFF + 0x800
     a(f"mov word ptr [{idtr:#x}], {(4096 if a.wide else 2048) - 1}",
       f"mov dword ptr [{idtr + 2:#x}], {IDT:#x}")
@@ -369,8 +483,11 @@ def render(spec: Spec) -> str:
     if spec.nxe:
         a("mov ecx, 0xc0000080", "rdmsr", "or eax, 0x800", "wrmsr")
     a(f"mov eax, {lay.root:#x}", "mov cr3, rax" if a.wide else "mov cr3, eax")
+    window_tables = lay.window_tables()          # what translates the window now (CR3)
     for k, op in enumerate(spec.ops):
-        _render_op(a, lay, k, op)
+        _render_op(a, lay, k, op, window_tables)
+        if op.kind == "cr3switch":
+            window_tables = lay.window_tables(spec.root2_tables if op.extra else None)
     if a.wide:
         a("pop rbp", "pop rbx")
     else:
@@ -380,7 +497,7 @@ def render(spec: Spec) -> str:
     return "\n".join(head + a.lines) + "\n"
 
 
-def _render_op(a: _Asm, lay: Layout, k, op: Op):
+def _render_op(a: _Asm, lay: Layout, k, op: Op, window_tables):
     R = a.r
     done = f"op{k}_done"
     a.lines.append(f"# op {k}: {op.kind} size {op.size} at {op.target:#x} value {op.value:#x}"
@@ -389,7 +506,8 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
       "xor eax, eax", "xor edx, edx")
     for page in op.rmw_window_pages:
         # see the module docstring: the window ptes of the target's pages get A|D first
-        table, base = (lay.pt2, lay.window2) if page >= lay.window2 else (lay.ptw, WINDOW)
+        table, base = ((window_tables[1], lay.window2) if page >= lay.window2
+                       else (window_tables[0], WINDOW))
         pte = table + ((page - base) >> 12) * lay.pte_size
         a(f"or dword ptr [{pte:#x}], 0x60", f"mov esi, {page:#x}", f"invlpg [{R('esi')}]")
     a(f"mov esi, {op.target:#x}")
@@ -441,6 +559,11 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
     elif kind == "wp":
         a("mov rax, cr0" if a.wide else "mov eax, cr0", "xor eax, 0x10000",
           "mov cr0, rax" if a.wide else "mov cr0, eax")
+    elif kind == "cr3switch":
+        a(f"mov eax, {(lay.root2 if op.extra else lay.root):#x}",
+          "mov cr3, rax" if a.wide else "mov cr3, eax")
+    elif kind == "user":
+        _render_user(a, k, op, done)
     elif kind == "nx":
         # EFER.NXE toggled: NX (bit 63) in a pte becomes a reserved bit or back; the CR3
         # reload below drops translations cached under the old setting
@@ -453,7 +576,7 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
     if a.wide:
         a("shr rax, 32", f"mov dword ptr [{V_RES + 4:#x}], eax", "shr rdx, 32",
           f"mov dword ptr [{V_RES2 + 4:#x}], edx")
-    if kind not in ("load", "invlpg", "cr3", "wp"):          # (after a store, and after nx)
+    if kind not in ("load", "invlpg", "cr3", "wp", "cr3switch"):   # (after a store, nx, user)
         # the program invalidates after every store: what a stale TLB entry would give is
         # not defined by the architecture (the shadow MMU may drop an entry earlier than
         # Unicorn's TLB does), so no result may depend on one
@@ -461,9 +584,48 @@ def _render_op(a: _Asm, lay: Layout, k, op: Op):
     a("pop rax" if a.wide else "pop eax", f"mov ecx, {k}", "call report")
 
 
+def _render_user(a: _Asm, k, op: Op, done):
+    """A user-mode excursion: save the kernel stack pointer, iret to CPL 3 (CS SEL_UCODE, SS
+    SEL_UDATA, the stack at USTACK_TOP; the firmware's TSS gives the #PF handler its CPL-0
+    stack), one load, store or fetch (a call to `ret` bytes) through the window with ESI =
+    target, EDX = value; a #PF resumes at CPL 3 after the access; ``int TO_KERNEL_VECTOR``
+    comes back to CPL 0 (``to_kernel``), at ``done``."""
+    R = a.r
+    back = f"op{k}_user_back"
+    access = USER_ACCESSES[op.extra]
+    a(f"mov dword ptr [{V_RESUME:#x}], {back}", f"mov dword ptr [{V_KRET:#x}], {done}",
+      f"mov dword ptr [{V_KRET + 4:#x}], 0")
+    if a.wide:
+        a(f"mov qword ptr [{V_KSP:#x}], rsp", "push SEL_UDATA", f"push {USTACK_TOP:#x}",
+          "pushfq", "push SEL_UCODE", f"mov ecx, op{k}_user", "push rcx", "iretq")
+    else:
+        a(f"mov dword ptr [{V_KSP:#x}], esp", "push SEL_UDATA", f"push {USTACK_TOP:#x}",
+          "pushfd", "push SEL_UCODE", f"push op{k}_user", "iretd")
+    a.label(f"op{k}_user")
+    if not a.wide:                                   # iret to CPL 3 nulled DS and ES
+        a("mov cx, SEL_UDATA", "mov ds, cx", "mov es, cx")
+    ptr = f"{_SIZE_PTR[op.size]} ptr [{R('esi')}]"
+    if access == "load":
+        a(f"mov {_REG['a'][op.size]}, {ptr}")
+    elif access == "store":
+        a(f"mov {ptr}, {_REG['d'][op.size]}")
+    else:
+        a(f"call {R('esi')}")
+    a.label(back)
+    a(f"int {TO_KERNEL_VECTOR:#x}")
+
+
 def _render_support(a: _Asm):
     R = a.r
     w = a.wide
+    # to_kernel: the end of a user-mode excursion (int TO_KERNEL_VECTOR from CPL 3): kernel
+    # segments, the kernel stack saved before the iret, on at [V_KRET]; EAX / EDX kept
+    a.label("to_kernel")
+    a("mov cx, SEL_KDATA", "mov ds, cx", "mov es, cx", "mov ss, cx")
+    if w:
+        a(f"mov rsp, qword ptr [{V_KSP:#x}]", f"jmp qword ptr [{V_KRET:#x}]")
+    else:
+        a(f"mov esp, dword ptr [{V_KSP:#x}]", f"jmp dword ptr [{V_KRET:#x}]")
     # report: ecx = op number, eax = flags; prints the line, clears the fault count
     a.label("report")
     a("and eax, 0x8d5", "push " + R("eax"), "mov eax, ecx", "call phex")

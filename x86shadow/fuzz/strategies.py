@@ -49,10 +49,10 @@ class FuzzCase:
     host_seed: int = 0
 
 
-def _ops(lay: Layout, nxe: bool, win_ptes):
+def _ops(lay: Layout, nxe: bool, win_ptes, pt3):
     @st.composite
     def op(draw):
-        return random_op(DrawnRandom(draw), lay, nxe, win_ptes)
+        return random_op(DrawnRandom(draw), lay, nxe, win_ptes, pt3)
     return op()
 
 
@@ -67,7 +67,7 @@ def host_schedules():
 def fuzz_cases(draw, mode: str, host: bool = True, max_ops: int = MAX_OPS):
     """A FuzzCase for ``mode``; ``host``: draw host events for the shadow runs too."""
     spec = random_tables(DrawnRandom(draw), mode)
-    spec.ops = draw(st.lists(_ops(Layout(mode), spec.nxe, spec.win_ptes), min_size=1,
+    spec.ops = draw(st.lists(_ops(Layout(mode), spec.nxe, spec.win_ptes, spec.pt3), min_size=1,
                              max_size=max_ops))
     schedule = draw(host_schedules()) if host else None
     seed = draw(st.integers(0, 2 ** 16)) if schedule else 0

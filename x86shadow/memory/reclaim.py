@@ -92,10 +92,11 @@ class LruReclaim:
         self.evicted = set()               # swapped out by this driver, not back yet
         self.stats = {k: 0 for k in (
             "passes", "queries", "young", "aged_active", "rotated", "deactivated",
-            "ref_checks", "activated", "evicted", "evict_failed", "refaults")}
+            "ref_checks", "activated", "evicted", "evict_failed", "refaults", "kept")}
         self.wall_aging = 0.0              # seconds spent in the aging calls
         self.aging_walls = []              # ... each of them
         self.refaulted = []                # indexes swapped back in, in order (refill)
+        self.keep = ()                     # the current pass's pages in use (run_pass)
 
     # ------------------------------------------------------------------ the lists
     def _mapped_pages(self):
@@ -133,15 +134,18 @@ class LruReclaim:
                 self.refaulted.append(index)
 
     # ------------------------------------------------------------------ one pass
-    def run_pass(self) -> int:
-        """One reclaim pass at once; the number of pages evicted."""
+    def run_pass(self, keep=()) -> int:
+        """One reclaim pass at once; the number of pages evicted. ``keep``: page indexes the
+        guest is using right now (in a vCPU's TLB), treated as referenced without asking."""
         before = self.stats["evicted"]
-        for _ in self.steps():
+        for _ in self.steps(keep):
             pass
         return self.stats["evicted"] - before
 
-    def steps(self):
-        """One reclaim pass as a generator of Steps (each operation done when it is yielded)."""
+    def steps(self, keep=()):
+        """One reclaim pass as a generator of Steps (each operation done when it is yielded);
+        pages in ``keep`` are neither aged nor evicted in this pass (see run_pass)."""
+        self.keep = keep
         self.refill()
         self.stats["passes"] += 1
         resident = self.resident()
@@ -158,6 +162,12 @@ class LruReclaim:
                 if need <= 0:
                     break
                 index = self.inactive.pop()
+                if index in keep:
+                    self.active.appendleft(index)
+                    self.where[index] = "a"
+                    self.stats["kept"] += 1
+                    scanned += 1
+                    continue
                 step = self._query("ref", index, self.ref_op)
                 scanned += 1
                 self.stats["ref_checks"] += 1
@@ -177,6 +187,10 @@ class LruReclaim:
     def _shrink_active(self):
         for _ in range(min(self.batch, len(self.active))):
             index = self.active.pop()
+            if index in self.keep:
+                self.active.appendleft(index)
+                self.stats["kept"] += 1
+                continue
             step = self._query("age", index, self.active_op)
             self.stats["aged_active"] += 1
             if step.result:

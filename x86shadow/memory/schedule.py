@@ -172,15 +172,21 @@ class HostSchedule:
         vm = self.vm
         if self.pick is not None:
             return self.pick()
-        in_tlb = set()
+        in_tlb = self.in_tlb()
+        if self.target == "tlb":
+            return sorted(in_tlb)
+        return [g for g in vm.rmap if g not in in_tlb]
+
+    def in_tlb(self) -> set:
+        """The gfns a vCPU's TLB may hold now (the pages the guest used since the last flush)."""
+        vm = self.vm
+        out = set()
         for v in vm.vcpus:
             for pfn in v.tlb_pfns or ():
                 gfn = vm.pfn_to_gfn(pfn)
                 if gfn is not None:
-                    in_tlb.add(gfn)
-        if self.target == "tlb":
-            return sorted(in_tlb)
-        return [g for g in vm.rmap if g not in in_tlb]
+                    out.add(gfn)
+        return out
 
     def run(self, op: str, when: str, gfn=None):
         """Run one operation now (on ``gfn``, or a page drawn from the seed)."""
@@ -196,7 +202,11 @@ class HostSchedule:
             elif op == "lru":
                 from .reclaim import lru_for
                 self.log.append([when, op, None, "running"])
-                result = lru_for(host, vm).run_pass()
+                # the pages the guest is using now are kept (at the head of the LRU), as
+                # candidates() keeps them from the other operations: a pass at every exit that
+                # evicted the page the exit just faulted in would livelock the guest
+                keep = {vm.memslots.gfn_to_index(g) for g in self.in_tlb()} - {None}
+                result = lru_for(host, vm).run_pass(keep=keep)
             else:
                 if gfn is None:
                     cands = self.candidates()
