@@ -197,3 +197,32 @@ def assemble_firmware(mode, ram_size: int) -> bytes:
         with _fw_lock:
             _fw_cache[key] = code
     return code
+
+
+def assemble_leave64(entry: int, info_addr: int) -> bytes:
+    """The boot stub of multiboot kernels (firmware/multiboot_leave64.asm): its 64-bit part at
+    LEAVE64_BASE and its 32-bit part at LEAVE64_CODE32, as one image from LEAVE64_BASE, for a
+    kernel entered at ``entry`` with the multiboot information at ``info_addr``."""
+    from ..boot import multiboot as mb
+    path = resources.firmware_dir() / "multiboot_leave64.asm"
+    if not path.is_file():
+        raise AsmError(f"firmware source {path} not found (reinstall x86shadow)")
+    symbols = {"LEAVE64_PML4": mb.LEAVE64_PML4, "LEAVE64_PDPT": mb.LEAVE64_PDPT,
+               "LEAVE64_PD": mb.LEAVE64_PD, "LEAVE64_CODE32": mb.LEAVE64_CODE32,
+               "SEL_CODE32": mb.SEL_CODE32, "SEL_DATA": mb.SEL_DATA,
+               "MB_BOOT_MAGIC": mb.MB_BOOT_MAGIC, "MB_INFO": info_addr, "KERNEL_ENTRY": entry}
+    key = ("leave64", entry, info_addr, str(path), path.stat().st_mtime_ns)
+    with _fw_lock:
+        image = _fw_cache.get(key)
+    if image is None:
+        code64 = assemble_file(str(path), bits=64, base=mb.LEAVE64_BASE,
+                               symbols={**symbols, "BITS": 64})
+        code32 = assemble_file(str(path), bits=32, base=mb.LEAVE64_CODE32,
+                               symbols={**symbols, "BITS": 32})
+        room = mb.LEAVE64_CODE32 - mb.LEAVE64_BASE
+        if len(code64) > room or mb.LEAVE64_CODE32 + len(code32) > mb.LEAVE64_GDT:
+            raise AsmError("the multiboot boot stub is too large", str(path))
+        image = code64 + bytes(room - len(code64)) + code32
+        with _fw_lock:
+            _fw_cache[key] = image
+    return image
