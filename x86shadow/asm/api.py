@@ -226,3 +226,50 @@ def assemble_leave64(entry: int, info_addr: int) -> bytes:
         with _fw_lock:
             _fw_cache[key] = image
     return image
+
+
+# the repository's test kernels (guestcode/kernels/, docs/KERNELS.md): where each part goes
+KERNEL_BASE32 = 0x0010_0000          # the 32-bit part, entered by the multiboot loader
+KERNEL_BASE64 = 0x0018_0000          # the 64-bit part (a kernel with "parts=32,64")
+KERNEL_DATA = 0x0020_0000            # 0x200000..0x400000: the kernel's data, tables, stack
+_PARTS_RE = re.compile(r"\bparts\s*=\s*(\w+(?:\s*,\s*\w+)*)", re.I)
+
+
+def kernel_symbols() -> dict:
+    """The ``.set`` symbols of a test kernel (besides BITS): its part bases, its data area (as
+    FREE_BASE, which lib/console.inc keeps its state in) and the device ports."""
+    return {"KERNEL_BASE32": KERNEL_BASE32, "KERNEL_BASE64": KERNEL_BASE64,
+            "KERNEL_DATA": KERNEL_DATA, "FREE_BASE": KERNEL_DATA,
+            "SERIAL_PORT": layout.SERIAL_PORT, "EXIT_PORT": layout.EXIT_PORT}
+
+
+def assemble_kernel(path, symbols: dict | None = None) -> tuple:
+    """Assemble a test kernel: its 32-bit part (``BITS == 32``) at KERNEL_BASE32, and, if its
+    header says ``# x86shadow: kernel parts=32,64``, its 64-bit part (``BITS == 64``) at
+    KERNEL_BASE64. Returns ((address, code), ...) for boot/elfwriter.py; the entry is
+    KERNEL_BASE32."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    parts = (32,)
+    for raw in text.split("\n"):
+        m = _HEADER_RE.match(raw)
+        pm = _PARTS_RE.search(m.group(1)) if m else None
+        if pm:
+            parts = tuple(int(p) for p in pm.group(1).replace(" ", "").split(","))
+            break
+    if parts not in ((32,), (32, 64)):
+        raise AsmError(f"kernel parts must be 32 or 32,64, not {parts}", path)
+    out = []
+    for bits, base in zip(parts, (KERNEL_BASE32, KERNEL_BASE64)):
+        pre = _Pre(bits)
+        pre.program_file = path
+        pre.include_dirs = [str(resources.guestcode_dir())]
+        pre.add_symbols({**kernel_symbols(), **(symbols or {}), "BITS": bits})
+        pre.add_text(text, path, os.path.dirname(path), (os.path.realpath(path),))
+        code = _assemble_pre(pre, base)
+        limit = KERNEL_BASE64 if base == KERNEL_BASE32 else KERNEL_DATA
+        if base + len(code) > limit:
+            raise AsmError(f"the {bits}-bit part is {len(code):#x} bytes: it must end below "
+                           f"{limit:#x}", path)
+        out.append((base, code))
+    return tuple(out)
