@@ -260,8 +260,12 @@ class VCPU:
     def _mmio(self, dev, gpa, size, value):
         c = self.counters
         c["mmio_exits"] += 1
-        count_exit(c, self.events, REASON_EXCEPTION if self.shadow else REASON_MMIO, self.rip,
-                   address=gpa, size=size, write=value is not None)
+        if self.shadow:
+            count_exit(c, self.events, REASON_EXCEPTION, self.rip, vector=14, address=gpa,
+                       size=size, write=value is not None, mmio=True)
+        else:
+            count_exit(c, self.events, REASON_MMIO, self.rip, address=gpa, size=size,
+                       write=value is not None)
         if self.shadow:
             self.mmu.other_exit()
         if value is None:
@@ -972,6 +976,13 @@ class VCPU:
         return _reg_id(name)
 
     def _set_context(self, **regs):
+        """A new paging context for the shadow MMU from the registers (with the value a mov to
+        CR0/CR3/CR4 or a wrmsr of EFER is about to store): the paging mode is never fixed, it
+        follows CR0.PG, CR4.PAE and EFER.LMA at every change, as KVM rebuilds its MMU context
+        (kvm_mmu_reset_context -> kvm_init_mmu, from kvm_post_set_cr0 on a CR0.PG/WP change,
+        kvm_post_set_cr4 on PAE/PSE/PGE/SMEP/SMAP changes, set_efer on an NX/LMA change;
+        arch/x86/kvm/x86.c, Linux 6.x). A kernel switching paging off and on again (the boot
+        stub, then its own long mode) gets a new root each time."""
         ctx = self.paging_context(cache_pdptes=True, **regs)
         if self.events.tracing:
             self.events.emit(ev.NEW_ROOT, mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,
