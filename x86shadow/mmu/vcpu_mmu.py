@@ -353,6 +353,19 @@ class VcpuMmu:
                 pfn, host_writable = p if p is not None else (None, False)
             if pfn is None:
                 return Fill(FILL_NO_MEMORY, w.gpa)
+            if (access & pg.PFERR_W and not w.pte_access & pg.ACC_W and not self.ctx.wp
+                    and not access & pg.PFERR_U):
+                # CR0.WP=0: a supervisor write to a read-only page is allowed; the spte is made
+                # writable and supervisor-only (a later user access faults and is re-checked;
+                # under SMEP not executable either) -- here, before the fetch, so that a direct
+                # page shadowing a large guest page gets this access in its role (Linux 6.x
+                # arch/x86/kvm/mmu/paging_tmpl.h FNAME(page_fault), before FNAME(fetch);
+                # 2.6.25 did it in mmu_set_spte only, and two clean large ptes of one frame
+                # then shared a writable direct page: the second one's D bit was never set --
+                # kvm-unit-tests access.c check_large_pte_dirty_for_nowp)
+                w.pte_access = (w.pte_access | pg.ACC_W) & ~pg.ACC_U
+                if self.ctx.smep:
+                    w.pte_access &= ~pg.ACC_X
             if notifier is not None:
                 with vm.mmu_lock.held("fault"):
                     if notifier.retry(seq, gfn):
@@ -455,9 +468,11 @@ class VcpuMmu:
                 vm.link(node, idx, child)
             node = child
             level -= 1
-        emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
-                              w.pte_access & node.role.access if not node.role.direct
-                              else w.pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
+        # the walk's pte_access already combines every level's rights (a subset of the role's,
+        # which combines the levels above the table), plus the CR0.WP=0 write of page_fault:
+        # passed as it is (Linux 6.x FNAME(fetch): mmu_set_spte(..., gw->pte_access, ...))
+        emulate = vm.set_spte(self, node, idx, w.gpa >> 12, w.pte_access,
+                              bool(w.dirty), bool(access & pg.PFERR_W),
                               bool(access & pg.PFERR_U), pfn=pfn,
                               gpte=None if node.role.direct else w.ptes[1],
                               host_writable=host_writable)
