@@ -148,6 +148,28 @@ def test_large_guest_page_is_shadowed_by_a_direct_page(mode):
     assert len(direct) == 1 and direct[0].role.level == 1
 
 
+@pytest.mark.parametrize("mode", [pg.Mode.PAE, pg.Mode.LONG])
+def test_two_clean_large_ptes_of_one_frame_each_get_their_dirty_bit_with_wp_off(mode):
+    # kvm-unit-tests access.c check_large_pte_dirty_for_nowp: read through pde 2, write
+    # through pde 1, write through pde 2 -- with CR0.WP=0 and both pdes read-only and clean,
+    # the last write must fault and set pde 2's D bit (KVM: the WP=0 write access is folded
+    # into the walk's pte_access before FNAME(fetch), so it is part of the direct page's role)
+    t, mmu = make(mode)
+    frame = 0x0020_0000
+    pde1 = t.map(0x4000_0000, frame, P, level=2)
+    pde2 = t.map(0x8000_0000, frame, P, level=2)
+    start(t, mmu, wp=False)
+    assert fill(mmu, 0x8000_0000, R)[2] == FILL_OK
+    assert fill(mmu, 0x4000_0000, W)[2] == FILL_OK and t.rd(pde1) & pg.PTE_D
+    assert not t.rd(pde2) & pg.PTE_D
+    exits = mmu.counters["exits"]
+    gpa, perms, kind = fill(mmu, 0x8000_0000, W)
+    assert (gpa, kind) == (frame, FILL_OK) and perms & PERM_W
+    assert t.rd(pde2) & pg.PTE_D and mmu.counters["exits"] == exits + 1
+    # the WP=0 spte is supervisor-only: the direct pages of the two accesses differ
+    assert len({sp.role.access for sp in mmu.vm.pages() if sp.role.direct}) == 2
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cr0_wp0_write_through_a_second_large_mapping_sets_its_dirty_bit(mode):
     """kvm-unit-tests' check_large_pte_dirty_for_nowp: two clean, read-only, supervisor large

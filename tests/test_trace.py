@@ -55,7 +55,7 @@ def test_our_events_are_prefixed_and_kvm_names_are_kvm_tracepoints():
     ours = {k for k in ev.TRACEPOINTS if not k.startswith("kvm_")}
     assert ours and all(k.startswith("x86shadow_") for k in ours)
     assert {k for k in ev.TRACEPOINTS if k.startswith("kvm_")} == {
-        "kvm_exit", "kvm_entry", "kvm_pio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
+        "kvm_exit", "kvm_entry", "kvm_pio", "kvm_mmio", "kvm_cr", "kvm_emulate_insn", "kvm_page_fault",
         "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_unsync_page", "kvm_mmu_sync_page",
         "kvm_inj_exception", "kvm_unmap_hva_range", "kvm_age_hva"}
 

@@ -125,10 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="x86shadow", description="Run x86 guest code under a KVM-style shadow MMU.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    r = sub.add_parser("run", help="assemble and run a guest program")
-    r.add_argument("program", help="Intel-syntax assembly file that defines main")
-    r.add_argument("--mode", required=True, choices=["32", "pae", "64"],
-                   help="paging mode: 32 (2-level), pae, 64 (4-level)")
+    r = sub.add_parser("run", help="assemble and run a guest program, or run a multiboot kernel")
+    r.add_argument("program", metavar="PROGRAM|KERNEL",
+                   help="Intel-syntax assembly file that defines main, or a multiboot (v1) ELF "
+                        "kernel as QEMU's -kernel takes it (told apart by content; "
+                        "docs/KERNELS.md)")
+    r.add_argument("--mode", default=None, choices=["32", "pae", "64"],
+                   help="paging mode of a program: 32 (2-level), pae, 64 (4-level); required "
+                        "for a program, refused for a kernel (it sets up its own paging)")
+    r.add_argument("--append", metavar="ARGS", default=None,
+                   help="a kernel's command line, after its file name (QEMU's -append)")
+    r.add_argument("--initrd", metavar="FILE", default=None,
+                   help="one module for a kernel (QEMU's -initrd)")
     r.add_argument("--mmu", default="shadow", choices=["shadow", "native"],
                    help="shadow (our MMU, default) or native (Unicorn's own page walker)")
     r.add_argument("--policy", default="kvm", choices=_policy_names(),
@@ -270,16 +278,6 @@ def _add_quiet(parser) -> None:
                              "docs/PROGRESS.md)")
 
 
-def _check_program_path(path) -> None:
-    if os.path.isdir(path):
-        raise UsageError(f"cannot read program {path!r}: is a directory")
-    if not os.path.exists(path):
-        raise UsageError(f"cannot read program {path!r}: no such file")
-    if not os.path.isfile(path):
-        raise UsageError(f"cannot read program {path!r}: not a regular file (give the path of "
-                         "an assembly source)")
-
-
 class _TraceSink:
     """``--trace``: the trace writer (JSON lines, or --trace-format perfetto's); a write error
     (ENOSPC, EIO) stops the run with a status-2 error naming the file instead of escaping from
@@ -345,23 +343,22 @@ def _quiet_stdout():
         pass
 
 
-def load_program(args):
-    """(program, firmware) of PROGRAM for ``args.mode`` and ``args.ram`` (run, diff); bad input
-    is a UsageError."""
-    from .asm import AsmError, assemble_firmware, assemble_program
-    _check_program_path(args.program)
+def load_guest(args, kernels: bool = True):
+    """boot/guest.py ``load_guest`` for the command's arguments (run, diff): a kernel or a
+    program for ``args.mode``; bad input is a UsageError."""
+    from .boot.guest import GuestError, load_guest as load
     try:
-        for d in args.include:
-            if not os.path.isdir(d):
-                raise UsageError(f"-I {d!r}: no such directory")
-        program = assemble_program(args.program, args.mode, args.ram << 20,
-                                   include_dirs=args.include)
-        firmware = assemble_firmware(args.mode, args.ram << 20)
-    except AsmError as e:
+        return load(args.program, mode=args.mode, ram_mib=args.ram, include_dirs=args.include,
+                    append=getattr(args, "append", None), initrd=getattr(args, "initrd", None),
+                    kernels=kernels)
+    except GuestError as e:
         raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
-    return program, firmware
+
+
+def load_program(args):
+    """(program, firmware) of an assembly PROGRAM for ``args.mode`` (diff)."""
+    guest = load_guest(args, kernels=False)
+    return guest.program, guest.firmware
 
 
 def _add_smp(r) -> None:
@@ -401,13 +398,25 @@ def cmd_run(args) -> int:
         raise UsageError("--max-insns must be at least 1 (leave it out for no limit)")
     if args.stats_interval is not None and not args.stats_interval > 0:
         raise UsageError("--stats-interval must be more than 0 seconds")
+    from .boot.guest import GuestError, guest_kind
+    try:
+        kernel = guest_kind(args.program) == "kernel"
+    except GuestError as e:
+        raise UsageError(str(e)) from None
+    if kernel and args.mode is not None:
+        raise UsageError(f"{args.program} is a multiboot kernel, which sets up its own paging: "
+                         "leave out --mode")
+    mode = None if kernel else args.mode
+    if not kernel and args.mode is None:
+        raise UsageError(f"{args.program} is an assembly program: --mode 32, pae or 64 is "
+                         "required")
     try:
         from .cpu.model import make_model
-        args.cpu = make_model(args.cpu, 64 if args.mode == "64" else 32, args.mmu)
+        args.cpu = make_model(args.cpu, 32 if mode in ("32", "pae") else 64, args.mmu)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        check_ram(args.mode, args.ram)
+        check_ram(mode, args.ram)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
@@ -416,7 +425,7 @@ def cmd_run(args) -> int:
         raise UsageError(str(e)) from None
     host = _host_config(args)
     vcpus, schedule = _smp_config(args)
-    program, firmware = load_program(args)
+    guest = load_guest(args)
     try:
         stats_fp = open_output(args.stats_json, "stats") if args.stats_json else None
         trace = (_TraceSink(open_output(args.trace, "trace"), args.trace, trace_writer)
@@ -441,11 +450,11 @@ def cmd_run(args) -> int:
     result = None
     try:
         try:
-            m = Machine(args.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
+            m = Machine(guest.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
                         unsync=_unsync_arg(args), host=host, cpu=args.cpu,
                         vcpus=vcpus, schedule=schedule)
-            m.load(program, firmware)
+            guest.load_into(m)
         except ValueError as e:
             raise UsageError(str(e)) from None
         live = None

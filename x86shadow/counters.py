@@ -4,7 +4,7 @@ from __future__ import annotations
 
 COUNTER_NAMES = (
     "exits", "pf_taken", "pf_fixed", "pf_guest", "pf_emulate", "invlpg", "tlb_flush",
-    "insn_emulation", "insn_emulation_fail", "io_exits", "halt_exits", "irq_injections",
+    "insn_emulation", "insn_emulation_fail", "io_exits", "mmio_exits", "halt_exits", "irq_injections",
     "exception_injections",
     "mmu_shadow_zapped", "mmu_pte_write", "mmu_pte_updated", "mmu_pde_zapped", "mmu_flooded",
     "mmu_recycled", "mmu_cache_miss", "mmu_unsync", "mmu_unsync_events", "mmu_sync_pages",

@@ -15,6 +15,7 @@ import json
 KVM_EXIT = "kvm_exit"
 KVM_ENTRY = "kvm_entry"
 KVM_PIO = "kvm_pio"
+KVM_MMIO = "kvm_mmio"                  # rw, len, gpa, val: an MMIO access (after its kvm_exit)
 KVM_CR = "kvm_cr"
 KVM_EMULATE_INSN = "kvm_emulate_insn"
 PAGE_FAULT = "kvm_page_fault"
@@ -38,7 +39,7 @@ PF_RETRY = "x86shadow_pf_retry"        # a fault raced an invalidation: nothing 
 X86SHADOW_CPU_FAULT = "x86shadow_cpu_fault"  # insn, vector, reason: the CPU model's rule made
                                        # an instruction fault (cpu_model.py, docs/CPU_MODEL.md)
 X86SHADOW_CPU_EMULATE = "x86shadow_cpu_emulate"  # insn: the CPU model carried it out itself
-TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT,
+TRACEPOINTS = frozenset({KVM_EXIT, KVM_ENTRY, KVM_PIO, KVM_MMIO, KVM_CR, KVM_EMULATE_INSN, PAGE_FAULT,
                          GET_PAGE, PREPARE_ZAP, UNSYNC_PAGE, SYNC_PAGE, INJ_EXCEPTION,
                          WRITE_PROTECT_FAULT, POLICY, UNPROTECT, INVLPG, NEW_ROOT, RELOAD_PDPTES,
                          TRACE_MARKER, HOST_OP, MMU_NOTIFIER, HOST_UNMAP_HVA, HOST_AGE_HVA,

@@ -14,6 +14,10 @@ REASON_CR = "CR_ACCESS"
 REASON_INVLPG = "INVLPG"
 REASON_MSR_WRITE = "MSR_WRITE"
 REASON_HLT = "HLT"
+# an access to an MMIO device's page under --mmu native (Unicorn's own MMU, in the place of EPT):
+# KVM exits with EPT_MISCONFIG on an MMIO spte; under shadow paging it is a #PF
+# (REASON_EXCEPTION) on an MMIO spte, emulated (handle_mmio_page_fault)
+REASON_MMIO = "EPT_MISCONFIG"
 
 
 def count_exit(counters, events, reason: str, rip, **info) -> None:

@@ -9,11 +9,12 @@ from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC
 
 from . import events as ev
 from . import stopping
-from .boot.firmware import firmware_boot
+from .boot.firmware import firmware_boot, kernel_boot
 from .counters import new_counters
 from .cpu.vcpu import VCPU
 from .devices.bus import Bus
 from .devices.pc import attach_pc_devices
+from .devices.qemu import MSR_IA32_APICBASE, attach_qemu_devices
 from .exits import ExitKind
 from .faults import GuestCrash, vector_name
 from .memory.host import HostFault, HostMM, HostPages, HostViolation
@@ -61,6 +62,9 @@ class RunResult:
 
 RAM_MIN_MIB = 64                     # the firmware identity-maps at least this much
 RAM_MAX_MIB = {"32": 4096, "pae": 4096, "64": 65536}
+# a kernel machine (mode None): its RAM lies below 3 GiB, under QEMU's PCI hole, where the
+# multiboot memory map and mem_upper describe it; the boot stub needs the first 2 MiB
+KERNEL_RAM_MIN_MIB, KERNEL_RAM_MAX_MIB = 2, 3072
 
 
 def check_vcpus(n: int) -> None:
@@ -70,9 +74,15 @@ def check_vcpus(n: int) -> None:
         raise ValueError(f"--vcpus {n}: the number of vCPUs must be 1..{MAX_VCPUS}")
 
 
-def check_ram(mode: str, ram_mib: int) -> None:
+def check_ram(mode: str | None, ram_mib: int) -> None:
     """Guest RAM limits per mode (ValueError naming them): modes 32 and PAE address 4 GiB; the
-    64-bit firmware identity-maps RAM with 2 MiB pages from tables below 4 MiB."""
+    64-bit firmware identity-maps RAM with 2 MiB pages from tables below 4 MiB; a kernel's RAM
+    is below 3 GiB (mode None)."""
+    if mode is None:
+        if not KERNEL_RAM_MIN_MIB <= ram_mib <= KERNEL_RAM_MAX_MIB:
+            raise ValueError(f"--ram {ram_mib}: a kernel's guest RAM must be "
+                             f"{KERNEL_RAM_MIN_MIB}..{KERNEL_RAM_MAX_MIB} MiB")
+        return
     top = RAM_MAX_MIB.get(mode)
     if top is None:
         raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -82,7 +92,12 @@ def check_ram(mode: str, ram_mib: int) -> None:
 
 
 class Machine:
-    """``trace``: a subscriber ``fn(kind, fields)`` for every tracepoint event (e.g.
+    """``mode``: "32", "pae" or "64" for a program behind the firmware (``load``), or None for
+    a kernel that sets up its own paging (``load_kernel``, docs/KERNELS.md; or
+    ``Machine.for_kernel``): its vCPU's code width and paging mode follow the guest's
+    registers, and it has the QEMU devices of devices/qemu.py.
+
+    ``trace``: a subscriber ``fn(kind, fields)`` for every tracepoint event (e.g.
     ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``. ``cpu``: the CPU
     model, a ``--cpu`` string such as ``"qemu64,+pcid"`` (docs/CPU_MODEL.md; default haswell)."""
 
@@ -93,12 +108,15 @@ class Machine:
         # planted_bug: test-only, breaks the shadow MMU on purpose (mmu/vm_mmu.py PLANTED_BUGS)
         # vcpus, schedule: several vCPUs (docs/SMP.md; schedule: a --schedule string or a
         # vm_scheduler.Schedule, default round robin)
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mmu not in MMUS:
             raise ValueError(f"unknown MMU {mmu!r} (choose from {', '.join(MMUS)})")
         check_ram(mode, ram_mib)
         check_vcpus(vcpus)
+        if mode is None and vcpus > 1:
+            raise ValueError(f"--vcpus {vcpus}: a kernel runs on one vCPU (starting application "
+                             "processors with INIT/SIPI through the APIC is not modelled yet)")
         self.mode = mode
         self.mmu_kind = mmu
         self.ram_size = ram_mib << 20
@@ -127,7 +145,12 @@ class Machine:
         self.output = bytearray()
         self._serial_sink = serial_out
         self.ports = Bus("port")
-        attach_pc_devices(self.ports, self.events, self._serial)
+        self.mmio = Bus("mmio")
+        self.apic = None
+        if mode is None:
+            self.apic = attach_qemu_devices(self.ports, self.mmio, self._serial, self.ram_size)
+        else:
+            attach_pc_devices(self.ports, self.events, self._serial)
         self.markers = []                # [(value, counters at that moment)]: guest writes to 0xf5
         self.events.subscribe(self._on_marker, (ev.MARKER,))
         self.vm_mmu = None
@@ -165,7 +188,9 @@ class Machine:
                      events=self.events, bus=self.ports, host_mem=self.host_phys,
                      host_tick=self.host_schedule.tick if self.host_schedule else None,
                      host_rewritten=self.host.pages.rewritten if self.host else None,
-                     cpu=cpu)
+                     cpu=cpu, mmio=self.mmio)
+            if self.apic is not None:
+                v.msr_handlers[MSR_IA32_APICBASE] = self.apic.msr()
             v.index = index
             if audit and vcpus > 1 and v.mmu is not None:
                 v.mmu.tlb_record = {}                 # what its TLB may hold (mmu/audit.py)
@@ -180,7 +205,13 @@ class Machine:
                 schedule = parse_schedule(schedule)
             self.scheduler = VmScheduler(self, schedule)
         self.program = None
+        self.kernel = None
         self.boot = None
+
+    @classmethod
+    def for_kernel(cls, **kw) -> "Machine":
+        """A machine for a multiboot kernel (``Machine(None, **kw)``)."""
+        return cls(None, **kw)
 
     def _host_clock(self) -> str:
         try:
@@ -249,6 +280,36 @@ class Machine:
             v.delivery.crash_gates = self.boot.crash_gates
         self.program = program
 
+    def load_kernel(self, kernel) -> None:
+        """A multiboot kernel (boot/multiboot.py ``load_multiboot``) behind the boot stub that
+        leaves long mode (firmware/multiboot_leave64.asm); the CPU starts at run()."""
+        if self.mode is not None:
+            raise ValueError(f"a kernel sets up its own paging: make the machine with mode None "
+                             f"(Machine.for_kernel), not mode {self.mode}")
+        if kernel.ram_size != self.ram_size:
+            raise ValueError("the kernel was loaded for another RAM size")
+        from .asm import assemble_leave64
+        self.boot = kernel_boot(kernel, assemble_leave64(kernel.entry, kernel.info_addr))
+        for addr, n in kernel.zero:
+            self.mem.write(addr, bytes(n))
+        for addr, data in self.boot.images:
+            self.mem.write(addr, data)
+        self.vcpu.delivery.crash_gates = self.boot.crash_gates
+        self.kernel = kernel
+        self.vcpu.at_address(kernel.entry, self._kernel_entered)
+
+    def _kernel_entered(self) -> None:
+        """The kernel's first instruction: the boot stub's identity map is no guest page table
+        any more. A real multiboot loader never had paging on; ours did only because Unicorn
+        starts in long mode, so its tables stop being shadowed (and write-tracked) here instead
+        of lingering until the kernel reuses the memory."""
+        if self.vm_mmu is None:
+            return
+        from .boot.multiboot import LOADER_TABLES
+        for gfn in LOADER_TABLES:
+            self.vm_mmu.unprotect(gfn, "boot stub tables")
+        self.vcpu.service_requests()
+
     def run(self, max_insns: int = 0, *, resume: bool = False, drive=None) -> RunResult:
         """Boot and run the guest. ``max_insns``: stop after that many instructions retired
         (how "runaway"); ``resume``: go on from where such a stop left the guest instead of
@@ -295,6 +356,9 @@ class Machine:
         """Every vCPU in the firmware's boot state, with EDI = its number and ESI = the number
         of vCPUs (docs/GUEST_CONTRACT.md); vCPU 0 at the firmware's start (the one-vCPU path,
         instruction for instruction), vCPU n > 0 at FW_AP_ENTRY on its own stack."""
+        if self.kernel is not None:
+            self.vcpu.load_boot_state(self.boot.state)    # the multiboot stub: one vCPU
+            return
         from unicorn.x86_const import UC_X86_REG_EDI, UC_X86_REG_ESI
         from .layout import FW_AP_ENTRY, FW_SMP, vcpu_stack_top
         self.mem.write(FW_SMP, len(self.vcpus).to_bytes(4, "little"))    # main's ESI
@@ -334,7 +398,8 @@ class Machine:
         cs = v.reg(UC_X86_REG_CS)
         lines.append(f"  RIP {rip:#x}  CS {cs:#x} (CPL {cs & 3})  RSP {v.reg(v.R_SP):#x}")
         lines.append(f"  CR0 {v.reg(UC_X86_REG_CR0):#x}  CR2 {cr2:#x}  CR3 {v.reg(UC_X86_REG_CR3):#x}"
-                     f"  CR4 {v.reg(UC_X86_REG_CR4):#x}  mode {self.mode}, mmu {self.mmu_kind}")
+                     f"  CR4 {v.reg(UC_X86_REG_CR4):#x}  "
+                     f"{'kernel' if self.mode is None else 'mode ' + self.mode}, mmu {self.mmu_kind}")
         lines.append(f"  instruction {self.describe_insn(rip)}")
         lines.extend(self.register_dump())
         return "\n".join(lines)
@@ -367,7 +432,7 @@ class Machine:
                 code = v.read_virt(rip, 0x1000 - (rip & 0xFFF))
             except Exception:                             # noqa: BLE001
                 return f"{rip:#x}: <not mapped>"
-        d = decode(code, rip, v.bits)
+        d = decode(code, rip, v.code_bits())
         if d is None:
             return f"{rip:#x}: <cannot decode: {code[:8].hex(' ')}>"
         return f"{rip:#x}: {d.text}   ({d.bytes.hex(' ')})"

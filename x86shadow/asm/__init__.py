@@ -57,11 +57,11 @@ references, and labels would repeat), so the rewrites above do not see through m
 """
 from __future__ import annotations
 
-from .api import (MODES, Program, assemble, assemble_file, assemble_firmware, assemble_program,
-                  firmware_path, program_modes)
+from .api import (MODES, Program, assemble, assemble_file, assemble_firmware,
+                  assemble_leave64, assemble_program, firmware_path, program_modes)
 from .errors import AsmError
 
 __all__ = [
     "AsmError", "Program", "assemble", "assemble_file", "assemble_program", "assemble_firmware",
-    "program_modes", "firmware_path", "MODES",
+    "assemble_leave64", "program_modes", "firmware_path", "MODES",
 ]

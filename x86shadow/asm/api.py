@@ -197,3 +197,79 @@ def assemble_firmware(mode, ram_size: int) -> bytes:
         with _fw_lock:
             _fw_cache[key] = code
     return code
+
+
+def assemble_leave64(entry: int, info_addr: int) -> bytes:
+    """The boot stub of multiboot kernels (firmware/multiboot_leave64.asm): its 64-bit part at
+    LEAVE64_BASE and its 32-bit part at LEAVE64_CODE32, as one image from LEAVE64_BASE, for a
+    kernel entered at ``entry`` with the multiboot information at ``info_addr``."""
+    from ..boot import multiboot as mb
+    path = resources.firmware_dir() / "multiboot_leave64.asm"
+    if not path.is_file():
+        raise AsmError(f"firmware source {path} not found (reinstall x86shadow)")
+    symbols = {"LEAVE64_PML4": mb.LEAVE64_PML4, "LEAVE64_PDPT": mb.LEAVE64_PDPT,
+               "LEAVE64_PD": mb.LEAVE64_PD, "LEAVE64_CODE32": mb.LEAVE64_CODE32,
+               "SEL_CODE32": mb.SEL_CODE32, "SEL_DATA": mb.SEL_DATA,
+               "MB_BOOT_MAGIC": mb.MB_BOOT_MAGIC, "MB_INFO": info_addr, "KERNEL_ENTRY": entry}
+    key = ("leave64", entry, info_addr, str(path), path.stat().st_mtime_ns)
+    with _fw_lock:
+        image = _fw_cache.get(key)
+    if image is None:
+        code64 = assemble_file(str(path), bits=64, base=mb.LEAVE64_BASE,
+                               symbols={**symbols, "BITS": 64})
+        code32 = assemble_file(str(path), bits=32, base=mb.LEAVE64_CODE32,
+                               symbols={**symbols, "BITS": 32})
+        room = mb.LEAVE64_CODE32 - mb.LEAVE64_BASE
+        if len(code64) > room or mb.LEAVE64_CODE32 + len(code32) > mb.LEAVE64_GDT:
+            raise AsmError("the multiboot boot stub is too large", str(path))
+        image = code64 + bytes(room - len(code64)) + code32
+        with _fw_lock:
+            _fw_cache[key] = image
+    return image
+
+
+# the repository's test kernels (guestcode/kernels/, docs/KERNELS.md): where each part goes
+KERNEL_BASE32 = 0x0010_0000          # the 32-bit part, entered by the multiboot loader
+KERNEL_BASE64 = 0x0018_0000          # the 64-bit part (a kernel with "parts=32,64")
+KERNEL_DATA = 0x0020_0000            # 0x200000..0x400000: the kernel's data, tables, stack
+_PARTS_RE = re.compile(r"\bparts\s*=\s*(\w+(?:\s*,\s*\w+)*)", re.I)
+
+
+def kernel_symbols() -> dict:
+    """The ``.set`` symbols of a test kernel (besides BITS): its part bases, its data area (as
+    FREE_BASE, which lib/console.inc keeps its state in) and the device ports."""
+    return {"KERNEL_BASE32": KERNEL_BASE32, "KERNEL_BASE64": KERNEL_BASE64,
+            "KERNEL_DATA": KERNEL_DATA, "FREE_BASE": KERNEL_DATA,
+            "SERIAL_PORT": layout.SERIAL_PORT, "EXIT_PORT": layout.EXIT_PORT}
+
+
+def assemble_kernel(path, symbols: dict | None = None) -> tuple:
+    """Assemble a test kernel: its 32-bit part (``BITS == 32``) at KERNEL_BASE32, and, if its
+    header says ``# x86shadow: kernel parts=32,64``, its 64-bit part (``BITS == 64``) at
+    KERNEL_BASE64. Returns ((address, code), ...) for boot/elfwriter.py; the entry is
+    KERNEL_BASE32."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    parts = (32,)
+    for raw in text.split("\n"):
+        m = _HEADER_RE.match(raw)
+        pm = _PARTS_RE.search(m.group(1)) if m else None
+        if pm:
+            parts = tuple(int(p) for p in pm.group(1).replace(" ", "").split(","))
+            break
+    if parts not in ((32,), (32, 64)):
+        raise AsmError(f"kernel parts must be 32 or 32,64, not {parts}", path)
+    out = []
+    for bits, base in zip(parts, (KERNEL_BASE32, KERNEL_BASE64)):
+        pre = _Pre(bits)
+        pre.program_file = path
+        pre.include_dirs = [str(resources.guestcode_dir())]
+        pre.add_symbols({**kernel_symbols(), **(symbols or {}), "BITS": bits})
+        pre.add_text(text, path, os.path.dirname(path), (os.path.realpath(path),))
+        code = _assemble_pre(pre, base)
+        limit = KERNEL_BASE64 if base == KERNEL_BASE32 else KERNEL_DATA
+        if base + len(code) > limit:
+            raise AsmError(f"the {bits}-bit part is {len(code):#x} bytes: it must end below "
+                           f"{limit:#x}", path)
+        out.append((base, code))
+    return tuple(out)

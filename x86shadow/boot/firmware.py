@@ -60,3 +60,18 @@ def firmware_boot(mode: str, program, firmware: bytes) -> FirmwareBoot:
                       code_sel=layout.SEL_KCODE, data_sel=layout.SEL_KDATA, sp=layout.STACK_TOP)
     return FirmwareBoot(images=((layout.FW_BASE, firmware), (program.base, program.code)),
                         state=state, crash_gates=frozenset({layout.FW_UNHANDLED}))
+
+
+def kernel_boot(kernel, stub: bytes) -> FirmwareBoot:
+    """A multiboot kernel (boot/multiboot.py) behind the leave-long-mode stub
+    (firmware/multiboot_leave64.asm): the CPU starts at the stub in Unicorn's UC_MODE_64 reset
+    state with the stub's GDT (0x08 flat 32-bit code and 0x10 flat data, QEMU multiboot.S's
+    selectors, which the kernel is entered with; 0x18 the stub's 64-bit code) and its stack.
+    No crash gate: the kernel's IDT is its own."""
+    from . import multiboot as mb
+    gdt = (0, seg_desc(0, 0xFFFFF, 0x9A, 0xC), seg_desc(0, 0xFFFFF, 0x92, 0xC),
+           seg_desc(0, 0xFFFFF, 0x9A, 0xA))
+    state = BootState(entry=mb.LEAVE64_BASE, gdt_base=mb.LEAVE64_GDT, gdt=gdt, cr0=None,
+                      code_sel=mb.SEL_CODE64, data_sel=mb.SEL_DATA, sp=mb.LEAVE64_STACK_TOP)
+    return FirmwareBoot(images=tuple(kernel.images) + ((mb.LEAVE64_BASE, stub),), state=state,
+                        crash_gates=frozenset())

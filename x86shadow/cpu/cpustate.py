@@ -119,6 +119,12 @@ class CpuState:
         self.snapshot()
         return self._u32(self.off.error_code).value
 
+    def code_bits(self) -> int:
+        """64, 32 or 16: the code width QEMU decodes with now (hflags HF_CS64 / HF_CS32)."""
+        self.snapshot()
+        hf = self._u32(self.off.hflags).value
+        return 64 if hf & HF_CS64 else 32 if hf & HF_CS32 else 16
+
     def clear_old_exception(self) -> None:
         """Forget the exception in flight so the next native fault is not turned into a #DF."""
         self.snapshot()

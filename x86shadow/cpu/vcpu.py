@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import re
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
                      UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT, UC_HOOK_MEM_UNMAPPED,
                      UC_HOOK_MEM_WRITE_PROT,
                      UC_MEM_FETCH, UC_MEM_WRITE, UC_MODE_32, UC_MODE_64,
@@ -41,8 +41,8 @@ from .. import layout
 from .. import stopping
 from .. import paging as pg
 from ..devices.bus import StopRequest
-from ..exits import (REASON_CR, REASON_HLT, REASON_INVLPG, REASON_IO, REASON_MSR_WRITE, Exit,
-                     ExitKind, count_exit)
+from ..exits import (REASON_CR, REASON_EXCEPTION, REASON_HLT, REASON_INVLPG, REASON_IO, REASON_MMIO,
+                     REASON_MSR_WRITE, Exit, ExitKind, count_exit)
 from ..faults import VEC_PF, VEC_UD, Fault, GuestCrash
 from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
                              read_guest_virt, walk_translate)
@@ -117,14 +117,18 @@ class VCPU:
 
     def __init__(self, mode: str, mem, *, vm_mmu=None, counters: dict, events, bus,
                  crash_gates=frozenset(), host_mem=None, host_tick=None, host_rewritten=None,
-                 cpu=None):
+                 cpu=None, mmio=None):
         """``mem``: guest-physical memory; ``host_mem``: the host memory Unicorn maps as its
         physical space (``mem`` itself unless a host memory manager is under the guest; then
         ``host_tick`` runs the host's due operations where the TLB can be flushed and
         ``host_rewritten`` holds the host pages whose contents the host replaced). ``cpu``: the
-        CPU model (a --cpu string, cpu_model.CpuSpec or CpuModel; None: the default)."""
+        CPU model (a --cpu string, cpu_model.CpuSpec or CpuModel; None: the default). ``mmio``:
+        the VM's MMIO bus (devices/bus.py), whose ranges are mapped as Unicorn MMIO regions."""
+        # mode None: a kernel that sets up its own paging and code width (docs/KERNELS.md):
+        # Unicorn runs as UC_MODE_64 (its registers are 64 bits wide) and the code width is the
+        # guest's, code_bits(); the paging mode follows CR0/CR4/EFER as for every mode
         self.mode = mode
-        self.bits = 64 if mode == "64" else 32
+        self.bits = 32 if mode in ("32", "pae") else 64       # Unicorn's register width
         self.mem = mem
         self.host_mem = host_mem = host_mem if host_mem is not None else mem
         self._host_tick = host_tick
@@ -211,6 +215,9 @@ class VCPU:
         # CPU model's MSR rules leave them to it, rdmsr/wrmsr of them are carried out here
         self.msr_handlers = {}
         self.model_checks = ModelChecks(self, self.cpu_model)
+        self.mmio_pages = set()          # guest-physical pages of MMIO devices
+        if mmio is not None:
+            self._map_mmio(mmio)
         self.pc = None                   # where the next run_once() starts (load_boot_state)
         self.debug = None                # guest_debug.GuestDebug while a debugger is attached
         self.before_insn = False         # inside the privileged-instruction hook (_privileged)
@@ -233,6 +240,55 @@ class VCPU:
         if self.shadow:
             self._set_context()
         self.pc = state.entry
+
+    def _map_mmio(self, bus) -> None:
+        """Every range of the MMIO bus as a Unicorn MMIO region: guest accesses there call the
+        device (native: Unicorn's walker reaches the region; shadow: the fill points the TLB
+        entry at it, ``_fill``). Each access is an exit, counted as KVM counts ``mmio_exits``
+        (arch/x86/kvm/x86.c, vcpu->stat.mmio_exits on a KVM_EXIT_MMIO) and traced as
+        ``kvm_mmio`` (KVM's tracepoint: rw, len, gpa, val)."""
+        for first, last, dev in bus.ranges():
+            size = ((last - first) | 0xFFF) + 1
+            self.mmio_pages.update(range(first & ~0xFFF, first + size, 0x1000))
+
+            def read(uc, offset, size, _ud, first=first, dev=dev):
+                return self._mmio(dev, first + offset, size, None)
+
+            def write(uc, offset, size, value, _ud, first=first, dev=dev):
+                self._mmio(dev, first + offset, size, value)
+            self.uc.mmio_map(first & ~0xFFF, size, read, None, write, None)
+
+    def _mmio(self, dev, gpa, size, value):
+        c = self.counters
+        c["mmio_exits"] += 1
+        if self.shadow:
+            count_exit(c, self.events, REASON_EXCEPTION, self.rip, vector=14, address=gpa,
+                       size=size, write=value is not None, mmio=True)
+        else:
+            count_exit(c, self.events, REASON_MMIO, self.rip, address=gpa, size=size,
+                       write=value is not None)
+        if self.shadow:
+            self.mmu.other_exit()
+        if value is None:
+            value = dev.read(gpa, size)
+            rw = "read"
+        else:
+            dev.write(gpa, size, value)
+            rw = "write"
+        if self.events.tracing:
+            self.events.emit(ev.KVM_MMIO, rw=rw, len=size, gpa=gpa, val=value)
+        return value
+
+    def at_address(self, address: int, fn) -> None:
+        """Call ``fn()`` once, when the guest is about to execute the instruction at
+        ``address`` (a one-address code hook, removed after it fired)."""
+        handle = []
+
+        def hook(uc, addr, size, _ud):
+            if handle:
+                uc.hook_del(handle.pop())
+                fn()
+        handle.append(self.uc.hook_add(UC_HOOK_CODE, hook, None, address, address))
 
     def _add_raw_fill_hook(self):
         """Register _fill straight with ctypes: the binding's wrapper costs ~1 us per TLB miss."""
@@ -299,6 +355,15 @@ class VCPU:
 
     def long_mode(self) -> bool:
         return self.bits == 64 and bool(self.efer() & EFER_LMA)
+
+    def code_bits(self) -> int:
+        """The width of the code the CPU runs now: 64 in 64-bit mode (EFER.LMA and CS.L), else
+        32 or 16 from CS.D (SDM vol. 3A 3.4.5 and 5.2.1). A program's width is its mode's; a
+        kernel's is read from QEMU's hflags, which QEMU derives from exactly those bits
+        (cpu_x86_load_seg_cache: HF_CS64 = LMA && CS.L, HF_CS32 = CS.D) and decodes with."""
+        if self.mode is not None:
+            return self.bits
+        return self.cpustate.code_bits()
 
     def segment_cache(self, name):
         """(selector, base, limit, flags) of segment register ``name`` from QEMU's cache."""
@@ -508,7 +573,13 @@ class VCPU:
             self.pending_fault = (VEC_PF, error_code, va)
             self._parked = True
             return True
-        # FILL_NO_MEMORY: let the access reach the hole and report it
+        # FILL_NO_MEMORY: an MMIO device's page is mapped through to its Unicorn MMIO region
+        # (no spte: every TLB miss there walks the guest tables again); anything else reaches
+        # the hole and is reported
+        if addr & ~0xFFF in self.mmio_pages and acc != UC_MEM_FETCH:
+            entry.paddr = addr & ~0xFFF
+            entry.perms = UC_PROT_READ | UC_PROT_WRITE
+            return True
         self._parked = True
         entry.paddr = layout.HOLE_BASE
         entry.perms = UC_PROT_ALL
@@ -619,7 +690,7 @@ class VCPU:
                     self._byte_repeat = (None, None, rep_rip, tail)
                 return True
         rip = self.reg(self.R_IP)
-        insn = self.mmu.decode_at(rip, self.bits)
+        insn = self.mmu.decode_at(rip, self.code_bits())
         # Refusing a store (return False) re-executes the instruction cleanly only for stores TCG
         # emits inline; stores made from inside a QEMU helper (cmpxchg8b/16b, fxsave, far calls)
         # keep the helper's register updates (measured)
@@ -777,8 +848,8 @@ class VCPU:
 
     def _decode_at(self, rip):
         if self.shadow:
-            return self.mmu.decode_at(rip, self.bits)
-        return decode_guest_virt(self.read_virt, rip, self.bits)
+            return self.mmu.decode_at(rip, self.code_bits())
+        return decode_guest_virt(self.read_virt, rip, self.code_bits())
 
     # ------------------------------------------------------------------ privileged instructions
     def _privileged(self, uc, address, size, _ud):
@@ -861,7 +932,7 @@ class VCPU:
         if crn not in (0, 3, 4):
             return
         value = self.reg(_reg_id(src))
-        if self.bits == 32:
+        if self.code_bits() != 64:
             value &= 0xFFFFFFFF
         self._shadow_cr_write(crn, value, address)
         self._finish_privileged(uc)
@@ -925,6 +996,13 @@ class VCPU:
         return _reg_id(name)
 
     def _set_context(self, **regs):
+        """A new paging context for the shadow MMU from the registers (with the value a mov to
+        CR0/CR3/CR4 or a wrmsr of EFER is about to store): the paging mode is never fixed, it
+        follows CR0.PG, CR4.PAE and EFER.LMA at every change, as KVM rebuilds its MMU context
+        (kvm_mmu_reset_context -> kvm_init_mmu, from kvm_post_set_cr0 on a CR0.PG/WP change,
+        kvm_post_set_cr4 on PAE/PSE/PGE/SMEP/SMAP changes, set_efer on an NX/LMA change;
+        arch/x86/kvm/x86.c, Linux 6.x). A kernel switching paging off and on again (the boot
+        stub, then its own long mode) gets a new root each time."""
         ctx = self.paging_context(cache_pdptes=True, **regs)
         if self.events.tracing:
             self.events.emit(ev.NEW_ROOT, mode=ctx.mode.name, cr3=ctx.cr3, wp=ctx.wp, nxe=ctx.nxe,

@@ -43,6 +43,10 @@ class Bus:
         self._by_addr.clear()
         return device
 
+    def ranges(self):
+        """(first, last, device) of every device, in the order they were attached."""
+        return list(self._ranges)
+
     def device_at(self, addr: int):
         d = self._by_addr.get(addr, self)
         if d is self:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .differential import CONFIGS, check_source
@@ -144,6 +145,29 @@ class _ShardRun:
         raise _Divergent(divs[0])
 
 
+@contextmanager
+def _seed_only_draws():
+    """Make a shard's programs a function of its seed alone. hypothesis (6.1xx) mixes integer
+    constants found in the "local" modules loaded in the process into its draws
+    (``hypothesis.internal.conjecture.providers._get_local_constants``, about one draw in 20):
+    the programs would then depend on what else the process imported -- an editable install
+    against a wheel, pytest's collection, a worker's imports -- and a seeded shard would find
+    different things on different machines. Only that private hook is replaced, for the
+    duration of the shard; without it (another hypothesis), nothing changes."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        original = providers._get_local_constants
+        empty = providers.Constants()
+    except (ImportError, AttributeError):       # pragma: no cover - another hypothesis
+        yield
+        return
+    providers._get_local_constants = lambda: empty
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
+
+
 def run_shard(shard: Shard) -> ShardResult:
     """Run one shard: hypothesis generates up to ``shard.examples`` programs; on a divergence it
     shrinks the program; the result has the minimal one (executor job: module level)."""
@@ -166,7 +190,8 @@ def run_shard(shard: Shard) -> ShardResult:
 
     result = ShardResult(shard)
     try:
-        test()
+        with _seed_only_draws():
+            test()
     except (_Divergent, Flaky, _ShrinkBudgetSpent):
         pass
     except Unsatisfiable:                   # the deadline came before the first example

@@ -375,6 +375,20 @@ class VcpuMmu:
                 pfn, host_writable = p if p is not None else (None, False)
             if pfn is None:
                 return Fill(FILL_NO_MEMORY, w.gpa)
+            if (access & pg.PFERR_W and not w.pte_access & pg.ACC_W and not self.ctx.wp
+                    and not access & pg.PFERR_U):
+                # CR0.WP=0: a supervisor write to a read-only page is allowed; the spte is made
+                # writable and supervisor-only (a later user access faults and is re-checked;
+                # under SMEP not executable either) -- here, before the fetch, so that a direct
+                # page shadowing a large guest page gets this access in its role (Linux 6.x
+                # arch/x86/kvm/mmu/paging_tmpl.h FNAME(page_fault), before FNAME(fetch);
+                # 2.6.25 did it in mmu_set_spte only, and two clean large ptes of one frame
+                # then shared a writable direct page: the second one's D bit was never set --
+                # kvm-unit-tests access.c check_large_pte_dirty_for_nowp, added with the KVM
+                # fix by Xiao Guangrong in Dec 2012, kvm-unit-tests commit fcead254)
+                w.pte_access = (w.pte_access | pg.ACC_W) & ~pg.ACC_U
+                if self.ctx.smep:
+                    w.pte_access &= ~pg.ACC_X
             if notifier is not None:
                 with vm.mmu_lock.held("fault"):
                     if notifier.retry(seq, gfn):
@@ -424,20 +438,6 @@ class VcpuMmu:
         fmt = self.fmt
         glevel = w.level                 # guest leaf level (1, 2 = 2M/4M, 3 = 1G)
         acc = ACC_ALL
-        pte_access = w.pte_access
-        if (access & pg.PFERR_W and not access & pg.PFERR_U and not pte_access & pg.ACC_W
-                and not self.ctx.wp):
-            # CR0.WP=0, a supervisor write through a read-only pte: the page is shadowed as
-            # writable and supervisor-only (not executable under SMEP) *before* the shadow pages
-            # are looked up, so that a direct page of a clean large pte keeps its read-only role
-            # and a second guest pte mapping the same large frame still traps its first write
-            # and gets its D bit (FNAME(page_fault), Linux 3.8+: Xiao Guangrong, "KVM: MMU: fix
-            # Dirty bit missed if CR0.WP = 0", Dec 2012; kvm-unit-tests access test
-            # check_large_pte_dirty_for_nowp). Before it, 2.6.x folded the write in set_spte,
-            # after the direct page's role was chosen.
-            pte_access = (pte_access | pg.ACC_W) & ~pg.ACC_U
-            if self.ctx.smep:
-                pte_access &= ~pg.ACC_X
         node = self.root
         level = self.root_level
         if level == 3:
@@ -465,7 +465,7 @@ class VcpuMmu:
                 # writable spte built under a dirty pte is reused under a clean one, and a
                 # store never sets the guest's D bit (found by x86shadow diff,
                 # guestcode/smc_stores.asm)
-                direct_access = pte_access if w.dirty else pte_access & ~pg.ACC_W
+                direct_access = w.pte_access if w.dirty else w.pte_access & ~pg.ACC_W
                 if child is not None and child.role.access != direct_access:
                     vm.drop_spte(node, idx)           # (requests the TLB flush)
                     child = None
@@ -491,9 +491,11 @@ class VcpuMmu:
                 vm.link(node, idx, child)
             node = child
             level -= 1
-        emulate = vm.set_spte(self, node, idx, w.gpa >> 12,
-                              pte_access & node.role.access if not node.role.direct
-                              else pte_access, bool(w.dirty), bool(access & pg.PFERR_W),
+        # the walk's pte_access already combines every level's rights (a subset of the role's,
+        # which combines the levels above the table), plus the CR0.WP=0 write of page_fault:
+        # passed as it is (Linux 6.x FNAME(fetch): mmu_set_spte(..., gw->pte_access, ...))
+        emulate = vm.set_spte(self, node, idx, w.gpa >> 12, w.pte_access,
+                              bool(w.dirty), bool(access & pg.PFERR_W),
                               bool(access & pg.PFERR_U), pfn=pfn,
                               gpte=None if node.role.direct else w.ptes[1],
                               host_writable=host_writable)

@@ -437,17 +437,7 @@ class VmMmu:
         SPTE_HOST_WRITEABLE (2.6.32 set_spte). ``pfn`` None: a prefetch; the page the host maps
         now, nothing installed if it is not present (gfn_to_pfn_atomic)."""
         user = bool(pte_access & _ACC_U)
-        writable = bool(pte_access & _ACC_W)
-        if write_fault and not user_fault and not sp.role.cr0_wp and not writable:
-            # CR0.WP=0: a supervisor write to a read-only page is allowed; KVM makes the spte
-            # writable and supervisor-only so that a later user access faults and is re-checked
-            # (and not executable under SMEP: FNAME(page_fault), Linux 3.8+; the fault path
-            # folds this into the access before the shadow pages are chosen, vcpu_mmu._fetch;
-            # here it is the indirect leaf, whose role's access lacks the W the fold added)
-            writable = True
-            user = False
-            if sp.role.smep:
-                pte_access &= ~_ACC_X
+        writable = bool(pte_access & _ACC_W)          # (CR0.WP=0: see VcpuMmu.page_fault)
         if writable and not dirty:
             writable = False                      # dirty tracking: read-only until the first write
         if pfn is None:                           # (the fault path looked it up already)
