@@ -158,6 +158,12 @@ def test_cli_refuses_mode_for_a_kernel(kernels):
     assert p.returncode == 2 and "x86shadow: error:" in p.stderr and "--mode" in p.stderr
 
 
+def test_cli_refuses_several_vcpus_for_a_kernel(kernels):
+    p = x86shadow("run", kernels["long64"], "--vcpus", "2")
+    assert p.returncode == 2 and "x86shadow: error: --vcpus 2" in p.stderr
+    assert "one vCPU" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_cli_program_still_needs_mode_and_refuses_kernel_options(tmp_path):
     src = tmp_path / "p.asm"
     src.write_text("main:\n ret\n")
