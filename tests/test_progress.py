@@ -109,3 +109,14 @@ def test_sweep_progress_only_when_forced_and_not_quiet(tmp_path):
     assert "2/2" in forced.stderr and "\x1b[" not in forced.stdout
     quiet = _run(*args, "--quiet", env_extra={FORCE_ENV: "1"})
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_explore_progress_counts_interleavings():
+    plain = _run("explore", "c1-irq")
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr
+    forced = _run("explore", "c1-irq", env_extra={FORCE_ENV: "1"})
+    assert forced.returncode == 0 and "interleavings" in forced.stderr, forced.stderr
+    assert "38" in forced.stderr and forced.stdout == plain.stdout.replace(
+        plain.stdout.splitlines()[-1], forced.stdout.splitlines()[-1])     # (the time line)
+    quiet = _run("explore", "c1-irq", "--quiet", env_extra={FORCE_ENV: "1"})
+    assert quiet.returncode == 0 and quiet.stderr == ""

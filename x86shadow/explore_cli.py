@@ -40,6 +40,9 @@ def add_explore_parser(sub) -> None:
                    help="seed of the random interleavings (default 0)")
     e.add_argument("--zaps", type=int, default=None, metavar="N",
                    help="backlog: shadow pages zapped in each load (default 256)")
+    e.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (shown only on a terminal anyway; "
+                        "docs/PROGRESS.md)")
     e.add_argument("--delays", default=None, metavar="D,...",
                    help="backlog: reader delays in steps, 'inf' for a reader that stays "
                         "(default 1,4,16,64,inf)")
@@ -99,8 +102,14 @@ def _explore(scenario, args) -> int:
     print(f"  {variant} variant: {scenario.broken if args.broken else scenario.correct}")
     rep = Report()
     broken = args.broken
+    from .progress import poll, progress
     try:
-        explore(lambda: scenario.build(broken), args.preemptions, args.random, args.seed, rep)
+        # an open-ended bar: the number of interleavings is known only at the end
+        with progress(None, "interleavings", args.quiet) as bar, \
+                poll(bar, lambda: bar.describe(f"{rep.interleavings} interleavings, "
+                                               f"{rep.states} states")):
+            explore(lambda: scenario.build(broken), args.preemptions, args.random, args.seed,
+                    rep)
     except stopping.Stop as e:
         print(_counts(rep, args), flush=True)
         sys.stderr.write(f"x86shadow: {e.message or 'interrupted'} (after {rep.interleavings} "
