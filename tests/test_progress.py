@@ -120,3 +120,18 @@ def test_explore_progress_counts_interleavings():
         plain.stdout.splitlines()[-1], forced.stdout.splitlines()[-1])     # (the time line)
     quiet = _run("explore", "c1-irq", "--quiet", env_extra={FORCE_ENV: "1"})
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_kernel_run_shows_progress_when_forced(tmp_path):
+    from x86shadow.asm.api import KERNEL_BASE32, assemble_kernel
+    from x86shadow.boot.elfwriter import multiboot_elf32
+    from x86shadow.resources import guestcode_dir
+    k = tmp_path / "long64.elf"
+    k.write_bytes(multiboot_elf32(assemble_kernel(guestcode_dir() / "kernels" / "long64.asm"),
+                                  KERNEL_BASE32))
+    plain = _run("run", str(k))
+    assert plain.returncode == 1 and plain.stderr == "", plain.stderr
+    forced = _run("run", str(k), env_extra={FORCE_ENV: "1"})
+    assert forced.returncode == 1 and "kernel" in forced.stderr and forced.stdout == plain.stdout
+    quiet = _run("run", str(k), "--quiet", env_extra={FORCE_ENV: "1"})
+    assert quiet.returncode == 1 and quiet.stderr == ""

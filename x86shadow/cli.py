@@ -499,12 +499,18 @@ def cmd_run(args) -> int:
 
 
 def _run_machine(m, args, gdb):
-    """m.run(); with --max-insns (and no debugger) a progress bar of the instructions run."""
+    """m.run(); with --max-insns (and no debugger) a progress bar of the instructions run, for
+    a kernel an open-ended one with the exits so far."""
     if gdb is not None:
         return m.run(args.max_insns or 0, drive=gdb.drive(m))
-    if not args.max_insns:
-        return m.run()
     from .progress import poll, progress
+    if not args.max_insns:
+        if m.kernel is None:
+            return m.run()
+        # a kernel can run for minutes (kvm-unit-tests' access test): an open-ended bar
+        with progress(None, "kernel", args.quiet) as bar, \
+                poll(bar, lambda: bar.describe(f"kernel: {m.counters['exits']} exits")):
+            return m.run()
     with progress(args.max_insns, "guest instructions", args.quiet) as bar:
         with poll(bar, m.vcpu.insns_now):
             return m.run(args.max_insns)
