@@ -436,3 +436,30 @@ def test_gdb_step_into_an_exception_stops_at_the_handler(tmp_path, mode):
     assert int(at_handler, 16) == handler, out
     assert int(after, 16) == handler + len(HANDLER_MARK) and eax == "0x5eed5eed"
     assert stdout == "PASS\n" and status == 0, stderr
+
+
+@needs_gdb
+@pytest.mark.parametrize("mmu", ["shadow", "native"])
+def test_gdb_on_a_multiboot_kernel_stops_at_its_entry_with_the_loaders_state(tmp_path, mmu):
+    """A kernel under gdb: --gdb-wait stops in the boot stub (as QEMU's stub stops before the
+    firmware); a breakpoint at the kernel's entry sees the multiboot entry state, and memory
+    reads reach the multiboot information."""
+    from x86shadow.asm.api import KERNEL_BASE32, assemble_kernel
+    from x86shadow.boot.elfwriter import multiboot_elf32
+    from x86shadow.boot.multiboot import load_multiboot
+    from x86shadow.resources import guestcode_dir
+    k = tmp_path / "long64.elf"
+    k.write_bytes(multiboot_elf32(assemble_kernel(guestcode_dir() / "kernels" / "long64.asm"),
+                                  KERNEL_BASE32))
+    entry = load_multiboot(str(k), 128 << 20, "", None).entry
+    p = subprocess.Popen([sys.executable, "-m", "x86shadow.cli", "run", str(k), "--mmu", mmu,
+                          "--gdb", "127.0.0.1:0", "--gdb-wait"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", p.stderr.readline().decode())
+    assert m
+    out = gdb_batch(int(m.group(1)), "i386:x86-64", f"break *{entry:#x}", "continue",
+                    "p/x $pc", "p/x $eax", "p/x $ebx", "p/x *(unsigned int *)0x9500", "continue")
+    stdout, stderr = p.communicate(timeout=60)
+    vals = _values(out)
+    assert vals == [f"{entry:#x}", "0x2badb002", "0x9500", "0x24f"], out
+    assert stdout.decode().endswith("PASS\n") and p.returncode == 1, stderr.decode()
