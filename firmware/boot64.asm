@@ -22,6 +22,24 @@
 # ---- FW_BASE: the entry stub, fw_unhandled at FW_BASE + 0x10, fw_start (cli; cld)
 .include "common.inc"
 
+# paging on: CR4.PAE, CR3 = FW_PML4, EFER.LME (kept; NXE untouched), CR0.PG | CR0.WP -- the boot
+# vCPU's and every other vCPU's (a macro, so that vCPU 0 runs the same instructions as before)
+.macro FW_PAGING_ON
+    mov rax, cr4
+    or eax, CR4_PAE
+    mov cr4, rax
+    mov eax, FW_PML4
+    mov cr3, rax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_LME
+    wrmsr
+    mov rax, cr0
+    mov ecx, CR0_PG | CR0_WP
+    or rax, rcx
+    mov cr0, rax
+.endm
+
     # -- 4-level identity map of all of RAM: PML4 -> PDPT -> FW_NPD page directories
     mov edi, FW_PT_BASE
     xor eax, eax
@@ -48,19 +66,7 @@ fw_pd_loop:
     jnz fw_pd_loop
 
     # -- paging on: CR4.PAE, CR3, EFER.LME (kept; NXE untouched), CR0.PG | CR0.WP
-    mov rax, cr4
-    or eax, CR4_PAE
-    mov cr4, rax
-    mov eax, FW_PML4
-    mov cr3, rax
-    mov ecx, MSR_EFER
-    rdmsr
-    or eax, EFER_LME
-    wrmsr
-    mov rax, cr0
-    mov ecx, CR0_PG | CR0_WP
-    or rax, rcx
-    mov cr0, rax
+    FW_PAGING_ON
 
     # -- clear the GDT, IDT and TSS pages (FW_DATA); GDT: null, kernel code (64-bit), kernel data,
     #    user code (64-bit), user data, TSS (16 bytes)
@@ -100,19 +106,7 @@ fw_ap_start:
     mov esp, ebp
     shl esp, 15
     add esp, VCPU_STACKS
-    mov rax, cr4
-    or eax, CR4_PAE
-    mov cr4, rax
-    mov eax, FW_PML4
-    mov cr3, rax
-    mov ecx, MSR_EFER
-    rdmsr
-    or eax, EFER_LME
-    wrmsr
-    mov rax, cr0
-    mov ecx, CR0_PG | CR0_WP
-    or rax, rcx
-    mov cr0, rax
+    FW_PAGING_ON
     FW_AP_SETUP
     push SEL_KCODE
     push fw_ap_cs_loaded
