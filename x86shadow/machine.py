@@ -1,6 +1,6 @@
 """The VM: guest RAM (and, on request, the host memory under it), the VM-wide shadow MMU, the
-port bus and its devices, the event sink, one vCPU, and the run loop that turns the vCPU's exits
-into a run result."""
+port and MMIO buses and their devices, the event sink, the vCPUs (with several, the scheduler of
+vm_scheduler.py), and the run loop that turns the vCPUs' exits into a run result."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -101,7 +101,7 @@ class Machine:
     ``events.JsonTrace``); more subscribers with ``machine.events.subscribe``. ``cpu``: the CPU
     model, a ``--cpu`` string such as ``"qemu64,+pcid"`` (docs/CPU_MODEL.md; default haswell)."""
 
-    def __init__(self, mode: str, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
+    def __init__(self, mode: str | None, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
                  host: HostConfig | None = None, cpu=None, planted_bug: str | None = None,
                  vcpus: int = 1, schedule=None):
