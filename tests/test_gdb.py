@@ -444,15 +444,11 @@ def test_gdb_on_a_multiboot_kernel_stops_at_its_entry_with_the_loaders_state(tmp
     """A kernel under gdb: --gdb-wait stops in the boot stub (as QEMU's stub stops before the
     firmware); a breakpoint at the kernel's entry sees the multiboot entry state, and memory
     reads reach the multiboot information."""
-    from x86shadow.asm.api import KERNEL_BASE32, assemble_kernel
-    from x86shadow.boot.elfwriter import multiboot_elf32
+    from repo_kernels import build_kernel
     from x86shadow.boot.multiboot import load_multiboot
-    from x86shadow.resources import guestcode_dir
-    k = tmp_path / "long64.elf"
-    k.write_bytes(multiboot_elf32(assemble_kernel(guestcode_dir() / "kernels" / "long64.asm"),
-                                  KERNEL_BASE32))
-    entry = load_multiboot(str(k), 128 << 20, "", None).entry
-    p = subprocess.Popen([sys.executable, "-m", "x86shadow.cli", "run", str(k), "--mmu", mmu,
+    k = build_kernel("long64", tmp_path)
+    entry = load_multiboot(k, 128 << 20, "", None).entry
+    p = subprocess.Popen([sys.executable, "-m", "x86shadow.cli", "run", k, "--mmu", mmu,
                           "--gdb", "127.0.0.1:0", "--gdb-wait"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     m = re.search(r"listening on 127\.0\.0\.1:(\d+)", p.stderr.readline().decode())

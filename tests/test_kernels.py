@@ -18,6 +18,8 @@ from x86shadow.devices.qemu import BochsShutdown, FwCfg, LocalApic, Pic8259, Uar
 from x86shadow.machine import Machine
 from x86shadow.resources import guestcode_dir
 
+from repo_kernels import build_kernel  # noqa: E402
+
 MMUS = ("shadow", "native")
 
 
@@ -25,13 +27,8 @@ MMUS = ("shadow", "native")
 def kernels(tmp_path_factory):
     """name -> path of the ELF built from guestcode/kernels/NAME.asm."""
     d = tmp_path_factory.mktemp("kernels")
-    out = {}
-    for name in ("entry_state", "long64", "devices", "cpu_faults"):
-        segs = assemble_kernel(guestcode_dir() / "kernels" / f"{name}.asm")
-        path = d / f"{name}.elf"
-        path.write_bytes(multiboot_elf32(segs, KERNEL_BASE32))
-        out[name] = str(path)
-    return out
+    return {name: build_kernel(name, d)
+            for name in ("entry_state", "long64", "devices", "cpu_faults")}
 
 
 def boot(path, mmu, ram_mib=128, append="", initrd=None, trace=None):

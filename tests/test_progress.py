@@ -123,15 +123,11 @@ def test_explore_progress_counts_interleavings():
 
 
 def test_kernel_run_shows_progress_when_forced(tmp_path):
-    from x86shadow.asm.api import KERNEL_BASE32, assemble_kernel
-    from x86shadow.boot.elfwriter import multiboot_elf32
-    from x86shadow.resources import guestcode_dir
-    k = tmp_path / "long64.elf"
-    k.write_bytes(multiboot_elf32(assemble_kernel(guestcode_dir() / "kernels" / "long64.asm"),
-                                  KERNEL_BASE32))
-    plain = _run("run", str(k))
+    from repo_kernels import build_kernel
+    k = build_kernel("long64", tmp_path)
+    plain = _run("run", k)
     assert plain.returncode == 1 and plain.stderr == "", plain.stderr
-    forced = _run("run", str(k), env_extra={FORCE_ENV: "1"})
+    forced = _run("run", k, env_extra={FORCE_ENV: "1"})
     assert forced.returncode == 1 and "kernel" in forced.stderr and forced.stdout == plain.stdout
-    quiet = _run("run", str(k), "--quiet", env_extra={FORCE_ENV: "1"})
+    quiet = _run("run", k, "--quiet", env_extra={FORCE_ENV: "1"})
     assert quiet.returncode == 1 and quiet.stderr == ""
