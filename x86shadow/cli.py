@@ -642,11 +642,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from . import stopping
-    args = build_parser().parse_args(argv)
     try:
+        from . import stopping
+        args = build_parser().parse_args(argv)     # (a Ctrl-C up to here is "interrupted" too)
         with stopping.SignalHandling():
             return _dispatch(args)
+    except KeyboardInterrupt:                   # (first: `stopping` may not be imported yet)
+        sys.stderr.write("x86shadow: interrupted\n")
+        return 130
     except UsageError as e:
         sys.stderr.write(f"x86shadow: error: {e}\n")
         return EXIT_BAD_INPUT
@@ -654,9 +657,6 @@ def main(argv=None) -> int:
         if e.message:
             sys.stderr.write(f"x86shadow: {e.message}\n")
         return e.status
-    except KeyboardInterrupt:
-        sys.stderr.write("x86shadow: interrupted\n")
-        return 130
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_EPIPE
