@@ -104,8 +104,10 @@ class Machine:
     def __init__(self, mode: str | None, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
                  host: HostConfig | None = None, cpu=None, planted_bug: str | None = None,
-                 vcpus: int = 1, schedule=None):
+                 vcpus: int = 1, schedule=None, scoped_flushes: bool = True):
         # planted_bug: test-only, breaks the shadow MMU on purpose (mmu/vm_mmu.py PLANTED_BUGS)
+        # scoped_flushes: False flushes the whole TLB for every KVM flush, as before
+        # (docs/PERFORMANCE.md; for measurements and tests)
         # vcpus, schedule: several vCPUs (docs/SMP.md; schedule: a --schedule string or a
         # vm_scheduler.Schedule, default round robin)
         if mode is not None and mode not in MODES:
@@ -196,6 +198,8 @@ class Machine:
                 v.mmu.tlb_record = {}                 # what its TLB may hold (mmu/audit.py)
             self.vcpus.append(v)
         self.vcpu = self.current_vcpu = self.vcpus[0]
+        if scoped_flushes and self.vm_mmu is not None and vcpus == 1 and self.host is None:
+            self.vcpu.enable_scoped_flushes()
         self.scheduler = None
         if vcpus > 1:
             from .vm_scheduler import Schedule, VmScheduler, parse_schedule

@@ -46,11 +46,12 @@ from ..exits import (REASON_CR, REASON_EXCEPTION, REASON_HLT, REASON_INVLPG, REA
 from ..faults import VEC_PF, VEC_UD, Fault, GuestCrash
 from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_guest_virt,
                              read_guest_virt, walk_translate)
+from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from . import rawhooks
-from .cpustate import CpuState, probe_insn_counter_offset, read_insn_counter
+from .cpustate import CpuState, page_flusher, probe_insn_counter_offset, read_insn_counter
 from .delivery import Delivery
 from .model import ModelChecks, make_model
 from .privileged import INTERCEPTED, Interceptor
@@ -76,6 +77,7 @@ _BIT_OPS = frozenset(("bt", "bts", "btr", "btc"))
 _SREG_OPERAND = re.compile(r"(?:^|, )[cdefgs]s(?:,|$)")
 _DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
 _MAX_FLIPS = 16
+_MAX_SCOPED_FLUSH = 64        # more changed sptes than this in one flush: flush it all
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
 _REG_IDS = {}
 # Unicorn's register calls without the binding's argtypes: every argument passed is already a
@@ -178,6 +180,12 @@ class VCPU:
         self._stop_request = None        # request_stop(): why run_once() must return
         self._counting = None            # uc_struct offset of the counter while counting
         self._observe_fills = False      # a TLB_FILL subscriber exists (refreshed by run_once)
+        # scoped flushes (enable_scoped_flushes): the leaf sptes our fills translated through
+        # since the last whole flush, (shadow page, index) -> virtual page; _leaves_exact
+        # False once one spte was filled at two pages (then a flush is a whole flush)
+        self._page_flush = None
+        self._tlb_leaves = None
+        self._leaves_exact = True
         if self.shadow:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             uc.mem_map_ptr(layout.ALIAS_BASE, host_mem.size, UC_PROT_READ, host_mem.address)
@@ -456,6 +464,9 @@ class VCPU:
                            "cannot flush")
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.counters["tlb_flush"] += 1
+        if self._tlb_leaves:
+            self._tlb_leaves.clear()
+        self._leaves_exact = True
         if self.mmu is not None:
             if self.mmu.tlb_pfns:
                 self.mmu.tlb_pfns.clear()
@@ -467,8 +478,46 @@ class VCPU:
         MMU_RELOAD request is the MMU's own (the next fill reloads the root)."""
         mmu = self.mmu
         if mmu.requests & REQ_TLB_FLUSH:
-            mmu.requests &= ~REQ_TLB_FLUSH
+            mmu.requests &= ~REQ_ANY_TLB_FLUSH
+            mmu.flush_sptes.clear()
             self.flush_tlb()
+        elif mmu.requests & REQ_TLB_FLUSH_SPTES:
+            mmu.requests &= ~REQ_TLB_FLUSH_SPTES
+            self._flush_changed_sptes()
+
+    def enable_scoped_flushes(self) -> bool:
+        """Carry out a flush after a change to some leaf sptes only (REQ_TLB_FLUSH_SPTES) by
+        dropping the pages our fills translated through them (QEMU's per-page flush): every
+        other entry of the TLB is what a refill from its unchanged spte would give again, so
+        the TLB ends up holding what a whole flush and the refills would leave. Only for a VM
+        with this one vCPU and no host memory manager (the machine decides): there nothing
+        reads the TLB's contents (host pages it maps, other vCPUs' records). False when this
+        Unicorn build has no per-page flush we can reach (every flush stays whole)."""
+        self._page_flush = page_flusher(self.uc, self.bits)
+        if self._page_flush is None:
+            return False
+        self._tlb_leaves = {}
+        self.mmu.vm.scoped_flushes = True
+        return True
+
+    def _flush_changed_sptes(self):
+        mmu = self.mmu
+        sptes = mmu.flush_sptes
+        if not self._leaves_exact or len(sptes) > _MAX_SCOPED_FLUSH:
+            sptes.clear()
+            self.flush_tlb()
+            return
+        if self._in_write_hook:
+            raise MMUError("a TLB flush was asked for inside a trapped store, where Unicorn "
+                           "cannot flush")
+        leaves = self._tlb_leaves
+        flush = self._page_flush
+        for leaf in sptes:
+            va = leaves.pop(leaf, None)
+            if va is not None:
+                flush(va)
+        sptes.clear()
+        self.counters["tlb_flush"] += 1           # KVM's one flush, however it is carried out
 
     # ------------------------------------------------------------------ shadow-mode hooks
     def _fill(self, uc, va, acc, entry, _ud):
@@ -547,6 +596,13 @@ class VCPU:
                 perms &= ~PERM_W
             entry.paddr = hpa if kind == FILL_OK else layout.ALIAS_BASE + hpa
             entry.perms = perms
+            leaves = self._tlb_leaves
+            if leaves is not None:
+                leaf = mmu.filled_leaf               # (page, index) of the spte, or None
+                if leaf is not None:
+                    page = va & ~0xFFF
+                    if leaves.setdefault(leaf, page) != page:
+                        self._leaves_exact = False
             if mmu.tlb_record is not None:          # --audit with several vCPUs (mmu/audit.py)
                 mmu.tlb_record[va >> 12] = (gfn, perms if kind == FILL_OK else perms & ~PERM_W,
                                             access & pg.PFERR_U)
@@ -975,7 +1031,11 @@ class VCPU:
             if self.mmu.ctx.mode != pg.Mode.OFF:
                 # Unicorn flushes its whole TLB itself when it executes this mov to CR3 with
                 # paging on, right after this hook: that flush is ours
-                self.mmu.requests &= ~REQ_TLB_FLUSH
+                self.mmu.requests &= ~REQ_ANY_TLB_FLUSH
+                self.mmu.flush_sptes.clear()
+                if self._tlb_leaves:
+                    self._tlb_leaves.clear()
+                self._leaves_exact = True
                 self.counters["tlb_flush"] += 1
                 if self.mmu.tlb_record:
                     self.mmu.tlb_record.clear()

@@ -240,10 +240,10 @@ def audit_tlbs(vm, p) -> None:
     """Every vCPU's recorded TLB against its sptes (see the module docstring). A vCPU with a
     TLB flush pending is skipped: its TLB is flushed before it runs the guest again
     (vm_scheduler.py services the request before each slice), which is all KVM promises."""
-    from .requests import REQ_MMU_RELOAD, REQ_TLB_FLUSH
+    from .requests import REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD
     for v in vm.vcpus:
         rec = v.tlb_record
-        if not rec or v.requests & (REQ_TLB_FLUSH | REQ_MMU_RELOAD) or v.root is None:
+        if not rec or v.requests & (REQ_ANY_TLB_FLUSH | REQ_MMU_RELOAD) or v.root is None:
             continue
         for vpn, (pfn, perms, user) in rec.items():
             va = vpn << 12

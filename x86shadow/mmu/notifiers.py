@@ -32,7 +32,7 @@ notifier would have zapped; x86shadow maps it without one).
 from __future__ import annotations
 
 from .. import events as ev
-from .requests import REQ_TLB_FLUSH
+from .requests import REQ_ANY_TLB_FLUSH
 
 ERAS = ("2008", "modern")
 _INVALID_GFN = -1
@@ -92,7 +92,7 @@ class KvmNotifier:
         if zapped:
             return True
         # flushes x86shadow deferred (see the module docstring), and vCPUs with paging off
-        return any(v.requests & REQ_TLB_FLUSH or v.root is None for v in self.vm.vcpus)
+        return any(v.requests & REQ_ANY_TLB_FLUSH or v.root is None for v in self.vm.vcpus)
 
     def _flush(self, zapped: bool) -> None:
         """kvm_flush_remote_tlbs from the notifier, or (break_flush) the flush owed for later."""

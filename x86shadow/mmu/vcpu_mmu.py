@@ -95,7 +95,7 @@ class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
                  "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb", "retrying", "mode",
-                 "tlb_record")
+                 "tlb_record", "flush_sptes", "filled_leaf")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -125,6 +125,11 @@ class VcpuMmu:
         # (pfn, perms, user), filled by the adapter at every fill, emptied at every flush,
         # a page dropped at invlpg (the audit checks it against the sptes: mmu/audit.py)
         self.tlb_record = None
+        # REQ_TLB_FLUSH_SPTES: the leaf sptes ((page, index)) changed since the last flush
+        self.flush_sptes = []
+        # the leaf spte the last successful hw_fill translated through, (page, index); None
+        # when paging is off (the CPU adapter's record for scoped flushes)
+        self.filled_leaf = None
 
     def _flush_model_tlb(self) -> None:
         if self.tlb_pfns:
@@ -263,6 +268,7 @@ class VcpuMmu:
                 return Fill(FILL_NO_MEMORY, gpa)
             if self.tlb_pfns is not None:
                 self.tlb_pfns[p.pfn] = self.counters["exits"]
+            self.filled_leaf = None
             return Fill(FILL_OK, p.pfn << 12, _RWX if p.writable else PERM_R | PERM_X)
         attempts = retries = 0
         while True:
@@ -279,8 +285,10 @@ class VcpuMmu:
                     ok = False
                 elif (not access & (pg.PFERR_W | pg.PFERR_FETCH) and rmw_read is not None
                       and sp.gfns[idx] in self.vm.sps_by_gfn and rmw_read(va)):
+                    # translated for writing: it faults only if the spte is not writable (an
+                    # out-of-sync table's spte is: the access goes through, setting A and D)
                     access |= pg.PFERR_W
-                    ok = False
+                    ok = bool(spte & SPTE_W)
                 if ok:
                     spte |= SPTE_A
                     if access & pg.PFERR_W:
@@ -295,6 +303,7 @@ class VcpuMmu:
                         self.tlb_pfns[spte_pfn(spte)] = self.counters["exits"]
                     if retries:
                         self.retrying = False
+                    self.filled_leaf = leaf
                     return _new_fill(Fill, (FILL_OK, spte & SPTE_FRAME, perms, 0, 0))
             r = self.page_fault(va, access)
             if r is _RETRY:
@@ -316,6 +325,7 @@ class VcpuMmu:
                     spte = leaf[0].spt[leaf[1]]
                     if self.tlb_pfns is not None:
                         self.tlb_pfns[spte_pfn(spte)] = self.counters["exits"]
+                    self.filled_leaf = leaf
                     return Fill(FILL_TRACKED, spte & SPTE_FRAME,
                                 PERM_R | PERM_W | (0 if spte & SPTE_NX else PERM_X))
                 kind = FILL_OK                  # (a sync on the way out dropped it: again)

@@ -21,7 +21,8 @@ from ..counters import new_counters
 from ..memory.memslots import Memslots
 from . import unsync
 from .pages import ENTRIES, Role, ShadowPage
-from .requests import OUTSIDE_GUEST_MODE, REQ_MMU_RELOAD, REQ_TLB_FLUSH
+from .requests import (OUTSIDE_GUEST_MODE, REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD, REQ_TLB_FLUSH,
+                       REQ_TLB_FLUSH_SPTES)
 from ..memory.guest_phys import GuestPhys
 from ..memory.host import Pfn
 from .mmu_lock import MmuLock
@@ -52,7 +53,7 @@ class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
                  "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point",
-                 "planted_bug", "lockless", "running")
+                 "planted_bug", "lockless", "running", "scoped_flushes")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
                  notifiers="modern", break_flush=False, aging=None, planted_bug=None,
@@ -101,6 +102,7 @@ class VmMmu:
                                                 # pages of it, a PAE PDPT in use): KVM's page track
         self.invalid_list: list = []            # prepared zaps waiting for commit
         self.vcpus: list = []
+        self.scoped_flushes = False          # flush_leaf_sptes tells the vCPU what changed
         self.running = None                     # the VcpuMmu whose vCPU the host thread runs
                                                 # now (vm_scheduler.py; None: one vCPU)
         self.next_id = 0
@@ -141,6 +143,21 @@ class VmMmu:
         when another vCPU was interrupted for it (so never with one vCPU)."""
         if self.request_all(REQ_TLB_FLUSH):
             self.counters["remote_tlb_flush"] += 1
+
+    def flush_leaf_sptes(self, sptes) -> None:
+        """kvm_flush_remote_tlbs after a change to the leaf sptes ``sptes`` ((page, index)
+        pairs) alone. The same request as flush_remote_tlbs() for the model (KVM flushes the
+        whole TLB); when ``scoped_flushes`` is on (the CPU adapter turns it on for one vCPU
+        without a host memory manager, where nothing else depends on the TLB's contents), the
+        vCPU is told which sptes changed (REQ_TLB_FLUSH_SPTES), so that the adapter may drop
+        only the translations made through them."""
+        if not self.scoped_flushes or len(self.vcpus) != 1:
+            self.flush_remote_tlbs()
+            return
+        v = self.vcpus[0]
+        if not v.requests & REQ_TLB_FLUSH:
+            v.requests |= REQ_TLB_FLUSH_SPTES
+            v.flush_sptes.extend(sptes)
 
     # ------------------------------------------------------------------ host pages
     def gfn_to_pfn(self, gfn, write: bool = False, atomic: bool = False):
@@ -194,7 +211,8 @@ class VmMmu:
         me = self.running
         ipi = False
         for v in self.vcpus:
-            v.requests &= ~REQ_TLB_FLUSH
+            v.requests &= ~REQ_ANY_TLB_FLUSH
+            v.flush_sptes.clear()
             v.flush_hw_tlb()
             if v is not me and v.mode != OUTSIDE_GUEST_MODE:
                 ipi = True
@@ -233,16 +251,16 @@ class VmMmu:
 
     def write_protect(self, gfn) -> None:
         """rmap_write_protect: make every spte that maps gfn read-only."""
-        changed = False
+        changed = []
         for sp, idx in self.rmap.get(gfn, ()):
             spte = sp.spt[idx]
             if spte & SPTE_W:
                 sp.spt[idx] = spte & ~SPTE_W
-                changed = True
+                changed.append((sp, idx))
         if changed:
             # 2.6.28 kvm_mmu_get_page / 6.x kvm_mmu_alloc_shadow_page -> account_shadowed:
             # rmap_write_protect, then kvm_flush_remote_tlbs
-            self.flush_remote_tlbs()
+            self.flush_leaf_sptes(changed)
 
     # ------------------------------------------------------------------ shadow pages
     @staticmethod
@@ -416,7 +434,10 @@ class VmMmu:
             sp.children[idx] = None
         sp.spt[idx] = 0
         # mmu_page_zap_pte's callers (kvm_mmu_pte_write, sync_page) flush remotely
-        self.flush_remote_tlbs()
+        if sp.role.level == 1:
+            self.flush_leaf_sptes(((sp, idx),))
+        else:
+            self.flush_remote_tlbs()              # a whole table's translations went
 
     def mark_accessed(self, sp, idx) -> None:
         sp.spt[idx] |= SPTE_A
@@ -469,10 +490,10 @@ class VmMmu:
             if sp.gfns[idx] != gfn:
                 self._rmap_remove(sp.gfns[idx], sp, idx)
                 self.rmap[gfn][(sp, idx)] = None
-                self.flush_remote_tlbs()          # mmu_set_spte: a new pfn -> remote flush
+                self.flush_leaf_sptes(((sp, idx),))   # mmu_set_spte: a new pfn -> remote flush
             elif (old & SPTE_FRAME) != (spte & SPTE_FRAME) or (old & SPTE_W and not spte & SPTE_W):
                 # mmu_set_spte / mmu_spte_update (3.x+): a W removed -> kvm_flush_remote_tlbs
-                self.flush_remote_tlbs()
+                self.flush_leaf_sptes(((sp, idx),))
         else:
             self.rmap[gfn][(sp, idx)] = None
         sp.spt[idx] = spte
