@@ -213,6 +213,9 @@ def _add_scenario_parser(sub) -> None:
     k.add_argument("--json", metavar="PATH", help="write the runs as JSON (docs/JSON_RECORDS.md)")
     k.add_argument("--compare", action="store_true", help="run every policy; one side-by-side table")
     k.add_argument("--plot", metavar="PATH.png", help="draw exits per scan for each policy (matplotlib)")
+    k.add_argument("--audit", action="store_true",
+                   help="check every shadow MMU invariant after each exit (slower)")
+    _add_smp(k)                             # every vCPU scans a share of the user tables
     _add_compare_executor(k)
     _add_quiet(k)
     _add_host(k)
@@ -382,7 +385,7 @@ def _smp_config(args):
         schedule = parse_schedule(args.schedule) if args.schedule is not None else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.vcpus > 1 and args.gdb is not None:
+    if args.vcpus > 1 and getattr(args, "gdb", None) is not None:
         raise UsageError("--gdb debugs one vCPU: leave out --vcpus (or use --vcpus 1)")
     if schedule is not None and args.vcpus == 1:
         raise UsageError("--schedule needs several vCPUs (--vcpus N, N > 1)")
@@ -535,9 +538,11 @@ def cmd_scenario(args) -> int:
         ex = compare_executor(args)
     except ExecutorError as e:
         raise UsageError(str(e)) from None
+    vcpus, schedule = _smp_config(args)
     params = sc.KmapParams(mode=args.mode, variant=args.variant, order=args.order, tables=args.tables,
                            ptes=args.ptes, scans=args.scans, linearity=args.linearity, seed=args.seed,
-                           ram_mib=args.ram)
+                           ram_mib=args.ram, vcpus=vcpus,
+                           schedule=str(schedule) if schedule is not None else None)
     from .progress import progress as show_progress
     con = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
@@ -560,7 +565,7 @@ def cmd_scenario(args) -> int:
                 bar.describe(f"{name}: {what}")
             runs = sc.run_many(params, policies, executor=ex if args.compare else None,
                                progress=progress, unsync=_unsync_arg(args),
-                               host=_host_config(args))
+                               host=_host_config(args), audit=args.audit)
         con.print(sc.describe(params))
         if args.compare:
             con.print(sc.table_compare(runs))

@@ -24,6 +24,13 @@ What the host measures itself, from what the MMU did:
 A *scan* is one kscand pass plus the process's touch of all its pages that follows it (where the
 accessed bits come back through faults). ``counters`` are the totals over the scans (the boot,
 the building of the tables and the warm-up are in ``warmup_counters``).
+
+Several vCPUs (``vcpus``, docs/SMP.md): every vCPU ages its own share of the user tables through
+its own kmap_atomic slot (fixmap index ``type + KM_TYPE_NR * smp_processor_id()``) and writes its
+own statistics block; the host sums the blocks (``kmaps`` etc. are totals) and keeps each one in
+``per_vcpu``, with the stores the MMU emulated into each vCPU's slot pte, counted by the gpa of the
+store and the vCPU that made it. vCPU 0 writes the markers while the others wait at a barrier, so
+a snapshot separates the phases of every vCPU. The MMU counters are the VM's (all vCPUs).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ LOWMEM_END = 32 * MiB                 # guestcode/kmap/kscand.asm: highmem start
 MAX_TABLES = {"32": 767, "pae": 1024}
 PTES_PER_TABLE = {"32": 1024, "pae": 512}
 KSTAT = layout.FREE_BASE + 0xC00      # the guest's statistics block (lowmem, lib/console.inc's page)
+KSTAT_STRIDE = 0x40                   # vCPU c's block at KSTAT + c * KSTAT_STRIDE (kscand.asm)
 _KSTAT_FIELDS = ("kmaps", "fixmap_writes", "kmap_skips", "btrs", "young", "scan", "fixmap_pt",
                  "kpte", "tables_pa", "ntables", "nptes", "kmap_vaddr", "kunmaps", "touches", "magic")
 _KSTAT = struct.Struct("<" + "I" * len(_KSTAT_FIELDS))
@@ -97,6 +105,8 @@ class KmapParams:
     linearity: int = 0
     seed: int = 1
     ram_mib: int | None = None        # None: the smallest that fits (at least 128)
+    vcpus: int = 1                    # docs/SMP.md; each vCPU scans a share of the tables
+    schedule: str | None = None       # --schedule (vm_scheduler.py; None: its default), vcpus > 1
 
     def check(self) -> "KmapParams":
         if self.mode not in MODES:
@@ -118,6 +128,7 @@ class KmapParams:
             raise ScenarioError(f"--linearity {self.linearity}: must be a percentage, 0..100")
         if not 0 <= self.seed < 1 << 32:
             raise ScenarioError(f"--seed {self.seed}: must fit in 32 bits")
+        self.schedule_text()
         need = min_ram_mib(self.tables, self.ptes)
         if self.ram_mib is not None:
             if self.ram_mib < need:
@@ -130,6 +141,31 @@ class KmapParams:
             raise ScenarioError(f"{self.tables} tables x {self.ptes} ptes need {need} MiB of RAM, "
                                 "more than a 32-bit guest has (4096 MiB)")
         return self
+
+    def schedule_text(self) -> str | None:
+        """The schedule the run uses, as vm_scheduler writes it (None with one vCPU); checks
+        ``vcpus`` and ``schedule`` (ScenarioError, status 2)."""
+        from .machine import check_vcpus
+        from .vm_scheduler import Schedule, parse_schedule
+        try:
+            check_vcpus(self.vcpus)
+            sched = parse_schedule(self.schedule) if self.schedule is not None else None
+        except (ValueError, TypeError) as e:
+            raise ScenarioError(str(e)) from None
+        if self.vcpus == 1:
+            if sched is not None:
+                raise ScenarioError("--schedule needs several vCPUs (--vcpus N, N > 1)")
+            return None
+        if self.vcpus > self.tables:
+            raise ScenarioError(f"--vcpus {self.vcpus}: every vCPU scans a share of the user "
+                                f"tables, so --tables ({self.tables}) must be at least --vcpus")
+        return str(sched if sched is not None else Schedule("rr"))
+
+    def share(self, cpu: int) -> tuple[int, int]:
+        """vCPU ``cpu``'s user tables: (first, count) -- [c * T / N, (c + 1) * T / N), as the
+        guest computes them (kscand.asm percpu_init)."""
+        first = cpu * self.tables // self.vcpus
+        return first, (cpu + 1) * self.tables // self.vcpus - first
 
     @property
     def ram(self) -> int:
@@ -161,7 +197,17 @@ def _delta(a: dict, b: dict) -> dict:
 
 class _Snap:
     __slots__ = ("value", "counters", "emulated", "fix_emulated", "fix_zaps", "table_zaps", "guest", "t",
-                 "tables_shadowed", "fixmap_shadowed", "user_emulated")
+                 "tables_shadowed", "fixmap_shadowed", "user_emulated", "cpus", "slot_stores")
+
+
+# the per-vCPU counts of a statistics block (summed over the vCPUs for the totals)
+_PER_CPU_COUNTS = ("kmaps", "fixmap_writes", "kmap_skips", "btrs", "young", "kunmaps", "touches")
+
+
+def _guest_blocks(m, n: int) -> list:
+    """The guest's statistics blocks, one per vCPU (kscand.asm)."""
+    raw = m.read_phys(KSTAT, KSTAT_STRIDE * (n - 1) + _KSTAT.size)
+    return [dict(zip(_KSTAT_FIELDS, _KSTAT.unpack_from(raw, c * KSTAT_STRIDE))) for c in range(n)]
 
 
 _image_cache: dict = {}
@@ -194,9 +240,11 @@ def _images(p: KmapParams):
 
 
 def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None,
-             host=None) -> dict:
+             host=None, audit: bool = False) -> dict:
     """Run the kmap scenario under one policy; return its run record (docs/JSON_RECORDS.md).
-    ``host``: a machine.HostConfig (host memory under the guest, docs/HOST_MEMORY.md)."""
+    ``host``: a machine.HostConfig (host memory under the guest, docs/HOST_MEMORY.md);
+    ``audit``: check every shadow MMU invariant after each exit (a broken one ends the run with
+    status 6)."""
     from .machine import Machine
     from .policies import config_label, make_policy
 
@@ -209,18 +257,29 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
     except ValueError as e:
         raise ScenarioError(str(e)) from None
 
+    schedule = p.schedule_text()
+    ncpu = p.vcpus
     try:
-        m = Machine(p.mode, policy=policy, ram_mib=ram, host=host)
+        m = Machine(p.mode, policy=policy, ram_mib=ram, host=host, audit=audit, vcpus=ncpu,
+                    schedule=schedule)
     except ValueError as e:
         raise ScenarioError(str(e)) from None
     m.load(program, firmware)
     vm_mmu = m.vm_mmu
     # every emulated store (emulated or emulated-ahead; never an unprotect), by frame
     emulated = {}
+    # with several vCPUs, the emulated stores into the fixmap page table by (vCPU, pte address):
+    # whose slot each vCPU wrote (the fixmap frame is known once block 0 is valid)
+    slot_stores = {}
+    pte_size = 4 if p.mode == "32" else 8
+    fix_frame = [None]
 
     def on_emulated(_kind, f, _e=emulated):
         g = f["gpa"] >> 12
         _e[g] = _e.get(g, 0) + 1
+        if g == fix_frame[0]:
+            key = (m.current_vcpu.index, f["gpa"] & ~(pte_size - 1))
+            slot_stores[key] = slot_stores.get(key, 0) + 1
     m.events.subscribe(on_emulated, (ev.EMULATED_WRITE,))
     # every shadow page zapped (flooded, misaligned, unprotected, recycled), by guest frame
     zapped = {}
@@ -237,9 +296,14 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
         s.value = value
         s.counters = dict(m.counters)
         s.emulated = sum(emulated.values())
-        g = dict(zip(_KSTAT_FIELDS, _KSTAT.unpack(m.read_phys(KSTAT, _KSTAT.size))))
+        s.cpus = _guest_blocks(m, ncpu)
+        g = dict(s.cpus[0])
+        for name in _PER_CPU_COUNTS:              # block 0 is vCPU 0's: the totals are the sums
+            g[name] = sum(c[name] for c in s.cpus)
         s.guest = g
         fgfn = g["fixmap_pt"] >> 12
+        fix_frame[0] = fgfn
+        s.slot_stores = dict(slot_stores)
         s.fix_emulated = emulated.get(fgfn, 0)
         s.fix_zaps = zapped.get(fgfn, 0)
         s.t = time.perf_counter()
@@ -264,7 +328,7 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
     phases = [(s.value >> 24, s.value & 0xFFFFFF) for s in snaps]
     expect = [(PH_WARMUP, 0)] + [x for k in range(p.scans) for x in ((PH_KSCAND, k), (PH_USER, k))] \
         + [(PH_DONE, p.scans)]
-    if phases != expect or snaps[0].guest["magic"] != KSTAT_MAGIC:
+    if phases != expect or any(c["magic"] != KSTAT_MAGIC for c in snaps[0].cpus):
         raise ScenarioError(f"the kmap guest's phase markers are not the expected ones: {phases}", 4)
 
     fgfn = snaps[0].guest["fixmap_pt"] >> 12
@@ -303,12 +367,14 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
         })
     info, totals = figures(starts[0], starts[-1])
     kmaps = info["kmaps"]
+    per_vcpu = _per_vcpu(p, starts[0], starts[-1], m) if ncpu > 1 else None
     run = {
         "policy": policy_name, "unsync": bool(policy.unsync),
         "label": config_label(policy_name, bool(policy.unsync)), "mode": p.mode,
         "variant": p.variant, "order": p.order,
         "tables": p.tables, "ptes": p.ptes, "scans": p.scans,
         "linearity": p.linearity, "seed": p.seed, "ram_mib": ram,
+        "vcpus": ncpu, "schedule": schedule,
         "kmaps": kmaps,
         "fixmap_writes": info["fixmap_writes"],
         "fixmap_writes_emulated": info["fixmap_writes_emulated"],
@@ -336,7 +402,35 @@ def run_kmap(params: KmapParams, policy_name: str, *, progress=None, unsync=None
         "wall_s": round(wall, 4),
         "peak_rss_mb": peak_rss_mb(),
     }
+    if per_vcpu is not None:
+        run["per_vcpu"] = per_vcpu
+        run["smp"] = m.scheduler.stats()
     return run
+
+
+def _per_vcpu(p: KmapParams, a: _Snap, b: _Snap, m) -> list:
+    """Each vCPU's own figures over the scans: the guest's counts from its statistics block and
+    its slot, and the fixmap stores the MMU emulated for it, by the pte they went to."""
+    out = []
+    for c, (ga, gb) in enumerate(zip(a.cpus, b.cpus)):
+        first, count = p.share(c)
+        kpte = gb["kpte"]
+
+        def emulated(own, _c=c, _kpte=kpte):
+            return sum(n - a.slot_stores.get(k, 0) for k, n in b.slot_stores.items()
+                       if k[0] == _c and (k[1] == _kpte) == own)
+        out.append({
+            "vcpu": c, "first_table": first, "tables": count,
+            "guest_tables": gb["ntables"],
+            "guest_first_table_gpa": gb["tables_pa"],
+            "kpte_gpa": kpte, "kmap_vaddr": gb["kmap_vaddr"],
+            **{name: gb[name] - ga[name] for name in ("kmaps", "kmap_skips", "fixmap_writes",
+                                                       "btrs", "kunmaps", "touches")},
+            "slot_writes_emulated": emulated(True),
+            "other_fixmap_writes_emulated": emulated(False),
+            "insns": m.vcpus[c].insns,
+        })
+    return out
 
 
 def metric(run: dict, key: str) -> int:
@@ -355,13 +449,13 @@ def scan_metric(run: dict, k: int, key: str) -> int:
 
 # ---------------------------------------------------------------------------------- running several
 def run_many(params: KmapParams, policies, *, executor=None, progress=None, unsync=None,
-             host=None):
+             host=None, audit: bool = False):
     """Run the scenario under each policy; results in order. ``policies``: names, or (name,
     unsync) pairs. ``executor`` (x86shadow/executor.py, made with ``fresh_process=True``):
     every run is a job in a process of its own (so wall time and peak RSS are that run's own);
     None: one after the other in this process. ``unsync`` (on/off/None) applies to the names
     given without a pair when they have out-of-sync pages; with several policies the others
-    run as they are."""
+    run as they are. ``audit``: run_kmap's."""
     params.check()
     from .policies import UNSYNC_POLICIES
 
@@ -376,12 +470,12 @@ def run_many(params: KmapParams, policies, *, executor=None, progress=None, unsy
             if progress:
                 progress(name, "start")
             out.append(run_kmap(params, name, progress=_scan_progress(name, params, progress),
-                                unsync=u, host=host))
+                                unsync=u, host=host, audit=audit))
             if progress:
                 progress(name, "done")
         return out
     from .executor import map_in_order
-    jobs = [(params, name, u, host) for name, u in configs]
+    jobs = [(params, name, u, host, audit) for name, u in configs]
     results = map_in_order(executor, _kmap_job, jobs,
                            done=(lambda job, _r: progress(job[1], "done")) if progress else None)
     return [job_result(r) for r in results]
@@ -397,9 +491,9 @@ def job_result(result):
 
 def _kmap_job(job):
     """One kmap run in an executor's worker -> ("ok", record) or ("error", (message, status))."""
-    params, name, unsync, host = job
+    params, name, unsync, host, audit = job
     try:
-        return "ok", run_kmap(params, name, unsync=unsync, host=host)
+        return "ok", run_kmap(params, name, unsync=unsync, host=host, audit=audit)
     except ScenarioError as e:
         return "error", (str(e), e.status)
     except Exception as e:                         # noqa: BLE001 - reported by the parent
@@ -430,7 +524,24 @@ def describe(params: KmapParams) -> str:
     return (f"kmap scenario: mode {params.mode}, variant {params.variant}, order {params.order}"
             + (f" (linearity {params.linearity}%)" if params.order == "rmap" else "")
             + f", {params.tables} tables x {params.ptes} ptes, {params.scans} scans, "
-              f"RAM {params.ram} MiB")
+              f"RAM {params.ram} MiB"
+            + (f", {params.vcpus} vCPUs (schedule {params.schedule_text()})"
+               if params.vcpus > 1 else ""))
+
+
+def _smp_rows(run: dict) -> list:
+    """With several vCPUs, the rows below the totals: (heading, value) for the remote TLB
+    flushes and each vCPU's share, kmaps and its own slot."""
+    if run.get("vcpus", 1) == 1:
+        return []
+    rows = [("remote TLB flushes", run["counters"]["remote_tlb_flush"])]
+    for v in run["per_vcpu"]:
+        c = v["vcpu"]
+        last = v["first_table"] + v["tables"] - 1
+        rows.append((f"vCPU {c}: tables {v['first_table']}..{last}, kmaps", v["kmaps"]))
+        rows.append((f"vCPU {c}: slot pte {v['kpte_gpa']:#x}, stores emulated",
+                     v["slot_writes_emulated"]))
+    return rows
 
 
 def table_single(run: dict):
@@ -446,6 +557,8 @@ def table_single(run: dict):
         v = metric(run, key)
         t.add_row(head, _fmt(v), _fmt(v / scans), _fmt(v / kmaps) if kmaps else "-")
     t.add_row("kmap_atomic calls", _fmt(kmaps), _fmt(kmaps / scans), "1")
+    for head, v in _smp_rows(run):
+        t.add_row(head, _fmt(v), _fmt(v / scans), _fmt(v / kmaps) if kmaps else "-")
     t.add_row("wall time (s, scans)", _fmt(run["scans_wall_s"]), _fmt(run["scans_wall_s"] / scans), "")
     t.add_row("wall time (s, whole run)", _fmt(run["wall_s"]), "", "")
     t.add_row("peak RSS (MB)", _fmt(run["peak_rss_mb"]), "", "")
@@ -480,11 +593,17 @@ def table_compare(runs: list) -> object:
     for key, head in SHOWN:
         t.add_row(head, *[_fmt(metric(r, key)) for r in runs])
     t.add_row("kmap_atomic calls", *[_fmt(r["kmaps"]) for r in runs])
+    smp = [_smp_rows(r) for r in runs]
+    for i, (head, _v) in enumerate(smp[0]):
+        t.add_row(head, *[_fmt(rows[i][1]) for rows in smp])
     t.add_section()
-    for key, head in (("exits", "exits / kmap"), ("emulated_writes", "emulated / kmap"),
-                      ("fixmap_writes_emulated", "fixmap emulated / kmap"),
-                      ("user_pte_writes_emulated", "btrs emulated / kmap"),
-                      ("pf_fixed", "pf fixed / kmap")):
+    per_kmap = [("exits", "exits / kmap"), ("emulated_writes", "emulated / kmap"),
+                ("fixmap_writes_emulated", "fixmap emulated / kmap"),
+                ("user_pte_writes_emulated", "btrs emulated / kmap"),
+                ("pf_fixed", "pf fixed / kmap")]
+    if smp[0]:
+        per_kmap.append(("remote_tlb_flush", "remote TLB flushes / kmap"))
+    for key, head in per_kmap:
         t.add_row(head, *[_fmt(metric(r, key) / r["kmaps"]) if r["kmaps"] else "-" for r in runs])
     t.add_row("exits / scan (first)", *[_fmt(r["per_scan"][0]["exits"]) for r in runs])
     t.add_row("exits / scan (last)", *[_fmt(r["per_scan"][-1]["exits"]) for r in runs])
