@@ -6,10 +6,12 @@ A slice is one ``VCPU.run_once(insns + Q)``: Unicorn's ``emu_start(..., count=Q)
 after Q guest instructions (the run loop counts them: cpu/vcpu.py), so a vCPU spinning on shared
 memory -- with or without ``pause`` -- gives the others their turn after at most Q instructions.
 A slice also ends when the vCPU stops (hlt, return from main) and, with ``:exits``, at every exit
-the shadow MMU handles (the ``exit`` event) as the vCPU goes on from it: after a page fault, a
-trapped page-table write, an exception or port I/O. Exits taken before their instruction runs (the
-privileged-instruction hook: mov to CR0/CR3/CR4, invlpg, wrmsr EFER) do not end a slice: Unicorn
-stops there before the instruction, which would be intercepted again on resuming, for ever.
+the shadow MMU handles (the ``exit`` event) as the vCPU goes on from it: after a page fault, an
+exception or port I/O. Exits taken before their instruction runs (the privileged-instruction
+hook: mov to CR0/CR3/CR4, invlpg, wrmsr EFER) do not end a slice: Unicorn stops there before the
+instruction, which would be intercepted again on resuming, for ever. Nor do the exits of a
+trapped page-table write (emulated or unprotected): stopping inside the write-trap hook lets the
+store through and re-executes the instruction, which would store twice.
 
 Schedules (``--schedule``):
 
@@ -113,7 +115,14 @@ class VmScheduler:
 
     def _on_exit(self, _kind, _fields) -> None:
         v = self.current
-        if v is not None and not self._yielding and not v.before_insn:
+        # Not inside the privileged-instruction hook (before_insn: the instruction would be
+        # intercepted again) nor inside the write-trap hook: an emu_stop there lets the trapped
+        # store through and then re-executes the instruction (measured, cpu/vcpu.py _write_trap)
+        # -- a store done twice: the kmap guest's `lock btr` found the accessed bit it had just
+        # cleared itself, and an emulated `mov` to a page table was trapped, emulated and
+        # re-executed for ever (tests/test_kmap_smp.py).
+        if v is not None and not self._yielding and not v.before_insn \
+                and not getattr(v, "_in_write_hook", False):
             self._yielding = True
             v.request_stop("preempted at an exit")
 
