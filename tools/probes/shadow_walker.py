@@ -374,15 +374,21 @@ def probe_e_stale_pc():
     hst1 = handler + len(bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(f"mov rsi, {DATA}", handler)[0]))
     hst2 = hst1 + 4
     code = asm(f"mov rsi, {DATA}; mov qword ptr [rsi + 8], rax; mov rax, qword ptr [rsi + 0x1000]; hlt")
-    uc, _buf, t = shared_build(code, 2)
-    uc.mem_write(handler, hcode)
-    set_leaf(uc, t, DATA, (ALIAS + DATA) | P | W)
-    set_leaf(uc, t, DATA + 0x1000, 0)
-    got2 = []
-    uc.hook_add(UC_HOOK_MEM_WRITE_PROT, lambda uc, *a: got2.append(uc.reg_read(UC_X86_REG_RIP)) or True,
-                None, ALIAS, ALIAS + RAM - 1)
-    ctx = uc.context_save()
-    addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+    def setup():
+        """the code, the handler, DATA behind the alias, the next page not present; the RIPs
+        MEM_WRITE_PROT sees go into the returned list"""
+        uc, _buf, t = shared_build(code, 2)
+        uc.mem_write(handler, hcode)
+        set_leaf(uc, t, DATA, (ALIAS + DATA) | P | W)
+        set_leaf(uc, t, DATA + 0x1000, 0)
+        got = []
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT,
+                    lambda uc, *a: got.append(uc.reg_read(UC_X86_REG_RIP)) or True,
+                    None, ALIAS, ALIAS + RAM - 1)
+        ctx = uc.context_save()
+        return uc, got, ctx, ctypes.cast(ctx.context, ctypes.c_void_p).value
+
+    uc, got2, ctx, addr = setup()
 
     def deliver(uc, intno, _ud):
         uc.context_update(ctx)
@@ -396,15 +402,7 @@ def probe_e_stale_pc():
           f"{', '.join(hex(g) for g in got2)} (true {first:#x}, {hst1:#x}, {hst2:#x}): "
           f"{'all exact' if got2 == [first, hst1, hst2] else 'STALE'}")
     # the same, delivered from the run loop: the hook stops, emu_start starts again at the handler
-    uc, _buf, t = shared_build(code, 2)
-    uc.mem_write(handler, hcode)
-    set_leaf(uc, t, DATA, (ALIAS + DATA) | P | W)
-    set_leaf(uc, t, DATA + 0x1000, 0)
-    got3 = []
-    uc.hook_add(UC_HOOK_MEM_WRITE_PROT, lambda uc, *a: got3.append(uc.reg_read(UC_X86_REG_RIP)) or True,
-                None, ALIAS, ALIAS + RAM - 1)
-    ctx = uc.context_save()
-    addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+    uc, got3, ctx, addr = setup()
     faulted = []
 
     def stop(uc, intno, _ud):

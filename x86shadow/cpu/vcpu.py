@@ -458,15 +458,22 @@ class VCPU:
             self.flush_tlb()
 
     # ------------------------------------------------------------------ TLB and MMU requests
-    def flush_tlb(self):
+    def _check_flush_allowed(self):
         if self._in_write_hook:
             raise MMUError("a TLB flush was asked for inside a trapped store, where Unicorn "
                            "cannot flush")
-        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self.counters["tlb_flush"] += 1
+
+    def _tlb_emptied(self):
+        """Unicorn's whole TLB was just flushed: forget which sptes its entries came from."""
         if self._tlb_leaves:
             self._tlb_leaves.clear()
         self._leaves_exact = True
+
+    def flush_tlb(self):
+        self._check_flush_allowed()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.counters["tlb_flush"] += 1
+        self._tlb_emptied()
         if self.mmu is not None:
             if self.mmu.tlb_pfns:
                 self.mmu.tlb_pfns.clear()
@@ -507,9 +514,7 @@ class VCPU:
             sptes.clear()
             self.flush_tlb()
             return
-        if self._in_write_hook:
-            raise MMUError("a TLB flush was asked for inside a trapped store, where Unicorn "
-                           "cannot flush")
+        self._check_flush_allowed()
         leaves = self._tlb_leaves
         flush = self._page_flush
         for leaf in sptes:
@@ -1033,9 +1038,7 @@ class VCPU:
                 # paging on, right after this hook: that flush is ours
                 self.mmu.requests &= ~REQ_ANY_TLB_FLUSH
                 self.mmu.flush_sptes.clear()
-                if self._tlb_leaves:
-                    self._tlb_leaves.clear()
-                self._leaves_exact = True
+                self._tlb_emptied()
                 self.counters["tlb_flush"] += 1
                 if self.mmu.tlb_record:
                     self.mmu.tlb_record.clear()
