@@ -19,8 +19,9 @@ from x86shadow.mmu.shadow_walk import shadow_leaf
 from x86shadow.mmu.spt_image import ShadowTableImage
 from x86shadow.mmu.spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W
 from x86shadow.mmu.vcpu_mmu import FILL_OK, FILL_TRACKED
+from x86shadow.mmu.requests import REQ_MMU_RELOAD
 from x86shadow.mmu.vm_mmu import MMUError, VmMmu
-from x86shadow.policies import make_policy
+from x86shadow.policies import POLICY_NAMES, make_policy
 
 from pagetables import PWU, A, D, NX, P, U, W as PTE_W, Tables
 
@@ -167,6 +168,7 @@ class Rig:
                                 "image faults the store")
         image.sync()
         problems.extend(image.audit())
+        problems.extend(image.compare(mmu, self.t.mem))
         return problems
 
     def ok(self, vas=None):
@@ -496,3 +498,88 @@ def test_the_check_fails_when_the_image_misses_an_update(broken, monkeypatch):
         monkeypatch.setattr(ShadowTableImage, "page_gone", lambda self, page: None)
     problems = _scenario(Rig(LONG))
     assert problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the guest programs: the image beside the Unicorn adapter's shadow MMU, compared at exits
+
+def run_program_with_image(path, mode, every=1, policy="kvm", host=None):
+    """Run a guestcode program under the shadow MMU with an image attached; at every exit the
+    image is synced (what the hardware-walk adapter will do before entering the guest), and
+    at every ``every``-th exit and at the end audited and compared with the core. Returns
+    (result, output, counts, problems). ``host``: a machine.HostConfig (pfn != gfn, swapping,
+    migration, KSM under the run)."""
+    from x86shadow.asm import assemble_firmware, assemble_program
+    from x86shadow.machine import Machine
+    ram = 128
+    program = assemble_program(str(path), mode, ram << 20)
+    m = Machine(mode, mmu="shadow", policy=policy, ram_mib=ram, host=host)
+    image = ShadowTableImage(m.vm_mmu)
+    state = {"exits": 0, "checked": 0, "synced": 0}
+    problems = []
+
+    def check_all():
+        state["checked"] += 1
+        for v in m.vcpus:
+            mmu = v.mmu
+            if mmu.root is None or mmu.requests & REQ_MMU_RELOAD:
+                continue
+            problems.extend(f"exit {state['exits']}: {p}" for p in image.compare(mmu))
+        problems.extend(f"exit {state['exits']}: {p}" for p in image.audit())
+
+    def on_exit(_kind, _fields):
+        state["exits"] += 1
+        state["synced"] += image.sync()
+        if state["exits"] % every == 0 and len(problems) < 20:
+            check_all()
+
+    m.events.subscribe(on_exit, (ev.EXIT,))
+    m.load(program, assemble_firmware(mode, ram << 20))
+    result = m.run()
+    image.sync()
+    check_all()
+    return result, bytes(m.output), state, problems
+
+
+def _programs():
+    import pathlib
+    from x86shadow.asm import program_modes
+    root = pathlib.Path(__file__).resolve().parent.parent / "guestcode"
+    for path in sorted(root.glob("*.asm")):
+        for mode in ("32", "pae", "64"):
+            if mode in program_modes(path):
+                yield pytest.param(path, mode, id=f"{path.stem}-{mode}")
+
+
+@pytest.mark.parametrize("name", ["ptwrites", "cr3_switch", "selfmap"])
+@pytest.mark.parametrize("mode", ["32", "pae", "64"])
+def test_guest_programs_image_matches_the_core_at_every_exit(name, mode):
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "guestcode" / f"{name}.asm"
+    result, out, state, problems = run_program_with_image(path, mode)
+    assert result.status == 0 and out.endswith(b"PASS\n"), out
+    assert not problems, "\n".join(problems[:20])
+    assert state["checked"] > 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,mode", list(_programs()))
+def test_every_guest_program_image_matches_the_core(path, mode):
+    result, out, state, problems = run_program_with_image(path, mode)
+    assert result.status == 0 and out.endswith(b"PASS\n"), out
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [p for p in POLICY_NAMES if p != "kvm"] + ["host"])
+@pytest.mark.parametrize("path,mode", list(_programs()))
+def test_every_guest_program_image_matches_the_core_under_every_policy_and_a_host(path, mode,
+                                                                                  variant):
+    from x86shadow.machine import HostConfig
+    if variant == "host":
+        kw = {"host": HostConfig(schedule="swap:7,migrate:11,ksm:53,reclaim:13,age:17", seed=3)}
+    else:
+        kw = {"policy": variant}
+    result, out, state, problems = run_program_with_image(path, mode, **kw)
+    assert result.status == 0 and out.endswith(b"PASS\n"), out
+    assert not problems, "\n".join(problems[:20])

@@ -66,6 +66,7 @@ None with paging off (no shadow tables: stage 3 decides how that runs).
 from __future__ import annotations
 
 from .. import layout
+from .. import paging as pg
 from .pages import PaeRoot
 from .spte import SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W
 from .vm_mmu import MMUError
@@ -77,6 +78,33 @@ _AD = SPTE_A | SPTE_D
 ALIAS = layout.ALIAS_BASE
 
 KIND_LEAF, KIND_NONLEAF, KIND_PAE_ROOT = 1, 2, 3
+
+
+def _present_leaves(root, root_level):
+    """(va, leaf page, index) of every present leaf spte reachable from a root (4-level: va
+    sign-extended from bit 47)."""
+    if root is None:
+        return
+    if root_level == 3:
+        tops = [(i << 30, child, 2) for i, child in enumerate(root.children) if child is not None]
+    else:
+        tops = [(0, root, 4)]
+    stack = tops
+    while stack:
+        base, sp, level = stack.pop()
+        shift = 12 + 9 * (level - 1)
+        if level == 1:
+            spt = sp.spt
+            for i in range(512):
+                if spt[i] & SPTE_P:
+                    va = base | (i << 12)
+                    if va >> 47 & 1:
+                        va |= 0xFFFF_0000_0000_0000
+                    yield va, sp, i
+            continue
+        for i, child in enumerate(sp.children):
+            if child is not None:
+                stack.append((base | (i << shift), child, level - 1))
 
 
 class _Spt(list):
@@ -356,6 +384,58 @@ class ShadowTableImage:
                 if q[b + i] != want:
                     out.append(f"{spt.page}[{i}]: image {q[b + i]:#x}, core {list.__getitem__(spt, i):#x} "
                                f"encodes to {want:#x}")
+        return out
+
+    def hardware_context(self, vcpu):
+        """The paging context the hardware walks the image with (None: paging off): 4-level or
+        PAE at ``cr3(vcpu)``, CR0.WP=1 and EFER.NXE=1 as KVM forces them under shadow paging
+        (vmx.c vmx_set_cr0 ``hw_cr0 |= X86_CR0_WP`` when !enable_ept, v5.15+;
+        update_transition_efer; docs/PERFORMANCE.md item 4c)."""
+        cr3 = self.cr3(vcpu)
+        if cr3 is None:
+            return None
+        mode = pg.Mode.LONG if vcpu.root_level == 4 else pg.Mode.PAE
+        return pg.PagingContext(mode, cr3, wp=True, nxe=True)
+
+    def compare(self, vcpu, ram=None) -> list:
+        """Problems (strings) between a synced image and the core for vcpu, through walks:
+        every present leaf spte reachable from vcpu's root is walked in the image with
+        ``paging.walk`` (hardware_context, no A/D set) and must translate to the same frame --
+        ``ALIAS_BASE | hpa`` when the gfn is write-tracked -- with the spte's U and NX, and W
+        as the spte's (untracked) or, tracked, W only where the guest's own tables let the
+        store through (a guest walk for writing; not checked for out-of-sync leaf pages, whose
+        guest ptes may have moved on). Not-present entries are ``audit()``'s part."""
+        ctx = self.hardware_context(vcpu)
+        if ctx is None:
+            return []
+        view = self.view(ram)
+        out = []
+        vm = self.vm
+        for va, sp, idx in _present_leaves(vcpu.root, vcpu.root_level):
+            spte = sp.spt[idx]
+            gfn = sp.gfns[idx]
+            tracked = gfn in vm.write_track
+            frame = (spte & SPTE_FRAME) | (ALIAS if tracked else 0)
+            w = pg.walk(view, ctx, va, 0, set_ad=False)
+            where = f"{va:#x} ({sp}[{idx}] = {spte:#x})"
+            if not w.ok:
+                out.append(f"{where}: the image faults (error {w.error_code:#x})")
+                continue
+            if w.gpa & ~0xFFF != frame:
+                out.append(f"{where}: image frame {w.gpa & ~0xFFF:#x}, expected {frame:#x}")
+            if w.user != bool(spte & SPTE_U) or w.nx != bool(spte & SPTE_NX):
+                out.append(f"{where}: image U={w.user} NX={w.nx}")
+            if not tracked:
+                if w.writable != bool(spte & SPTE_W):
+                    out.append(f"{where}: image W={w.writable}")
+            elif spte & SPTE_W:
+                out.append(f"{where}: a writable spte of a tracked gfn")
+            elif w.writable and not sp.unsync:
+                access = pg.PFERR_W | (pg.PFERR_U if spte & SPTE_U else 0)
+                g = pg.walk(vcpu.mem, vcpu.ctx, va, access, set_ad=False)
+                if not (g.ok and g.dirty):
+                    out.append(f"{where}: the image lets a store through to the alias that "
+                               "the guest's tables refuse (or that must set their D first)")
         return out
 
     # ------------------------------------------------------------------ for the hardware
