@@ -503,7 +503,7 @@ def test_the_check_fails_when_the_image_misses_an_update(broken, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the guest programs: the image beside the Unicorn adapter's shadow MMU, compared at exits
 
-def run_program_with_image(path, mode, every=1, policy="kvm", host=None):
+def run_program_with_image(path, mode, every=1, policy="kvm", host=None, vcpus=1):
     """Run a guestcode program under the shadow MMU with an image attached; at every exit the
     image is synced (what the hardware-walk adapter will do before entering the guest), and
     at every ``every``-th exit and at the end audited and compared with the core. Returns
@@ -513,19 +513,22 @@ def run_program_with_image(path, mode, every=1, policy="kvm", host=None):
     from x86shadow.machine import Machine
     ram = 128
     program = assemble_program(str(path), mode, ram << 20)
-    m = Machine(mode, mmu="shadow", policy=policy, ram_mib=ram, host=host)
+    m = Machine(mode, mmu="shadow", policy=policy, ram_mib=ram, host=host, vcpus=vcpus)
     image = ShadowTableImage(m.vm_mmu)
     state = {"exits": 0, "checked": 0, "synced": 0}
     problems = []
 
     def check_all():
         state["checked"] += 1
+        cr3s = set()
         for v in m.vcpus:
             mmu = v.mmu
             if mmu.root is None or mmu.requests & REQ_MMU_RELOAD:
                 continue
+            cr3s.add(image.cr3(mmu))
             problems.extend(f"exit {state['exits']}: {p}" for p in image.compare(mmu))
         problems.extend(f"exit {state['exits']}: {p}" for p in image.audit())
+        state["roots"] = max(state.get("roots", 0), len(cr3s))
 
     def on_exit(_kind, _fields):
         state["exits"] += 1
@@ -560,6 +563,18 @@ def test_guest_programs_image_matches_the_core_at_every_exit(name, mode):
     assert result.status == 0 and out.endswith(b"PASS\n"), out
     assert not problems, "\n".join(problems[:20])
     assert state["checked"] > 10
+
+
+@pytest.mark.parametrize("mode", ["32", "pae", "64"])
+def test_several_vcpus_each_root_its_own_slot(mode):
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "guestcode" / "smp_unsync.asm"
+    result, out, state, problems = run_program_with_image(path, mode, vcpus=3)
+    assert result.status == 0 and out.endswith(b"PASS\n"), out
+    assert not problems, "\n".join(problems[:20])
+    assert state["checked"] > 10
+    if mode != "64":
+        assert state["roots"] == 3          # a PAE root (and slot) per vCPU
 
 
 @pytest.mark.slow
