@@ -17,8 +17,8 @@ Encoding (``ShadowTableImage.encode_*``)
       shadow_x_mask | shadow_me_value`` and A, arch/x86/kvm/mmu/spte.c, v6.x). A is preset, so the
       walker never writes a non-leaf entry.
     * PAE root entry (a 2-level or PAE guest): ``P | address of the child's slot``, nothing else
-      (KVM ``mmu_alloc_shadow_roots``: ``root | PT_PRESENT_MASK | shadow_me_value``; W/U/A are
-      reserved in a PDPTE on real CPUs).
+      (KVM ``mmu_alloc_shadow_roots``, arch/x86/kvm/mmu/mmu.c, v6.x: ``root | PT_PRESENT_MASK |
+      shadow_me_value``; W/U/A are reserved in a PDPTE on real CPUs).
     * leaf spte of a gfn that is not write-tracked: the core's spte as it is (P, W, U, A, D, NX,
       host frame). The core's host pfn is already what the fill gives Unicorn (``VCPU._fill``:
       ``entry.paddr = hpa``).
