@@ -363,8 +363,11 @@ def test_attaching_to_a_running_vm_and_detaching():
     g.image.detach()
     assert g.vm.image is None and all(type(sp.spt) is list for sp in g.vm.pages())
     g.fill_all()                             # the core runs on without it
+    g.image = ShadowTableImage(g.vm)         # and a new one starts from what is there
     with pytest.raises(MMUError):
-        ShadowTableImage(g.vm).__init__(g.vm)
+        ShadowTableImage(g.vm)               # one image per VM
+    g.check()
+    g.ok()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,8 +175,7 @@ class ShadowTableImage:
         vm.image = self
         for sp in vm.hash.values():
             self.page_created(sp)
-        for sp in vm.invalid_list:              # prepared zaps: unlinked, no slot needed
-            pass
+        # (prepared zaps on vm.invalid_list are unlinked already: no slot)
         for v in vm.vcpus:
             if isinstance(v.root, PaeRoot):
                 self.page_created(v.root)
