@@ -59,6 +59,8 @@ def vcpu_tss_stack_top(n: int) -> int:
 # Guest physical addresses above RAM that the Unicorn adapter uses (never guest RAM):
 ALIAS_BASE = 1 << 36           # read-only alias of RAM: writes to tracked page tables trap here
 HOLE_BASE = 1 << 37            # unmapped: a fault parked here reveals the exact byte offset
+SPT_ARENA_BASE = 0xC000_0000   # the shadow table image (mmu/spt_image.py): below 4 GiB (a PAE
+                               # root's CR3 has 32 bits), above RAM, below the MMIO pages
 
 
 def asm_symbols(mode: str, ram_size: int) -> dict:

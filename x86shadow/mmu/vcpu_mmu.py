@@ -193,6 +193,8 @@ class VcpuMmu:
             self.root, self.root_level = sp, 4
             return
         root = PaeRoot()
+        if vm.image is not None:
+            vm.image.page_created(root)
         for i in range(4):
             if ctx.mode == pg.Mode.PAE:
                 pdpte = ctx.pdptes[i]
@@ -221,6 +223,8 @@ class VcpuMmu:
                     sp.parents.discard((root, i))
                     root.children[i] = None
                     root.spt[i] = 0
+            if self.vm.image is not None:
+                self.vm.image.page_gone(root)
         else:
             root.root_count -= 1
         self.root = None

@@ -53,7 +53,7 @@ class VmMmu:
     __slots__ = ("mem", "counters", "events", "policy", "ram_frames", "memslots", "hash",
                  "sps_by_gfn", "rmap", "write_track", "invalid_list", "vcpus", "next_id",
                  "max_pages", "host", "host_mem", "peek_mem", "notifier", "mmu_lock", "point",
-                 "planted_bug", "lockless", "running", "scoped_flushes")
+                 "planted_bug", "lockless", "running", "scoped_flushes", "image")
 
     def __init__(self, mem, counters=None, events=None, policy=None, max_pages=None, host=None,
                  notifiers="modern", break_flush=False, aging=None, planted_bug=None,
@@ -112,6 +112,7 @@ class VmMmu:
             from .lockless import Lockless
             lockless = Lockless(self, lockless)
         self.lockless = lockless
+        self.image = None                       # mmu/spt_image.ShadowTableImage, if attached
 
     def add_vcpu(self):
         from .vcpu_mmu import VcpuMmu
@@ -229,6 +230,8 @@ class VmMmu:
         wt[gfn] = n
         if n == 1:
             self.write_protect(gfn)
+            if self.image is not None:
+                self.image.gfn_retracked(gfn)
 
     def track_remove(self, gfn) -> None:
         n = self.write_track.get(gfn, 0) - 1
@@ -238,6 +241,8 @@ class VmMmu:
             self.write_track[gfn] = n
         else:
             del self.write_track[gfn]
+            if self.image is not None:
+                self.image.gfn_retracked(gfn)
 
     def is_tracked(self, gfn) -> bool:
         """Writes to gfn must be trapped: it is a shadowed guest page table (or a PDPT in use)."""
@@ -289,6 +294,8 @@ class VmMmu:
         sp = ShadowPage(self.next_id, gfn, role)
         self.next_id += 1
         self.hash[key] = sp
+        if self.image is not None:
+            self.image.page_created(sp)
         if not direct:
             self.sps_by_gfn[gfn][sp] = None
             if level > 1 or not rules:
@@ -366,6 +373,8 @@ class VmMmu:
                 self.track_remove(sp.gfn)
         unsync.unlink_unsync_page(self, sp)
         sp.zapped = True
+        if self.image is not None:
+            self.image.page_gone(sp)
         policy = self.policy
         for v in self.vcpus:
             policy.on_zap(v, v.policy_state, sp)
@@ -471,6 +480,7 @@ class VmMmu:
             pfn, host_writable = p
         if not host_writable:
             writable = False
+        guest_writable = writable             # (before the write tracking: the image's alias W)
         emulate = False
         if writable:
             if gfn in self.write_track:
@@ -499,6 +509,8 @@ class VmMmu:
         sp.spt[idx] = spte
         sp.gfns[idx] = gfn
         sp.gptes[idx] = gpte
+        if self.image is not None:
+            self.image.guest_writable(sp, idx, gfn, guest_writable)
         if not synchronizing:        # (a resync is set_spte, not mmu_set_spte, in KVM 2.6.28)
             self.policy.on_spte_installed(vcpu, vcpu.policy_state, sp, idx, gfn, speculative,
                                           emulate)
