@@ -96,6 +96,18 @@ def machine(code, tlb):
     return uc
 
 
+def virtual_machine(code, fill, cr3=None):
+    """The same CPU under the virtual TLB, paging on, with ``fill`` as its Python fill hook."""
+    uc = machine(code, UC_TLB_VIRTUAL)
+    uc.hook_add(UC_HOOK_TLB_FILL, fill)
+    uc.reg_write(UC_X86_REG_CR4, 0x20)
+    if cr3 is not None:
+        uc.reg_write(UC_X86_REG_CR3, cr3)
+    uc.reg_write(UC_X86_REG_CR0, 0x80010033)
+    uc.reg_write(UC_X86_REG_RSP, STACK)
+    return uc
+
+
 def loop_code(pages, rounds, extra=""):
     asm = f"""
         mov rcx, {rounds}
@@ -440,7 +452,6 @@ def probe_f_flush(pages, rounds):
         hlt""")
     uc, _buf, t = shared_build(code, pages)
     hw = timed(uc)
-    ucv = machine(code, UC_TLB_VIRTUAL)
     fills = [0]
 
     def fill(_uc, va, _acc, entry, _ud):
@@ -448,12 +459,7 @@ def probe_f_flush(pages, rounds):
         entry.paddr = va
         entry.perms = UC_PROT_ALL
         return True
-    ucv.hook_add(UC_HOOK_TLB_FILL, fill)
-    ucv.reg_write(UC_X86_REG_CR4, 0x20)
-    ucv.reg_write(UC_X86_REG_CR3, 0x200000)
-    ucv.reg_write(UC_X86_REG_CR0, 0x80010033)
-    ucv.reg_write(UC_X86_REG_RSP, STACK)
-    sw = timed(ucv)
+    sw = timed(virtual_machine(code, fill, cr3=0x200000))
     per = rounds * (pages + 1)
     print(f"4f. CR3 write (whole-TLB flush) + {pages} data pages and the code page refilled, {rounds} rounds: "
           f"walker {hw / rounds * 1e6:.1f} us per round ({hw / per * 1e6:.2f} us per refill); trivial "
@@ -488,17 +494,11 @@ def probe_g_store_path(n):
         if nx:
             uc.reg_write(UC_X86_REG_MSR, (EFER, uc.reg_read(UC_X86_REG_MSR, EFER) | EFER_NXE))
         out[nx] = timed(uc)
-    ucv = machine(code, UC_TLB_VIRTUAL)
-
     def fill(_uc, va, _acc, entry, _ud):
         entry.paddr = va & ~0xFFF
         entry.perms = (UC_PROT_READ | UC_PROT_EXEC) if va < DATA else (UC_PROT_READ | UC_PROT_WRITE)
         return True
-    ucv.hook_add(UC_HOOK_TLB_FILL, fill)
-    ucv.reg_write(UC_X86_REG_CR4, 0x20)
-    ucv.reg_write(UC_X86_REG_CR0, 0x80010033)
-    ucv.reg_write(UC_X86_REG_RSP, STACK)
-    sw = timed(ucv)
+    sw = timed(virtual_machine(code, fill))
     per = 1e9 / (7 * n)
     print(f"4g. {n} iterations of 2 loads + 2 stores over 4 data pages: walker, executable data "
           f"leaves {out[False]:.3f} s ({per * out[False]:.1f} ns per insn); walker, NX data leaves "
@@ -517,7 +517,6 @@ def main():
     code = loop_code(a.pages, a.rounds)
     uc, _ = build(code, a.pages)
     hw = timed(uc)
-    ucv = machine(code, UC_TLB_VIRTUAL)
     fills = [0]
 
     def fill(_uc, va, _acc, entry, _ud):
@@ -525,11 +524,7 @@ def main():
         entry.paddr = frame(va)
         entry.perms = UC_PROT_ALL
         return True
-    ucv.hook_add(UC_HOOK_TLB_FILL, fill)
-    ucv.reg_write(UC_X86_REG_CR4, 0x20)
-    ucv.reg_write(UC_X86_REG_CR0, 0x80010033)
-    ucv.reg_write(UC_X86_REG_RSP, STACK)
-    sw = timed(ucv)
+    sw = timed(virtual_machine(code, fill))
     print(f"1. refills: {accesses} accesses 1 MiB apart; walker over our tables {hw / accesses * 1e6:.2f} us "
           f"per access; trivial Python fill hook {sw / accesses * 1e6:.2f} us per access "
           f"({fills[0]} fills, {(sw - hw) / max(fills[0], 1) * 1e6:.2f} us more per fill)")
