@@ -34,17 +34,25 @@ def test_quick_runs_and_prints_the_table(quick):
     assert "Traceback" not in r.stderr
     out = r.stdout
     header = next(line for line in out.splitlines() if "workload" in line and "ratio" in line)
-    for col in ("workload", "mode", "guest insns", "shadow s", "native s", "ratio", "exits",
-                "exit mix", "us/exit by kind"):
+    for col in ("workload", "mode", "guest insns", "shadow s", "native s", "ratio", "goal",
+                "exits", "exit mix", "us/exit by kind"):
         assert col in header, col
     rows = [line for line in out.splitlines() if line.startswith("│")]
     for w in WORKLOADS:
         row = next((line for line in rows if line.split("│")[1].strip().split(" (")[0] == w.name), None)
         assert row is not None, f"no table row for {w.name}"
         cells = [c.strip() for c in row.split("│")[1:-1]]
-        assert len(cells) == 10, cells
+        assert len(cells) == 11, cells
         assert cells[1] == "64"
-        float(cells[4]), float(cells[5]), float(cells[6])       # shadow s, native s, ratio
+        ratio = float(cells[6])
+        float(cells[4]), float(cells[5])                          # shadow s, native s
+        # the goal column: issue 16's goal and whether this run's ratio meets it (unsync off
+        # here: pt-writes-fork's goal is set for out-of-sync pages on only)
+        if w.target_ratio is None or w.goal_unsync:
+            assert cells[7] == "-", (w.name, cells[7])
+        else:
+            verdict = "met" if ratio <= w.target_ratio else "NOT met"
+            assert cells[7] == f"<= {w.target_ratio:g} {verdict}", (w.name, cells[7], ratio)
     assert "Exit costs and targets" in out
     for label in ("shadow page fault", "guest #PF round trip", "emulated pt write", "CR3 switch"):
         assert label in out, label
@@ -72,6 +80,26 @@ def test_quick_json_has_the_required_fields(quick):
         assert kind in by[name]["us_per_exit"], (name, kind)
     assert {c["kind"] for c in doc["exit_costs"]} >= {"pf_fixed", "pf_guest", "pt_write",
                                                       "cr3_switch", "ratio"}
+    # the goals of issue 16, per row: the ratio it must not exceed and whether it did
+    goals = {"compute-tlb-friendly": 0.3, "store-heavy": 0.3, "tlb-miss-heavy": 2.0,
+             "demand-paging": 1.2, "cr3-switch": 3.0, "fault-in": 4.0, "pte-write": 20.0}
+    for row in doc["workloads"]:
+        assert row["goal_ratio"] == goals.get(row["name"]), row["name"]
+        if row["goal_ratio"] is None:
+            assert row["goal_met"] is None
+        else:
+            assert row["goal_met"] == (row["ratio"] <= row["goal_ratio"]), row["name"]
+    assert by["pt-writes-fork"]["goal_ratio"] is None      # its goal is for unsync on
+
+
+def test_pt_writes_fork_goal_applies_with_unsync_on():
+    from x86shadow.bench import Result, ratio_goal
+    w = BY_NAME["pt-writes-fork"]
+    on, off = (Result(w, "64", 1, 1, "", [1.0], [1.0], {}, {}, None, None, unsync=u)
+               for u in (True, False))
+    assert ratio_goal(on) == 2.0 and ratio_goal(off) is None
+    assert ratio_goal(Result(BY_NAME["fault-in"], "64", 1, 1, "", [1.0], [1.0], {}, {}, None,
+                             None, unsync=False)) == 4.0
 
 
 def test_quick_runs_the_host_part_after_the_workloads(quick):

@@ -311,3 +311,33 @@ def test_a_device_msr_bypasses_the_unknown_msr_rule(mode, mmu, tmp_path):
     assert reg.value == 0x22_00000011
     r, out = run(DEVICE_MSR, mode, mmu, None, tmp_path)
     assert "FAIL 3" in out                       # no handler: #GP
+
+
+@pytest.mark.parametrize("mmu", MMUS)
+def test_clearing_cr0_pg_in_64bit_code_is_gp(mmu, tmp_path):
+    """kvm_set_cr0: CR0.PG cleared in 64-bit mode (EFER.LMA and CS.L) is #GP(0) and nothing
+    changes; the model's "64-bit mode" test is what the vCPU decodes with (VCPU.code_bits)."""
+    events = []
+    src = """
+    TRY r1
+    mov rax, cr0
+    btr rax, 31
+    mov cr0, rax
+r1: CHECK_TRAP 13, 0, 3
+    mov rax, cr0
+    bt rax, 31
+    jc still_on
+    FAIL 9, "paging went off"
+still_on:
+"""
+    path = tmp_path / "prog.asm"
+    path.write_text(HEADER + src + "\n    PASS\n    ret\n")
+    program = assemble_program(str(path), "64", RAM << 20)
+    m = Machine("64", mmu=mmu, ram_mib=RAM, audit=(mmu == "shadow"),
+                trace=lambda k, f: events.append((k, f)))
+    m.load(program, assemble_firmware("64", RAM << 20))
+    r = m.run()
+    out = bytes(m.output).decode()
+    assert r.status == 0 and out.endswith("PASS\n"), out
+    faults = [f for k, f in events if k == "x86shadow_cpu_fault"]
+    assert [f["reason"] for f in faults] == ["CR0.PG cleared in 64-bit mode (kvm_set_cr0)"]

@@ -22,7 +22,7 @@ from unicorn import x86_const as X
 from x86shadow.paging import (
     ACC_U, ACC_W, ACC_X, MAXPHYADDR, PFERR_FETCH, PFERR_P, PFERR_RSVD, PFERR_U, PFERR_W, PTE_A, PTE_D,
     PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W, Mode, PagingContext, PdpteError, entry_frame, index_bits,
-    load_pdptes, pte_size, walk,
+    load_pdptes, pte_size, rsvd_mask, walk,
 )
 from x86shadow.memory.ram import PhysMem
 
@@ -805,3 +805,19 @@ def test_walker_properties(mode, flags, access, wp, nxe, smep, off):
         # a second walk finds nothing left to update
         w2 = walk(mem, ctx, va, access)
         assert w2.ok and w2.gpa == w.gpa and bytes(buf) == after
+
+
+@pytest.mark.parametrize("mode", [Mode.LEGACY, Mode.PAE, Mode.LONG])
+@pytest.mark.parametrize("nxe", [False, True])
+@pytest.mark.parametrize("maxphyaddr", [36, 40, 46, 52])
+def test_context_pte_rsvd_is_the_4k_pte_mask(mode, nxe, maxphyaddr):
+    # PagingContext.pte_rsvd (what FNAME(prefetch_invalid_gpte) checks, precomputed once per
+    # context) must be rsvd_mask(mode, 1, nxe): 0 for 2-level ptes, NX without EFER.NXE, the
+    # address bits above MAXPHYADDR
+    pdptes = (1, 1, 1, 1) if mode == Mode.PAE else ()
+    ctx = PagingContext(mode, 0x1000, nxe=nxe, maxphyaddr=maxphyaddr, pdptes=pdptes)
+    assert ctx.pte_rsvd == rsvd_mask(mode, 1, nxe, maxphyaddr=maxphyaddr)
+    if mode == Mode.LEGACY:
+        assert ctx.pte_rsvd == 0
+    else:
+        assert bool(ctx.pte_rsvd & PTE_NX) == (not nxe)

@@ -171,6 +171,8 @@ class PagingContext:
     lma: bool = False       # EFER.LMA; only matters with paging off (QEMU: 64-bit identity map)
     # derived, precomputed once per context: (rsvd, rsvd_root, pdpte_rsvd, fetch_err_bit)
     _m: tuple = field(init=False, repr=False, compare=False, hash=False, default=())
+    # derived: the reserved bits of a present 4 KiB pte (rsvd_mask(mode, 1, nxe)), 0 in LEGACY
+    pte_rsvd: int = field(init=False, repr=False, compare=False, hash=False, default=0)
 
     def __post_init__(self):
         mode = self.mode
@@ -184,6 +186,7 @@ class PagingContext:
         # QEMU sets I/D only if ((EFER.NXE and CR4.PAE) or CR4.SMEP); Intel documents the same rule
         idbit = PFERR_FETCH if ((self.nxe and mode >= Mode.PAE) or self.smep) else 0
         object.__setattr__(self, "_m", (rsvd, rsvd4, pdrsvd, idbit))
+        object.__setattr__(self, "pte_rsvd", rsvd if mode >= Mode.PAE else 0)
         if self.pdptes and len(self.pdptes) != 4:
             raise ValueError("pdptes must hold 4 entries (or be empty)")
 

@@ -20,7 +20,8 @@ Measures, on one throw-away 64-bit CPU (no x86shadow machine):
   4d. guest reads of CR0 / CR4 / EFER (rdmsr) emulated by a one-address raw code hook: cost;
   4e. which RIP later memory hooks see after a RIP write in a code hook, after a restart from
      UC_HOOK_INTR, and after a delivery (RIP written to a handler) in UC_HOOK_INTR vs the run loop;
-  4f. a whole-TLB flush (mov cr3) + the refills after it: walker vs a trivial Python fill hook.
+  4f. a whole-TLB flush (mov cr3) + the refills after it: walker vs a trivial Python fill hook;
+  4g. stores through executable vs NX data leaves under the walker (QEMU's store fast path).
 Prints one line per measurement. Needs unicorn and keystone (the project's dependencies).
 
     python tools/probes/shadow_walker.py [--pages N] [--rounds R]
@@ -33,10 +34,11 @@ import time
 
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_WRITE_PROT,
-                     UC_HOOK_TLB_FILL, UC_MODE_32, UC_MODE_64, UC_PROT_ALL, UC_PROT_READ, UC_TLB_CPU,
+                     UC_HOOK_TLB_FILL, UC_MODE_32, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ,
+                     UC_PROT_WRITE, UC_TLB_CPU,
                      UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4,
-                               UC_X86_REG_EBX, UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RIP,
+                               UC_X86_REG_EBX, UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RIP,
                                UC_X86_REG_RSP)
 
 from x86shadow.cpu.cpustate import CpuState, probe_offsets
@@ -46,6 +48,8 @@ CODE, STACK = 0x1000, 0x8000
 TABLES = 0x200000            # the "shadow tables" (the probe's own), above code and data
 DATA = 0x1000000             # the pages touched: 1 MiB apart, so they collide in QEMU's TLB
 P, W = 1, 2
+NX_BIT = 1 << 63
+EFER, EFER_NXE = 0xC0000080, 1 << 11
 
 
 def frame(va):
@@ -456,6 +460,52 @@ def probe_f_flush(pages, rounds):
           f"Python fill hook {sw / rounds * 1e6:.1f} us per round ({fills[0]} fills, "
           f"{sw / max(fills[0], 1) * 1e6:.2f} us per fill)")
 
+def probe_g_store_path(n):
+    """g. stores under UC_TLB_CPU: a loop of loads and stores over 4 data pages, with the data
+    leaves executable (as a guest's own ptes usually are) or NX (EFER.NXE on), against the
+    virtual TLB with data pages R|W and code R|X (what the fill hook gives today)."""
+    code = asm(f"""
+        mov rcx, {n}
+        mov rsi, {DATA}
+    r:  mov rax, qword ptr [rsi]
+        add rax, rcx
+        mov qword ptr [rsi + 0x1000], rax
+        mov qword ptr [rsi + 0x2008], rcx
+        xor rax, qword ptr [rsi + 0x3010]
+        dec rcx
+        jnz r
+        hlt""")
+    out = {}
+    for nx in (False, True):
+        uc = machine(code, UC_TLB_CPU)
+        t = Tables(uc)
+        for va in (CODE, STACK - 0x1000):
+            t.map(va)
+        for i in range(4):
+            va = DATA + i * 0x1000
+            uc.mem_write(t.entry_addr(va), struct.pack("<Q", frame(va) | P | W | (NX_BIT if nx else 0)))
+        paging_on(uc, t)
+        if nx:
+            uc.reg_write(UC_X86_REG_MSR, (EFER, uc.reg_read(UC_X86_REG_MSR, EFER) | EFER_NXE))
+        out[nx] = timed(uc)
+    ucv = machine(code, UC_TLB_VIRTUAL)
+
+    def fill(_uc, va, _acc, entry, _ud):
+        entry.paddr = va & ~0xFFF
+        entry.perms = (UC_PROT_READ | UC_PROT_EXEC) if va < DATA else (UC_PROT_READ | UC_PROT_WRITE)
+        return True
+    ucv.hook_add(UC_HOOK_TLB_FILL, fill)
+    ucv.reg_write(UC_X86_REG_CR4, 0x20)
+    ucv.reg_write(UC_X86_REG_CR0, 0x80010033)
+    ucv.reg_write(UC_X86_REG_RSP, STACK)
+    sw = timed(ucv)
+    per = 1e9 / (7 * n)
+    print(f"4g. {n} iterations of 2 loads + 2 stores over 4 data pages: walker, executable data "
+          f"leaves {out[False]:.3f} s ({per * out[False]:.1f} ns per insn); walker, NX data leaves "
+          f"{out[True]:.3f} s ({per * out[True]:.1f} ns); virtual TLB, data R|W / code R|X "
+          f"{sw:.3f} s ({per * sw:.1f} ns)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", type=int, default=512)
@@ -540,6 +590,7 @@ def main():
     probe_d_reads(20000)
     probe_e_stale_pc()
     probe_f_flush(16, 5000)
+    probe_g_store_path(2_000_000)
 
 
 if __name__ == "__main__":

@@ -90,11 +90,11 @@ class ModelChecks:
 
     # ---------------------------------------------------------------- intercepted instructions
     def _code64(self) -> bool:
-        """64-bit mode: EFER.LMA and CS.L (SDM vol. 3A 2.2.1)."""
+        """64-bit mode: EFER.LMA and CS.L (SDM vol. 3A 2.2.1), i.e. the width the vCPU decodes
+        with (VCPU.code_bits: a program's mode, or QEMU's HF_CS64 = LMA && CS.L for a kernel) --
+        not a read of the CS cache, which costs a context copy per intercepted instruction."""
         v = self.vcpu
-        if not v.long_mode():
-            return False
-        return bool(v.segment_cache("cs")[3] & (1 << 21))
+        return v.long_mode() and v.code_bits() == 64
 
     def before(self, insn):
         v = self.vcpu
@@ -106,22 +106,20 @@ class ModelChecks:
             if not dst.startswith("cr"):
                 return None
             crn = int(dst[2:])
-            value = v.reg_by_name(src)
             if crn not in (0, 3, 4):
                 return None
+            value = v.reg_by_name(src)
             code64 = self.wide and self._code64()
             if not code64:
                 # outside 64-bit mode the operand is 32 bits (a 64-bit CPU decodes compatibility
                 # mode code as 64-bit: the register's upper half is not part of it)
                 value &= 0xFFFFFFFF
             if crn == 0:
-                reason = m.cr0_write_fault(v.reg(UC_X86_REG_CR0), value, v.reg(UC_X86_REG_CR4),
-                                           v.efer(), code64)
+                reason = m.cr0_write_fault(v.cr0(), value, v.cr4(), v.efer(), code64)
             elif crn == 3:
-                reason = m.cr3_write(value, v.reg(UC_X86_REG_CR4))[1]
+                reason = m.cr3_write(value, v.cr4())[1]
             elif crn == 4:
-                reason = m.cr4_write_fault(v.reg(UC_X86_REG_CR4), value, v.reg(UC_X86_REG_CR3),
-                                           v.long_mode())
+                reason = m.cr4_write_fault(v.cr4(), value, v.reg(UC_X86_REG_CR3), v.long_mode())
         elif mn in ("rdmsr", "wrmsr"):
             index = v.reg(UC_X86_REG_ECX) & 0xFFFFFFFF
             if index in v.msr_handlers:
@@ -141,7 +139,7 @@ class ModelChecks:
         return (VEC_GP, 0, reason)
 
     def cr3_value(self, value: int) -> int:
-        return self.model.cr3_write(value, self.vcpu.reg(UC_X86_REG_CR4))[0]
+        return self.model.cr3_write(value, self.vcpu.cr4())[0]
 
     def emulate_ud(self, insn):
         """Unicorn raised #UD on ``insn``. None: it stands (the model lacks the instruction too);

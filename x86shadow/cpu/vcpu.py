@@ -391,6 +391,12 @@ class VCPU:
                 setattr(self, attr, value)
         return value
 
+    def cr0(self) -> int:
+        return self._cached_cr("_cr0", UC_X86_REG_CR0)
+
+    def cr4(self) -> int:
+        return self._cached_cr("_cr4", UC_X86_REG_CR4)
+
     def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, cache_pdptes=False):
         """The guest paging context from the registers, with any of them replaced by a new value.
         ``cache_pdptes``: load the PAE PDPTEs now, as a CR3 load does (the shadow MMU's roots are

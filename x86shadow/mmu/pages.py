@@ -99,4 +99,4 @@ def prefetch_invalid_gpte(ctx, gpte: int) -> bool:
     must not be built from without a guest access -- not present, not accessed, or with
     reserved bits (FNAME(is_rsvd_bits_set)). ``ctx``: a paging context with paging on."""
     return (not gpte & pg.PTE_P or not gpte & pg.PTE_A
-            or bool(gpte & pg.rsvd_mask(ctx.mode, 1, ctx.nxe, maxphyaddr=ctx.maxphyaddr)))
+            or bool(gpte & ctx.pte_rsvd))

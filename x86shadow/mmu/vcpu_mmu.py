@@ -21,10 +21,10 @@ from .. import paging as pg
 from ..exits import REASON_EXCEPTION, count_exit
 from ..emulate.decode import decode, is_control_transfer
 from ..faults import VEC_PF, Fault, GuestCrash
-from .pages import PaeRoot
+from .pages import PaeRoot, prefetch_invalid_gpte
 from .shadow_walk import shadow_leaf
-from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_U, SPTE_W,
-                   spte_pfn)
+from .spte import (PERM_R, PERM_W, PERM_X, SPTE_A, SPTE_D, SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U,
+                   SPTE_W, spte_pfn)
 from .requests import OUTSIDE_GUEST_MODE, REQ_MMU_SYNC
 from .vm_mmu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, MMUError
 
@@ -35,6 +35,7 @@ FILL_GUEST_FAULT = 2   # inject vector / error_code into the guest
 FILL_NO_MEMORY = 3     # the translation points outside guest RAM (addr: the guest-physical address)
 
 ACC_ALL = pg.ACC_X | pg.ACC_W | pg.ACC_U
+PTE_PREFETCH_NUM = 8   # arch/x86/kvm/mmu/mmu.c (Linux 2.6.36 .. 6.x)
 _RWX = PERM_R | PERM_W | PERM_X
 
 
@@ -515,7 +516,63 @@ class VcpuMmu:
                               host_writable=host_writable)
         if node.unsync:
             self.policy.unsync.leaf_installed(self, node, idx, w.ptes[1])
+        if self.policy.fault_prefetch:
+            self._pte_prefetch(node, idx)
         return _TRACKED if emulate else _FIXED
+
+    def _pte_prefetch(self, sp, sidx) -> None:
+        """FNAME(pte_prefetch) (arch/x86/kvm/mmu/paging_tmpl.h, Linux 2.6.36 commit 957ed9effd80
+        "KVM: MMU: prefetch ptes when intercepted guest #PF" through 6.x): after a shadow fault
+        installed a 4 KiB leaf, build speculative sptes for the not-present entries of its
+        aligned block of PTE_PREFETCH_NUM (8) from the guest ptes there, stopping at the first
+        guest pte that may not be prefetched (FNAME(prefetch_invalid_gpte): not present, not
+        accessed, reserved bits) or whose page is not present in a memslot
+        (FNAME(prefetch_gpte): gfn_to_pfn_memslot_atomic). Skipped while an MMU-notifier
+        invalidation is in progress (mmu_invalidate_in_progress). A direct page (a guest large
+        page) prefetches the consecutive gfns of its block (__direct_pte_prefetch,
+        direct_pte_prefetch_many) with the page's own rights. The sptes are speculative:
+        mmu_set_spte with no fault, so a shadowed frame gets no W rather than going out of sync
+        (mmu_try_to_unsync_pages: "if (prefetch) return -EEXIST"). Not modelled: dirty logging
+        (gfn_to_memslot_dirty_bitmap refuses a writable prefetch into a dirty-logged slot; there
+        is none here)."""
+        if sp.role.level != 1:
+            return
+        vm = self.vm
+        if vm.notifier is not None and vm.notifier.count:
+            return
+        base = sidx & ~(PTE_PREFETCH_NUM - 1)
+        spt = sp.spt
+        if sp.role.direct:
+            access = sp.role.access
+            for i in range(base, base + PTE_PREFETCH_NUM):
+                if i == sidx or spt[i] & SPTE_P:
+                    continue
+                gfn = sp.gfn + i
+                p = vm.gfn_to_pfn(gfn, atomic=True)
+                if p is None:
+                    return       # (direct_pte_prefetch_many: no slot or no page -> stop)
+                vm.set_spte(self, sp, i, gfn, access, True, False, False, speculative=True,
+                            pfn=p.pfn, host_writable=p.writable)
+            return
+        fmt = self.fmt
+        ctx = self.ctx
+        mem = vm.mem
+        size = fmt.pte_size
+        gpa = sp.gpte_gpa(base)
+        role_access = sp.role.access
+        for i in range(base, base + PTE_PREFETCH_NUM):
+            if i != sidx and not spt[i] & SPTE_P:
+                gpte = fmt.read_pte(mem, gpa)
+                if prefetch_invalid_gpte(ctx, gpte):
+                    return
+                gfn = fmt.leaf_frame(gpte) >> 12
+                p = vm.gfn_to_pfn(gfn, atomic=True)
+                if p is None:
+                    return
+                vm.set_spte(self, sp, i, gfn, role_access & fmt.entry_access(gpte, ctx.nxe),
+                            bool(gpte & pg.PTE_D), False, False, speculative=True, pfn=p.pfn,
+                            gpte=gpte, host_writable=p.writable)
+            gpa += size
 
     def other_exit(self) -> None:
         """An exit that is neither a shadow fault nor a trapped write (I/O, CR/MSR write, invlpg,

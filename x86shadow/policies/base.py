@@ -41,6 +41,9 @@ class Policy:
     unsync = None
     # 2.6.25's guest walker updates D with a cmpxchg and calls kvm_mmu_pte_write itself
     walker_dirty_is_pte_write = False
+    # a shadow fault on a 4 KiB page also builds sptes for the neighbours in its aligned block
+    # of guest ptes (modern KVM's FNAME(pte_prefetch): VcpuMmu._pte_prefetch); 0: none
+    fault_prefetch = False
 
     def new_state(self):
         """The per-vCPU state of this policy's heuristics (None: it keeps none)."""

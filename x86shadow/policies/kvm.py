@@ -22,6 +22,7 @@ class Kvm(Policy):
     write-tracked and every write to it takes the path below."""
 
     name = "kvm"
+    fault_prefetch = True      # FNAME(pte_prefetch), since Linux 2.6.36 (commit 957ed9effd80)
 
     def __init__(self, unsync: bool = True):
         self.unsync = ModernRules() if unsync else None
