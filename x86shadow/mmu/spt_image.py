@@ -292,7 +292,9 @@ class ShadowTableImage:
                 self._dirty.append(spt)
 
     # ------------------------------------------------------------------ encoding
-    def encode_leaf(self, spt, idx) -> int:
+    def encode_leaf(self, spt, idx, transform: bool = True) -> int:
+        """The image entry of leaf spt[idx] (``transform`` False: without the code/data split
+        of ``frame_kind``: what the hardware would be allowed through the spte alone)."""
         spte = list.__getitem__(spt, idx)
         if not spte & SPTE_P:
             spt.gw.pop(idx, None)
@@ -307,7 +309,7 @@ class ShadowTableImage:
             if writable:
                 e |= SPTE_W | SPTE_D
         kinds = self.frame_kind
-        if kinds is not None:
+        if kinds is not None and transform:
             # the hardware-walk adapter's code/data split (cpu/vcpu.py, tlb="walker"): a data
             # frame's leaves NX (QEMU's inline store path needs a non-executable TLB entry,
             # docs/PERFORMANCE.md probe 4g), a code frame's without W (a store to it must exit
