@@ -482,6 +482,11 @@ class VCPU:
         mode, the TLB, so that the next fetch fill re-scans a changed code page for privileged
         instructions."""
         self.uc.ctl_flush_tb()
+        if self.walker and self._hw_paging:
+            # no fill comes to re-scan a code page: every frame is data again, so the next
+            # fetch from each faults and scans it (the image re-encoded at the next entry)
+            self.page_kind.clear()
+            self.image.reencode_all()
         if self.shadow:
             self.flush_tlb()
 

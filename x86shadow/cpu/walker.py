@@ -303,6 +303,23 @@ def flip_for(v, va, access) -> bool:
     return True
 
 
+def _scan_code_frame(v, va) -> None:
+    """A new leaf for va onto a frame already in the code state: the frame runs without a
+    fetch fault at this virtual address, so it is scanned here (the interceptor's hooks are
+    per virtual address; a scan of the same bytes at the same address adds nothing). A code
+    frame reached through a spte that no fault created (prefetched) is not scanned at that
+    address: as in native mode (docs/CPU_MODEL.md)."""
+    mmu = v.mmu
+    leaf = shadow_leaf(mmu.root, mmu.root_level, va)
+    if leaf is None:
+        return
+    sp, idx = leaf
+    hpa = list.__getitem__(sp.spt, idx) & SPTE_FRAME
+    gfn = hpa >> 12
+    if v.page_kind.get(gfn, _DATA) == _CODE:
+        v.interceptor.on_exec_fill(va & ~0xFFF, gfn, v.host_mem.read(hpa, 4096))
+
+
 def _restart(v) -> None:
     """The faulting instruction runs again in the same emu_start (probe 2)."""
     v.set_reg(UC_X86_REG_CR2, v._guest_cr2)
@@ -325,7 +342,8 @@ def page_fault(v, uc) -> None:
     kind, addr, _perms, vector, error_code = mmu.hw_fill(va, access, v._rmw_read)
     if kind == FILL_OK or kind == FILL_TRACKED:
         prepare(v)
-        flip_for(v, va, access)                  # the new spte's frame may be in the wrong state
+        if not flip_for(v, va, access):          # the new spte's frame may be in the wrong state
+            _scan_code_frame(v, va)
         _restart(v)
         return
     prepare(v)
