@@ -215,7 +215,12 @@ class VCPU:
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native, None, mem.size, (1 << 52) - 1)
             uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._fetch_prot)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
-        uc.hook_add(UC_HOOK_INTR, self._intr)
+        if self.walker:
+            # raw: every shadow fault comes through this hook (the binding's wrapper ~1 us)
+            self._raw_intr = rawhooks.intr_callback(uc, self._intr)
+            rawhooks.add_intr(uc, self._raw_intr)
+        else:
+            uc.hook_add(UC_HOOK_INTR, self._intr)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
@@ -228,6 +233,8 @@ class VCPU:
         else:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
+        if self.walker:
+            walker.find_live_state(self)
         self.delivery = Delivery(self, crash_gates)
         # MSRs a device implements (index -> object with read() -> int and write(value)); the
         # CPU model's MSR rules leave them to it, rdmsr/wrmsr of them are carried out here

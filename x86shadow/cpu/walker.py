@@ -94,6 +94,35 @@ def setup_walker(v) -> None:
     v.walker_stats = {"flips_code": 0, "flips_data": 0, "shadow_pf": 0, "restarts": 0}
 
 
+def find_live_state(v) -> None:
+    """The error code and QEMU's exception in flight read and reset in the live CPU state
+    (cpustate._find_env: the env the context snapshots copy from its start) instead of
+    through a context snapshot and restore per shadow fault (two copies of the CPU state,
+    ~2.5 us); the snapshot way if this build's state cannot be found or does not match."""
+    from unicorn.x86_const import (UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX,
+                                   UC_X86_REG_EDX, UC_X86_REG_RAX, UC_X86_REG_RBX,
+                                   UC_X86_REG_RCX, UC_X86_REG_RDX)
+    from .cpustate import _find_env
+    gprs = ((UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX) if v.bits == 64
+            else (UC_X86_REG_EAX, UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EBX))
+    v._live_ec = v._live_oe = None
+    env = _find_env(v.uc, gprs)
+    if env is None:
+        return
+    cs = v.cpustate
+    cs.snapshot()
+    off = cs.off                                 # (offsets in the context; env at off.env)
+    n = off.old_exception + 4 - off.env
+    if ctypes.string_at(env, 16) != ctypes.string_at(cs.addr + off.env, 16) or n <= 0:
+        return                                   # the context does not copy env from its start
+    v._live_ec = ctypes.c_uint32.from_address(env + off.error_code - off.env)
+    v._live_oe = ctypes.c_int32.from_address(env + off.old_exception - off.env)
+    # the copy and the live state agree on both fields now
+    if (v._live_ec.value != cs._u32(off.error_code).value
+            or v._live_oe.value != ctypes.c_int32.from_address(cs.addr + off.old_exception).value):
+        v._live_ec = v._live_oe = None
+
+
 def boot(v) -> None:
     """After load_boot_state wrote the CPU's reset/boot registers: they are the guest's."""
     if v._hw_paging:
@@ -244,11 +273,13 @@ def insn(v, uc, insn, address) -> bool:
     return True
 
 
-def _allowed_by_spte(v, va, access):
+def _allowed_by_spte(v, va, access, leaf=None):
     """(gfn, hpa) when the core's present spte for va allows ``access`` (PFERR bits) through
-    its own encoding, the split aside; else None."""
+    its own encoding, the split aside; else None. ``leaf``: (page, index) of va's spte if
+    known."""
     mmu = v.mmu
-    leaf = shadow_leaf(mmu.root, mmu.root_level, va)
+    if leaf is None:
+        leaf = shadow_leaf(mmu.root, mmu.root_level, va)
     if leaf is None:
         return None
     sp, idx = leaf
@@ -265,36 +296,40 @@ def _allowed_by_spte(v, va, access):
     return hpa >> 12, hpa
 
 
-def flip_for(v, va, access) -> bool:
+def flip_for(v, va, access, scan=False, leaf=None) -> bool:
     """A fetch from a data frame or a store to a code frame that the spte allows: the frame
     changes state (the fill hook's state machine, VCPU._fill: code frames scanned before they
-    run, a store to one drops its translated code first). True if it did."""
-    if not access & (pg.PFERR_FETCH | pg.PFERR_W):
+    run, a store to one drops its translated code first). True if it did. ``scan`` (after a
+    fill made a new leaf): a frame that stays code is scanned at va, since it runs there with
+    no fetch fault (the interceptor's hooks are per virtual address; the same bytes at the same
+    address add nothing). A code frame reached through a spte no fault made (prefetched) is not
+    scanned at that address: as in native mode (docs/CPU_MODEL.md)."""
+    if not (scan or access & (pg.PFERR_FETCH | pg.PFERR_W)):
         return False
-    got = _allowed_by_spte(v, va, access)
+    got = _allowed_by_spte(v, va, access, leaf)
     if got is None:
         return False
     gfn, hpa = got
     state = v.page_kind.get(gfn, _DATA)
     uc = v.uc
     page = va & ~0xFFF
-    if access & pg.PFERR_FETCH:
-        if state != _DATA:
-            return False
+    if access & pg.PFERR_FETCH and state == _DATA:
         v._flip(gfn, _CODE)
         v.walker_stats["flips_code"] += 1
         # the scan's new hooks need no retranslation: a data frame has no translated code (it
-        # went when the frame last became data, by physical address)
+        # went, by physical address, when the frame last became data)
         v.interceptor.on_exec_fill(page, gfn, v.host_mem.read(hpa, 4096))
-    else:
-        if state != _CODE:
-            return False
+    elif access & pg.PFERR_W and state == _CODE:
         # its translated code goes first, while the frame is still executable: QEMU finds it
         # through a fetch translation and skips the invalidation if that is refused (the fill
         # hook's pitfall, VCPU._fill)
         uc.ctl_remove_cache(page, page + 0x1000)
         v._flip(gfn, _DATA)
         v.walker_stats["flips_data"] += 1
+    else:
+        if scan and state == _CODE:
+            v.interceptor.on_exec_fill(page, gfn, v.host_mem.read(hpa, 4096))
+        return False
     v.image.frame_changed(gfn)
     v.image.sync()
     # the TLB may hold the frame with the rights it just lost (W of a data frame, X of a code
@@ -303,47 +338,36 @@ def flip_for(v, va, access) -> bool:
     return True
 
 
-def _scan_code_frame(v, va) -> None:
-    """A new leaf for va onto a frame already in the code state: the frame runs without a
-    fetch fault at this virtual address, so it is scanned here (the interceptor's hooks are
-    per virtual address; a scan of the same bytes at the same address adds nothing). A code
-    frame reached through a spte that no fault created (prefetched) is not scanned at that
-    address: as in native mode (docs/CPU_MODEL.md)."""
-    mmu = v.mmu
-    leaf = shadow_leaf(mmu.root, mmu.root_level, va)
-    if leaf is None:
-        return
-    sp, idx = leaf
-    hpa = list.__getitem__(sp.spt, idx) & SPTE_FRAME
-    gfn = hpa >> 12
-    if v.page_kind.get(gfn, _DATA) == _CODE:
-        v.interceptor.on_exec_fill(va & ~0xFFF, gfn, v.host_mem.read(hpa, 4096))
-
-
 def _restart(v) -> None:
     """The faulting instruction runs again in the same emu_start (probe 2)."""
     v.set_reg(UC_X86_REG_CR2, v._guest_cr2)
-    v.cpustate.clear_old_exception()
+    oe = v._live_oe
+    if oe is not None:
+        oe.value = -1                            # (cpustate.clear_old_exception, in place)
+    else:
+        v.cpustate.clear_old_exception()
     v.walker_stats["restarts"] += 1
 
 
 def page_fault(v, uc) -> None:
     """A #PF the hardware raised walking the image (UC_HOOK_INTR)."""
     va = v.reg(UC_X86_REG_CR2)
-    ec = v.cpustate.error_code()
+    ec = v._live_ec.value if v._live_ec is not None else v.cpustate.error_code()
     access = ec & _PFERR
     if v._harvest_each_exit:
         v.image.harvest_ad()
-    if flip_for(v, va, access):
+    if ec & pg.PFERR_P and flip_for(v, va, access):      # (a not-present fault: no spte)
         _restart(v)
         return
     v.walker_stats["shadow_pf"] += 1
     mmu = v.mmu
     kind, addr, _perms, vector, error_code = mmu.hw_fill(va, access, v._rmw_read)
     if kind == FILL_OK or kind == FILL_TRACKED:
+        # the leaf hw_fill went through (unless prepare reloads the root)
+        leaf = None if mmu.requests & REQ_MMU_RELOAD else mmu.filled_leaf
         prepare(v)
-        if not flip_for(v, va, access):          # the new spte's frame may be in the wrong state
-            _scan_code_frame(v, va)
+        # the new spte's frame may be in the wrong state for this access
+        flip_for(v, va, access, scan=True, leaf=leaf)
         _restart(v)
         return
     prepare(v)
