@@ -28,8 +28,10 @@ _PATTERN = re.compile(rb"\x0F(?:\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\
                       re.DOTALL)
 # the same with 0F 20 (mov r, cr: the guest's CR reads) -- --tlb walker, where the hardware's
 # CR0/CR3/CR4 are not the guest's (cpu/walker.py)
-_PATTERN_READS = re.compile(rb"\x0F(?:\x20|\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])",
-                            re.DOTALL)
+# but not of CR2 (ModRM.reg 2; the CPU ignores ModRM.mod here): the hardware's CR2 is the
+# guest's, and a #PF handler reads it at every fault
+_PATTERN_READS = re.compile(rb"\x0F(?:\x20[^\x10-\x17\x50-\x57\x90-\x97\xD0-\xD7]|\x22|\x30|\x32|"
+                            rb"\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])", re.DOTALL)
 # the mnemonics (capstone's) the hooks act on; any other instruction found at a hooked address
 # just runs
 INTERCEPTED = frozenset({"mov", "invlpg", "wrmsr", "rdmsr", "stac", "clac"})

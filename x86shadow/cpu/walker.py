@@ -121,6 +121,8 @@ def find_live_state(v) -> None:
     if (v._live_ec.value != cs._u32(off.error_code).value
             or v._live_oe.value != ctypes.c_int32.from_address(cs.addr + off.old_exception).value):
         v._live_ec = v._live_oe = None
+        return
+    cs.live_old_exception = v._live_oe
 
 
 def boot(v) -> None:
