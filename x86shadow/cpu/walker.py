@@ -218,6 +218,19 @@ def cr_write(v, crn, value, address) -> None:
         v._g_efer = e
     elif crn == 3:
         v._g_cr3 = value
+        if v._hw_paging:
+            # paging stays on: only the root changes (the hardware's CR3 write flushes the
+            # TLB, the flush the guest's mov does; the slot may be the old root's address)
+            mmu = v.mmu
+            if mmu.requests & REQ_MMU_RELOAD:
+                mmu.reload_root()
+            v.image.sync()
+            cr3 = v.image.cr3(mmu)
+            v.set_reg(UC_X86_REG_CR3, cr3)
+            v._hw_cr3 = cr3
+            v.service_requests()
+            prepare(v)
+            return
     else:
         v._g_cr4 = value
     apply_hw(v)
@@ -270,6 +283,12 @@ def insn(v, uc, insn, address) -> bool:
         return False
     if crn == 3:
         value = v.model_checks.cr3_value(value)   # (PCID no-flush bit 63 not stored)
+        if v._hw_paging and v._g_cr0 & CR0_PG:
+            # a CR3 switch under paging: carried out in the hook, the instruction skipped by
+            # the RIP write (exact for later hooks: probe 4e) -- no emu_start round trip
+            cr_write(v, crn, value, address)
+            v.set_reg(v.R_IP, insn.next_ip)
+            return True
     v.stop = ("emulate", insn.next_ip, lambda: cr_write(v, crn, value, address))
     uc.emu_stop()
     return True
