@@ -49,6 +49,7 @@ from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_gues
 from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
+from ..mmu.shadow_walk import shadow_leaf
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from . import rawhooks
 from .cpustate import CpuState, page_flusher, probe_insn_counter_offset, read_insn_counter
@@ -530,7 +531,13 @@ class VCPU:
             self.flush_tlb()
         elif mmu.requests & REQ_TLB_FLUSH_SPTES:
             mmu.requests &= ~REQ_TLB_FLUSH_SPTES
-            self._flush_changed_sptes()
+            if self.walker:
+                # no record of which pages the hardware filled through which sptes: whole
+                # (the invlpg hook carries out its own one-spte case, walker.invlpg_flush)
+                mmu.flush_sptes.clear()
+                self.flush_tlb()
+            else:
+                self._flush_changed_sptes()
 
     def enable_scoped_flushes(self) -> bool:
         """Carry out a flush after a change to some leaf sptes only (REQ_TLB_FLUSH_SPTES) by
@@ -1024,9 +1031,11 @@ class VCPU:
         if m == "invlpg":
             va = self._operand_address(insn)
             count_exit(c, self.events, REASON_INVLPG, address, address=va)
+            leaf = shadow_leaf(self.mmu.root, self.mmu.root_level, va) if self.walker else None
             self.mmu.invlpg(va)
             self.mmu.other_exit()
             if self.walker:
+                walker.invlpg_flush(self, va, leaf)
                 walker.prepare(self)
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":

@@ -42,7 +42,7 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, U
 
 from .. import paging as pg
 from ..faults import VEC_PF
-from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD
+from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD, REQ_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.shadow_walk import shadow_leaf
 from ..mmu.spt_image import ShadowTableImage
 from ..mmu.spte import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W
@@ -91,6 +91,12 @@ def setup_walker(v) -> None:
     # the kvm-2008 family reads spte A bits (policies/kvm2008.py): the walker's must be in
     # the core before it runs (harvest_ad at every exit); kvm/xen read none
     v._harvest_each_exit = mod.endswith("kvm2008")
+    # a flush after a change to va's spte alone (an invlpg's) as QEMU's per-page flush: the
+    # core then says which sptes changed (REQ_TLB_FLUSH_SPTES, VmMmu.flush_leaf_sptes)
+    from .cpustate import page_flusher
+    v._walker_page_flush = page_flusher(v.uc, v.bits)
+    if v._walker_page_flush is not None:
+        vm.scoped_flushes = True
     v.walker_stats = {"flips_code": 0, "flips_data": 0, "shadow_pf": 0, "restarts": 0}
 
 
@@ -200,6 +206,23 @@ def prepare(v) -> None:
     if cr3 != v._hw_cr3:
         v.set_reg(UC_X86_REG_CR3, cr3)          # (flushes the TLB)
         v._hw_cr3 = cr3
+
+
+def invlpg_flush(v, va, leaf) -> None:
+    """After the core's invlpg of va (``leaf``: va's spte before it): a flush it asked for that
+    covers va's spte alone is carried out as a flush of va's page -- the one the guest's
+    invlpg, which the CPU executes next, does anyway -- and counted as KVM's flush; any other
+    is left to prepare() (whole)."""
+    mmu = v.mmu
+    r = mmu.requests
+    if not r & REQ_TLB_FLUSH_SPTES or r & REQ_TLB_FLUSH or leaf is None:
+        return
+    if any(s != leaf for s in mmu.flush_sptes):
+        return
+    mmu.requests &= ~REQ_TLB_FLUSH_SPTES
+    mmu.flush_sptes.clear()
+    v._walker_page_flush(va)
+    v.counters["tlb_flush"] += 1                 # KVM's one flush, however it is carried out
 
 
 def cr_write(v, crn, value, address) -> None:
