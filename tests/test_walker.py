@@ -246,3 +246,19 @@ def test_sync_keeps_the_hardwares_accessed_bit_of_an_entry_it_re_encodes():
     sp.spt[idx] &= ~SPTE_A
     g.image.sync()
     assert not sp.spt[idx] & SPTE_A and not _image_entry(g, sp, idx) & SPTE_A
+
+
+@pytest.mark.parametrize("name,mode", [("fork_cow", "64"), ("smc_stores", "pae"),
+                                       ("demand_paging", "32")])
+def test_counted_instructions_are_the_fill_adapters(name, mode):
+    """--max-insns: an instruction restarted after a shadow fault on its data access is not
+    counted twice (x86shadow diff compares runs at equal counts)."""
+    path = ROOT / "guestcode" / f"{name}.asm"
+    counts = []
+    for tlb in ("virtual", "walker"):
+        program = assemble_program(str(path), mode, RAM_MIB << 20)
+        m = Machine(mode, ram_mib=RAM_MIB, tlb=tlb)
+        m.load(program, assemble_firmware(mode, RAM_MIB << 20))
+        assert m.run(max_insns=10 ** 8).status == 0
+        counts.append(m.counters["guest_insns"])
+    assert counts[0] == counts[1]

@@ -382,8 +382,13 @@ def flip_for(v, va, access, scan=False, leaf=None) -> bool:
     return True
 
 
-def _restart(v) -> None:
-    """The faulting instruction runs again in the same emu_start (probe 2)."""
+def _restart(v, access) -> None:
+    """The faulting instruction runs again in the same emu_start (probe 2). While instructions
+    are counted (--max-insns), one whose data access faulted was counted before it ran and is
+    counted again: it has not retired (VCPU._restarted); a fetch fault comes before the
+    block runs."""
+    if v._counting is not None and not access & pg.PFERR_FETCH:
+        v._restarted()
     v.set_reg(UC_X86_REG_CR2, v._guest_cr2)
     oe = v._live_oe
     if oe is not None:
@@ -401,7 +406,7 @@ def page_fault(v, uc) -> None:
     if v._harvest_each_exit:
         v.image.harvest_ad()
     if ec & pg.PFERR_P and flip_for(v, va, access):      # (a not-present fault: no spte)
-        _restart(v)
+        _restart(v, access)
         return
     v.walker_stats["shadow_pf"] += 1
     mmu = v.mmu
@@ -412,7 +417,7 @@ def page_fault(v, uc) -> None:
         prepare(v)
         # the new spte's frame may be in the wrong state for this access
         flip_for(v, va, access, scan=True, leaf=leaf)
-        _restart(v)
+        _restart(v, access)
         return
     prepare(v)
     if kind == FILL_GUEST_FAULT:
