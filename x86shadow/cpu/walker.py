@@ -196,9 +196,11 @@ def prepare(v) -> None:
     if not v._hw_paging:
         return
     mmu = v.mmu
+    img = v.image
+    if not mmu.requests and not img._dirty:
+        return                                   # (the root moves only with a request)
     if mmu.requests & REQ_MMU_RELOAD:
         mmu.reload_root()
-    img = v.image
     img.sync()
     if mmu.requests & REQ_ANY_TLB_FLUSH:
         v.service_requests()
@@ -350,6 +352,10 @@ def flip_for(v, va, access, scan=False, leaf=None) -> bool:
     scanned at that address: as in native mode (docs/CPU_MODEL.md)."""
     if not (scan or access & (pg.PFERR_FETCH | pg.PFERR_W)):
         return False
+    if leaf is not None and not access & pg.PFERR_FETCH:
+        spte = list.__getitem__(leaf[0].spt, leaf[1])
+        if (spte & SPTE_FRAME) >> 12 not in v.page_kind:
+            return False                         # a data access to a data frame: nothing
     got = _allowed_by_spte(v, va, access, leaf)
     if got is None:
         return False
