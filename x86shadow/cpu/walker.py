@@ -84,6 +84,7 @@ def setup_walker(v) -> None:
                      ctypes.addressof(v._image_buf))
     v._hw_paging = False              # the hardware walks the image (else: the fill hook)
     v._hw_cr3 = None
+    v._hw_root = None                 # the root the hardware's CR3 was last set for
     v._guest_cr2 = 0
     v._g_cr0 = v._g_cr3 = v._g_cr4 = v._g_efer = 0
     v._hw_fault_rip = None            # RIP of a guest fault raised by the hardware (run loop)
@@ -176,6 +177,7 @@ def apply_hw(v) -> None:
         v.set_reg(UC_X86_REG_CR3, cr3)
         v.set_reg(UC_X86_REG_CR0, g0 | CR0_WP)
         v._hw_cr3 = cr3
+        v._hw_root = v.mmu.root
     else:
         v.set_reg(UC_X86_REG_CR0, g0)
         _write_efer(v, ge)
@@ -192,13 +194,15 @@ def prepare(v) -> None:
     """What must hold before the hardware walks the image again (every emu_start, every
     in-place restart after the core ran): the root reloaded if it was zapped (KVM_REQ_MMU_RELOAD,
     as the fill hook's next hw_fill would), the image synced, the core's TLB flush requests
-    carried out (the whole TLB: scoped flushes are off), the hardware CR3 on the current root."""
+    carried out (whole, but for an invlpg's own spte: invlpg_flush), the hardware CR3 on the
+    current root. Nothing to do (the common case) when nothing is asked, nothing is dirty and
+    the root is the one the hardware's CR3 was set for."""
     if not v._hw_paging:
         return
     mmu = v.mmu
     img = v.image
-    if not mmu.requests and not img._dirty:
-        return                                   # (the root moves only with a request)
+    if not mmu.requests and not img._dirty and mmu.root is v._hw_root:
+        return
     if mmu.requests & REQ_MMU_RELOAD:
         mmu.reload_root()
     img.sync()
@@ -208,6 +212,7 @@ def prepare(v) -> None:
     if cr3 != v._hw_cr3:
         v.set_reg(UC_X86_REG_CR3, cr3)          # (flushes the TLB)
         v._hw_cr3 = cr3
+    v._hw_root = mmu.root
 
 
 def invlpg_flush(v, va, leaf) -> None:
@@ -253,6 +258,7 @@ def cr_write(v, crn, value, address) -> None:
             cr3 = v.image.cr3(mmu)
             v.set_reg(UC_X86_REG_CR3, cr3)
             v._hw_cr3 = cr3
+            v._hw_root = mmu.root
             v.service_requests()
             prepare(v)
             return
