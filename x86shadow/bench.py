@@ -218,13 +218,14 @@ class Run:
 
 def run_once(w: Workload, mode: str, mmu: str, prog_fw, *, ram_mib=128, policy="kvm",
              unsync=None,
-             instrument=False, max_insns=0, keep=False, profiler=None) -> Run:
+             instrument=False, max_insns=0, keep=False, profiler=None, tlb="virtual") -> Run:
     """One fresh machine, one run; only ``Machine.run()`` is timed. Raises BenchError unless the
     guest ends with status 0 and PASS."""
     from .machine import Machine
     prog, fw = prog_fw
     try:
-        m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, unsync=unsync)
+        m = Machine(mode, mmu=mmu, policy=policy, ram_mib=ram_mib, unsync=unsync,
+                    tlb=tlb if mmu == "shadow" else "virtual")
     except ValueError as e:
         raise BenchError(str(e)) from None
     m.load(prog, fw)
@@ -370,7 +371,7 @@ def unsync_variants(policy, unsync) -> tuple:
 
 def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, policy="kvm",
               unsync=None,
-              log=None) -> list:
+              log=None, tlb="virtual") -> list:
     """Run the selected workloads; returns a list of Result (one per workload, mode and shadow
     configuration: two with ``unsync="both"``, whose shadow runs with out-of-sync pages on and off
     alternate with one native run per round, A B C A B C ...)."""
@@ -391,7 +392,7 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
             warm = {}
             for v in variants:
                 warm[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
-                                   unsync=v, instrument=True)
+                                   unsync=v, instrument=True, tlb=tlb)
                 check_reported_ptes(w, n, warm[v], mode, "--mmu shadow" + _unsync_label(v))
             shadow = {v: [] for v in variants}
             last_s = {}
@@ -401,7 +402,7 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
                 log(f"[{mode}] {w.name}: round {r + 1}/{rounds}")
                 for v in variants:
                     last_s[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib,
-                                         policy=policy, unsync=v)
+                                         policy=policy, unsync=v, tlb=tlb)
                     shadow[v].append(last_s[v].seconds)
                 last_n = run_once(w, mode, "native", prog_fw, ram_mib=ram_mib, policy=policy)
                 native.append(last_n.seconds)
@@ -941,6 +942,9 @@ def parts(args) -> tuple:
 
 def main(args) -> int:
     modes = parse_modes(args.mode)
+    tlb = getattr(args, "tlb", "virtual")
+    if tlb == "walker" and (args.growth or args.profile or args.host):
+        raise BenchError("--tlb walker times the workloads only (not --growth, --profile, --host)")
     if args.ram < 64:
         raise BenchError("--ram must be at least 64 (MiB)")
     if args.unsync == "both":
@@ -949,6 +953,8 @@ def main(args) -> int:
                              "--profile (give --unsync on or off)")
         unsync_variants(args.policy, "both")    # a policy with out-of-sync pages
     run_workloads, run_host = parts(args)
+    if tlb == "walker":
+        run_host = False                        # (the host part needs a host memory manager)
     from .progress import progress
     with progress(None, "bench", args.quiet) as bar:
         def log(msg):
@@ -958,6 +964,7 @@ def main(args) -> int:
 
 
 def _main(args, modes, run_workloads, run_host, log) -> int:
+    tlb = getattr(args, "tlb", "virtual")
     if args.json:
         from .outputs import OutputError, check_writable
         try:
@@ -989,10 +996,12 @@ def _main(args, modes, run_workloads, run_host, log) -> int:
         if run_workloads:
             results = run_bench(modes=modes, names=args.workload or (), rounds=rounds,
                                 quick=args.quick, ram_mib=args.ram, policy=args.policy,
-                                unsync=args.unsync, log=log)
+                                unsync=args.unsync, log=log, tlb=tlb)
             print_results(results, rounds=rounds, quick=args.quick)
             doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy,
                           ram_mib=args.ram, unsync=args.unsync)
+            if tlb != "virtual":
+                doc["tlb"] = tlb
         if run_host:
             from . import bench_host
             hb = bench_host.run_host_bench(modes=modes, rounds=rounds, quick=args.quick,

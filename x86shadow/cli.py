@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shadow (our MMU, default) or native (Unicorn's own page walker)")
     r.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="what to do with writes to write-protected guest page tables (default kvm)")
+    _add_tlb(r)
     _add_unsync(r)
     r.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM in MiB (default 128)")
     r.add_argument("--cpu", default="haswell", metavar="MODEL[,+FLAG,-FLAG...]",
@@ -392,6 +393,13 @@ def _smp_config(args):
     return args.vcpus, schedule
 
 
+def _add_tlb(p) -> None:
+    p.add_argument("--tlb", default="virtual", choices=["virtual", "walker"],
+                   help="how the shadow MMU's translations reach the CPU: virtual (a fill hook "
+                        "per TLB miss, default) or walker (Unicorn's walker over an image of "
+                        "the shadow tables; one vCPU, programs, no host memory yet)")
+
+
 def cmd_run(args) -> int:
     from . import stopping
     from .outputs import OutputError, open_output
@@ -456,7 +464,7 @@ def cmd_run(args) -> int:
             m = Machine(guest.mode, mmu=args.mmu, policy=args.policy, ram_mib=args.ram,
                         trace=trace, audit=args.audit, serial_out=serial,
                         unsync=_unsync_arg(args), host=host, cpu=args.cpu,
-                        vcpus=vcpus, schedule=schedule)
+                        vcpus=vcpus, schedule=schedule, tlb=args.tlb)
             guest.load_into(m)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -606,6 +614,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="page-table write policy of the shadow runs (default kvm)")
     _add_unsync(b, both=True)
+    _add_tlb(b)
     b.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (default 128)")
     b.add_argument("--growth", action="store_true",
                    help="instead: the growth sweep (working set, shadow pages, guest RAM; "

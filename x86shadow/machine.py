@@ -23,6 +23,7 @@ from .mmu.audit import AuditError
 
 MODES = ("32", "pae", "64")
 MMUS = ("shadow", "native")
+TLBS = ("virtual", "walker")
 INTERRUPTED_STATUS = 130             # a run stopped from outside (request_stop: Ctrl-C, watchdog)
 VIOLATION_STATUS = 6                 # the host caught the flush-before-free rule broken, or the
                                      # audit an invariant (docs/GUEST_CONTRACT.md)
@@ -104,10 +105,14 @@ class Machine:
     def __init__(self, mode: str | None, *, mmu: str = "shadow", policy=None, ram_mib: int = 128,
                  trace=None, audit: bool = False, serial_out=None, unsync=None,
                  host: HostConfig | None = None, cpu=None, planted_bug: str | None = None,
-                 vcpus: int = 1, schedule=None, scoped_flushes: bool = True):
+                 vcpus: int = 1, schedule=None, scoped_flushes: bool = True,
+                 tlb: str = "virtual"):
         # planted_bug: test-only, breaks the shadow MMU on purpose (mmu/vm_mmu.py PLANTED_BUGS)
         # scoped_flushes: False flushes the whole TLB for every KVM flush, as before
         # (docs/PERFORMANCE.md; for measurements and tests)
+        # tlb: how the shadow MMU's translations reach Unicorn: "virtual" (the fill hook,
+        # default) or "walker" (Unicorn's walker over an image of the shadow tables,
+        # cpu/walker.py; one vCPU, no host memory manager, programs)
         # vcpus, schedule: several vCPUs (docs/SMP.md; schedule: a --schedule string or a
         # vm_scheduler.Schedule, default round robin)
         if mode is not None and mode not in MODES:
@@ -116,6 +121,12 @@ class Machine:
             raise ValueError(f"unknown MMU {mmu!r} (choose from {', '.join(MMUS)})")
         check_ram(mode, ram_mib)
         check_vcpus(vcpus)
+        if tlb not in TLBS:
+            raise ValueError(f"unknown TLB mode {tlb!r} (choose from {', '.join(TLBS)})")
+        if tlb == "walker":
+            from .cpu.walker import check_walker_config
+            check_walker_config(mmu=mmu, mode=mode, vcpus=vcpus, host=host)
+        self.tlb = tlb
         if mode is None and vcpus > 1:
             raise ValueError(f"--vcpus {vcpus}: a kernel runs on one vCPU (starting application "
                              "processors with INIT/SIPI through the APIC is not modelled yet)")
@@ -181,7 +192,15 @@ class Machine:
             if audit:
                 from .mmu.audit import audit as run_audit
                 vm_mmu = self.vm_mmu
-                self.events.subscribe(lambda _kind, _fields: run_audit(vm_mmu), (ev.EXIT,))
+                if tlb == "walker":
+                    def audit_walker(_kind, _fields, vm_mmu=vm_mmu):
+                        # the A/D bits the hardware set in the image belong to the sptes
+                        if vm_mmu.image is not None:
+                            vm_mmu.image.harvest_ad()
+                        run_audit(vm_mmu)
+                    self.events.subscribe(audit_walker, (ev.EXIT,))
+                else:
+                    self.events.subscribe(lambda _kind, _fields: run_audit(vm_mmu), (ev.EXIT,))
         self.policy = self.vm_mmu.policy if self.vm_mmu is not None else None
         self.vcpus = []
         for index in range(vcpus):
@@ -190,7 +209,7 @@ class Machine:
                      events=self.events, bus=self.ports, host_mem=self.host_phys,
                      host_tick=self.host_schedule.tick if self.host_schedule else None,
                      host_rewritten=self.host.pages.rewritten if self.host else None,
-                     cpu=cpu, mmio=self.mmio)
+                     cpu=cpu, mmio=self.mmio, tlb=tlb if mmu == "shadow" else "virtual")
             if self.apic is not None:
                 v.msr_handlers[MSR_IA32_APICBASE] = self.apic.msr()
             v.index = index
@@ -198,7 +217,8 @@ class Machine:
                 v.mmu.tlb_record = {}                 # what its TLB may hold (mmu/audit.py)
             self.vcpus.append(v)
         self.vcpu = self.current_vcpu = self.vcpus[0]
-        if scoped_flushes and self.vm_mmu is not None and vcpus == 1 and self.host is None:
+        if (scoped_flushes and self.vm_mmu is not None and vcpus == 1 and self.host is None
+                and tlb == "virtual"):
             self.vcpu.enable_scoped_flushes()
         self.scheduler = None
         if vcpus > 1:

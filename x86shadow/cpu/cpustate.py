@@ -125,8 +125,15 @@ class CpuState:
         hf = self._u32(self.off.hflags).value
         return 64 if hf & HF_CS64 else 32 if hf & HF_CS32 else 16
 
+    # the field in the live CPU state, when a caller found it (cpu/walker.py find_live_state)
+    live_old_exception = None
+
     def clear_old_exception(self) -> None:
         """Forget the exception in flight so the next native fault is not turned into a #DF."""
+        live = self.live_old_exception
+        if live is not None:
+            live.value = -1
+            return
         self.snapshot()
         ctypes.c_int32.from_address(self.addr + self.off.old_exception).value = -1
         self.uc.context_restore(self.ctx)

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import unicorn.x86_const as xc
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, UC_MODE_64, Uc
-from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
+from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_REG_CR0, UC_X86_REG_CR4,
                                UC_X86_REG_CS, UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX,
                                UC_X86_REG_EDX, UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX,
                                UC_X86_REG_RDX)
@@ -119,7 +119,7 @@ class ModelChecks:
             elif crn == 3:
                 reason = m.cr3_write(value, v.cr4())[1]
             elif crn == 4:
-                reason = m.cr4_write_fault(v.cr4(), value, v.reg(UC_X86_REG_CR3), v.long_mode())
+                reason = m.cr4_write_fault(v.cr4(), value, v.cr3(), v.long_mode())
         elif mn in ("rdmsr", "wrmsr"):
             index = v.reg(UC_X86_REG_ECX) & 0xFFFFFFFF
             if index in v.msr_handlers:

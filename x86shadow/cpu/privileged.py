@@ -26,16 +26,23 @@ _PREFIX64 = _PREFIX32 | frozenset(range(0x40, 0x50))
 # 0F 32 (rdmsr); 0F 01 CA / CB (clac / stac)
 _PATTERN = re.compile(rb"\x0F(?:\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])",
                       re.DOTALL)
+# the same with 0F 20 (mov r, cr: the guest's CR reads) -- --tlb walker, where the hardware's
+# CR0/CR3/CR4 are not the guest's (cpu/walker.py)
+# but not of CR2 (ModRM.reg 2; the CPU ignores ModRM.mod here): the hardware's CR2 is the
+# guest's, and a #PF handler reads it at every fault
+_PATTERN_READS = re.compile(rb"\x0F(?:\x20[^\x10-\x17\x50-\x57\x90-\x97\xD0-\xD7]|\x22|\x30|\x32|"
+                            rb"\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])", re.DOTALL)
 # the mnemonics (capstone's) the hooks act on; any other instruction found at a hooked address
 # just runs
 INTERCEPTED = frozenset({"mov", "invlpg", "wrmsr", "rdmsr", "stac", "clac"})
 
 
-def candidate_offsets(page: bytes, bits: int):
-    """Offsets in a 4 KiB page where an intercepted instruction may start."""
+def candidate_offsets(page: bytes, bits: int, reads: bool = False):
+    """Offsets in a 4 KiB page where an intercepted instruction may start (``reads``: mov from
+    CR too)."""
     prefixes = _PREFIX64 if bits == 64 else _PREFIX32
     out = set()
-    for m in _PATTERN.finditer(page):
+    for m in (_PATTERN_READS if reads else _PATTERN).finditer(page):
         off = m.start()
         out.add(off)
         k = off - 1
@@ -48,8 +55,9 @@ def candidate_offsets(page: bytes, bits: int):
 class Interceptor:
     """Scans executed code pages and keeps one code hook per candidate address."""
 
-    def __init__(self, uc, bits, callback):
+    def __init__(self, uc, bits, callback, reads=False):
         self.uc = uc
+        self.reads = reads
         self.bits = bits
         self.callback = callback
         self._raw = rawhooks.code_callback(uc, callback)    # one C callback for every site
@@ -64,7 +72,7 @@ class Interceptor:
             return False
         self.scanned[va_page] = (gfn, page)
         added = False
-        for off in candidate_offsets(page, self.bits):
+        for off in candidate_offsets(page, self.bits, self.reads):
             va = va_page + off
             if va not in self.hooked:
                 self.hooked.add(va)

@@ -8,13 +8,14 @@ import ctypes
 
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
 
 # the binding's HOOK_TLB_FILL_CFUNC and HOOK_CODE_CFUNC with the handle (and the entry) as plain
 # addresses: ctypes then makes one object per fill (the entry, at its address) instead of three
 _TLB_FILL = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                              ctypes.c_void_p, ctypes.c_void_p)
 _CODE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+_INTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 
 
 def _hand_back(uc, e) -> None:
@@ -48,6 +49,21 @@ def code_callback(uc, hook):
         except BaseException as e:           # noqa: BLE001 - handed back to emu_start
             _hand_back(uc, e)
     return _CODE(call)
+
+
+def intr_callback(uc, hook):
+    """A UC_HOOK_INTR callback: ``hook(uc, intno, None)``, the binding's signature (--tlb
+    walker: every shadow fault arrives here). Keep the returned object alive."""
+    def call(_handle, intno, _key):
+        try:
+            hook(uc, intno, None)
+        except BaseException as e:           # noqa: BLE001 - handed back to emu_start
+            _hand_back(uc, e)
+    return _INTR(call)
+
+
+def add_intr(uc, cfunc) -> None:
+    uc._Uc__do_hook_add(UC_HOOK_INTR, cfunc, 1, 0)
 
 
 def add_tlb_fill(uc, cfunc) -> None:

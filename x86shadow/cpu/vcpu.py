@@ -49,12 +49,14 @@ from ..mmu.vcpu_mmu import (FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED, decode_gues
 from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
+from ..mmu.shadow_walk import shadow_leaf
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from . import rawhooks
 from .cpustate import CpuState, page_flusher, probe_insn_counter_offset, read_insn_counter
 from .delivery import Delivery
 from .model import ModelChecks, make_model
 from .privileged import INTERCEPTED, Interceptor
+from . import walker
 
 EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
@@ -119,13 +121,15 @@ class VCPU:
 
     def __init__(self, mode: str, mem, *, vm_mmu=None, counters: dict, events, bus,
                  crash_gates=frozenset(), host_mem=None, host_tick=None, host_rewritten=None,
-                 cpu=None, mmio=None):
+                 cpu=None, mmio=None, tlb="virtual"):
         """``mem``: guest-physical memory; ``host_mem``: the host memory Unicorn maps as its
         physical space (``mem`` itself unless a host memory manager is under the guest; then
         ``host_tick`` runs the host's due operations where the TLB can be flushed and
         ``host_rewritten`` holds the host pages whose contents the host replaced). ``cpu``: the
         CPU model (a --cpu string, cpu_model.CpuSpec or CpuModel; None: the default). ``mmio``:
-        the VM's MMIO bus (devices/bus.py), whose ranges are mapped as Unicorn MMIO regions."""
+        the VM's MMIO bus (devices/bus.py), whose ranges are mapped as Unicorn MMIO regions.
+        ``tlb``: shadow mode only, "virtual" (the fill hook, default) or "walker" (Unicorn's own
+        walker over the shadow tables' image, cpu/walker.py)."""
         # mode None: a kernel that sets up its own paging and code width (docs/KERNELS.md):
         # Unicorn runs as UC_MODE_64 (its registers are 64 bits wide) and the code width is the
         # guest's, code_bits(); the paging mode follows CR0/CR4/EFER as for every mode
@@ -137,6 +141,11 @@ class VCPU:
         self._rewritten = host_rewritten
         self._in_write_hook = False
         self.shadow = vm_mmu is not None
+        if tlb not in ("virtual", "walker"):
+            raise ValueError(f"unknown TLB mode {tlb!r} (virtual or walker)")
+        if tlb == "walker" and not self.shadow:
+            raise ValueError("--tlb walker needs --mmu shadow")
+        self.walker = tlb == "walker"
         self.counters = counters
         self.events = events
         self.bus = bus
@@ -199,13 +208,20 @@ class VCPU:
                         layout.ALIAS_BASE + host_mem.size - 1)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped, None, layout.HOLE_BASE,
                         layout.HOLE_BASE + 0xFFF)
-            self.interceptor = Interceptor(uc, self.bits, self._privileged)
+            self.interceptor = Interceptor(uc, self.bits, self._privileged, reads=self.walker)
+            if self.walker:
+                walker.setup_walker(self)
         else:
             uc.ctl_set_tlb_mode(UC_TLB_CPU)
             uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped_native, None, mem.size, (1 << 52) - 1)
             uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._fetch_prot)
             self.interceptor = Interceptor(uc, self.bits, self._privileged)
-        uc.hook_add(UC_HOOK_INTR, self._intr)
+        if self.walker:
+            # raw: every shadow fault comes through this hook (the binding's wrapper ~1 us)
+            self._raw_intr = rawhooks.intr_callback(uc, self._intr)
+            rawhooks.add_intr(uc, self._raw_intr)
+        else:
+            uc.hook_add(UC_HOOK_INTR, self._intr)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
@@ -218,6 +234,8 @@ class VCPU:
         else:
             self.R_IP, self.R_SP = UC_X86_REG_EIP, UC_X86_REG_ESP
         self.cpustate = CpuState(uc)
+        if self.walker:
+            walker.find_live_state(self)
         self.delivery = Delivery(self, crash_gates)
         # MSRs a device implements (index -> object with read() -> int and write(value)); the
         # CPU model's MSR rules leave them to it, rdmsr/wrmsr of them are carried out here
@@ -245,6 +263,8 @@ class VCPU:
         for rid in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS):
             uc.reg_write(rid, state.data_sel)
         uc.reg_write(self.R_SP, state.sp)
+        if self.walker:
+            walker.boot(self)
         if self.shadow:
             self._set_context()
         self.pc = state.entry
@@ -355,6 +375,8 @@ class VCPU:
         return m.value
 
     def efer(self) -> int:
+        if self.walker:
+            return self._g_efer          # the guest's (the hardware's has NXE forced)
         if not self.shadow:
             return self._read_efer()
         if self._efer is None:          # shadow mode caches it: every EFER change is intercepted
@@ -384,6 +406,8 @@ class VCPU:
     def _cached_cr(self, attr, rid):
         """CR0/CR4: in shadow mode read once and kept until the next intercepted write (which
         drops the cache); in native mode always read."""
+        if self.walker:
+            return getattr(self, "_g" + attr)   # the guest's (the hardware's: WP / PAE forced)
         value = getattr(self, attr)
         if value is None:
             value = self.reg(rid)
@@ -397,13 +421,19 @@ class VCPU:
     def cr4(self) -> int:
         return self._cached_cr("_cr4", UC_X86_REG_CR4)
 
+    def cr3(self) -> int:
+        """The guest's CR3 (--tlb walker: the hardware's is the shadow root's)."""
+        if self.walker:
+            return self._g_cr3
+        return self.reg(UC_X86_REG_CR3)
+
     def paging_context(self, cr0=None, cr3=None, cr4=None, efer=None, cache_pdptes=False):
         """The guest paging context from the registers, with any of them replaced by a new value.
         ``cache_pdptes``: load the PAE PDPTEs now, as a CR3 load does (the shadow MMU's roots are
         built from them); otherwise the walker reads them from memory, as Unicorn's walker does."""
         if cr0 is None:
             cr0 = self._cached_cr("_cr0", UC_X86_REG_CR0)
-        cr3 = self.reg(UC_X86_REG_CR3) if cr3 is None else cr3
+        cr3 = self.cr3() if cr3 is None else cr3
         if cr4 is None:
             cr4 = self._cached_cr("_cr4", UC_X86_REG_CR4)
         efer = self.efer() if efer is None else efer
@@ -460,6 +490,11 @@ class VCPU:
         mode, the TLB, so that the next fetch fill re-scans a changed code page for privileged
         instructions."""
         self.uc.ctl_flush_tb()
+        if self.walker and self._hw_paging:
+            # no fill comes to re-scan a code page: every frame is data again, so the next
+            # fetch from each faults and scans it (the image re-encoded at the next entry)
+            self.page_kind.clear()
+            self.image.reencode_all()
         if self.shadow:
             self.flush_tlb()
 
@@ -496,7 +531,13 @@ class VCPU:
             self.flush_tlb()
         elif mmu.requests & REQ_TLB_FLUSH_SPTES:
             mmu.requests &= ~REQ_TLB_FLUSH_SPTES
-            self._flush_changed_sptes()
+            if self.walker:
+                # no record of which pages the hardware filled through which sptes: whole
+                # (the invlpg hook carries out its own one-spte case, walker.invlpg_flush)
+                mmu.flush_sptes.clear()
+                self.flush_tlb()
+            else:
+                self._flush_changed_sptes()
 
     def enable_scoped_flushes(self) -> bool:
         """Carry out a flush after a change to some leaf sptes only (REQ_TLB_FLUSH_SPTES) by
@@ -794,11 +835,26 @@ class VCPU:
                 repeats = (gpa, gpa + size)
         w = _new_tuple(TrappedWrite, (gpa, size, value, rip, self.reg(UC_X86_REG_CS) & 3, insn,
                                       restartable, self.counters["exits"]))
+        if self.walker and self._harvest_each_exit:
+            self.image.harvest_ad()
         self._in_write_hook = True
         try:
             outcome = handle_trapped_write(self.mmu, w)
         finally:
             self._in_write_hook = False
+        if self.walker:
+            self.image.sync()             # the hardware walks on through the changed tables
+            if (outcome != REEXECUTE and self.mmu.requests & REQ_ANY_TLB_FLUSH
+                    and repeats is None and tail is None and insn is not None
+                    and insn.kvm_class == "mov" and not self._exited()):
+                # The core wants the TLB flushed (it write-protected sptes: a frame became a
+                # shadowed table) and the CPU cannot flush inside a store; under the walker no
+                # fill comes before the next exit, so stores through a stale writable entry
+                # would bypass the tracking. A plain mov is complete once the core stored its
+                # value: refuse it in Unicorn (nothing more is stored) and go on after it from
+                # the run loop, which flushes first -- KVM's emulated store, then its entry
+                self.stop = ("skip", insn.next_ip)
+                return False
         if outcome == REEXECUTE:
             # refuse the store: Unicorn stops with the instruction not done (measured: memory and
             # registers untouched, RIP on it; an emu_stop() here would let the store through and
@@ -959,6 +1015,8 @@ class VCPU:
                 self.stop = ("emulate", insn.next_ip, lambda: self._device_msr(handler, m))
                 uc.emu_stop()
                 return
+        if self.walker and m not in ("invlpg", "wrmsr") and walker.insn(self, uc, insn, address):
+            return
         if m == "mov" and insn.op_str.startswith("cr3"):
             value = self.reg(_reg_id(insn.op_str.split(",")[1].strip()))
             stored = self.model_checks.cr3_value(value)
@@ -973,8 +1031,12 @@ class VCPU:
         if m == "invlpg":
             va = self._operand_address(insn)
             count_exit(c, self.events, REASON_INVLPG, address, address=va)
+            leaf = shadow_leaf(self.mmu.root, self.mmu.root_level, va) if self.walker else None
             self.mmu.invlpg(va)
             self.mmu.other_exit()
+            if self.walker:
+                walker.invlpg_flush(self, va, leaf)
+                walker.prepare(self)
             return                                    # QEMU executes it and drops its own entry
         if m == "wrmsr":
             if self.reg(_reg_id("ecx")) & 0xFFFFFFFF != EFER:
@@ -989,6 +1051,11 @@ class VCPU:
             if (old ^ new) & EFER_NXE:
                 self.mmu.request(REQ_TLB_FLUSH)       # QEMU does not flush on an NXE change
             self._finish_privileged(uc)
+            if self.walker:
+                # carried out here: the CPU's wrmsr would drop the forced NXE
+                walker.efer_written(self, new)
+                walker.prepare(self)
+                self.set_reg(self.R_IP, insn.next_ip)
             return
         if m != "mov":
             return
@@ -1092,7 +1159,9 @@ class VCPU:
         """Exceptions and software interrupts Unicorn raised (it never uses the guest IDT)."""
         if self.stop is not None:
             return                  # the guest already asked to stop (exit port) in this block
-        if intno == VEC_PF:                      # native mode: QEMU's walker raised it
+        if intno == VEC_PF and self.walker and self._hw_paging:
+            walker.page_fault(self, uc)          # the hardware walking the shadow tables
+        elif intno == VEC_PF:                    # native mode: QEMU's walker raised it
             self._event(uc, VEC_PF, self.cpustate.error_code(), cr2=self.reg(UC_X86_REG_CR2))
         elif self._exception_is_int():
             self._event(uc, intno, soft=True)    # int n / int3 / into: RIP is the next insn
@@ -1136,6 +1205,8 @@ class VCPU:
             self.events.emit(ev.KVM_PIO, rw="write", port=port, size=size, value=value)
         if self.shadow:
             self.mmu.other_exit()
+            if self.walker:
+                walker.prepare(self)
         if self._host_tick is not None:
             self._host_tick()
         if dev is not None:
@@ -1152,6 +1223,8 @@ class VCPU:
         count_exit(c, self.events, REASON_IO, self.rip, port=port, size=size, write=False)
         if self.shadow:
             self.mmu.other_exit()
+            if self.walker:
+                walker.prepare(self)
         if self._host_tick is not None:
             self._host_tick()
         value = self.bus.read(port, size)
@@ -1217,6 +1290,9 @@ class VCPU:
             self.retry_page = None
             self._byte_repeat = None
             self.exec_page = None
+            if self.walker:
+                self._hw_fault_rip = None
+                walker.prepare(self)
             try:
                 if max_insns:
                     left = max_insns - self.insns
@@ -1245,6 +1321,8 @@ class VCPU:
                     # failed, so surface the real exception (our bug or an audit failure)
                     raise uc._hook_exception from None
                 err = e
+            if self.walker and self._harvest_each_exit and self._hw_paging:
+                self.image.harvest_ad()
             if self.exec_page is not None and self.stop is None:
                 self._exec_page(self.exec_page)
                 pc = self.rip()
@@ -1276,11 +1354,18 @@ class VCPU:
                         rip=self.rip()))
                 if self._parked:
                     self.flush_tlb()                      # drop the hole mapping
+                hw = self.walker and self._hw_fault_rip is not None
+                if hw:
+                    uc.reg_write(self.R_IP, self._hw_fault_rip)
                 try:
+                    # (a fault the hardware raised, --tlb walker: QEMU's exception in flight
+                    # must be forgotten, as in native mode)
                     pc = self.delivery.raise_exception(pf[0], pf[1], cr2=pf[2],
-                                                       native=not self.shadow)
+                                                       native=not self.shadow or hw)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
+                if self.walker:
+                    self._guest_cr2 = self.reg(UC_X86_REG_CR2)
                 if self.shadow:
                     self.service_requests()               # the frame may have hit a page table
                 continue
@@ -1317,8 +1402,15 @@ class VCPU:
                                                        return_rip=rip)
                 except GuestCrash as crash:
                     return self._crash_exit(crash)
+                if self.walker:
+                    self._guest_cr2 = self.reg(UC_X86_REG_CR2)
                 if self.shadow:
                     self.mmu.other_exit()
+                continue
+            if stop is not None and stop[0] == "skip":
+                self.service_requests()           # (--tlb walker: a trapped mov completed)
+                pc = stop[1]
+                uc.reg_write(self.R_IP, pc)
                 continue
             if stop is not None and stop[0] == "reexec":
                 if max_insns:

@@ -172,6 +172,9 @@ class ShadowTableImage:
         self._by_slot: dict = {}                # slot -> _Spt of the page that owns it
         self._dirty: list = []                  # _Spt with dirty entries
         self.grown = 0                          # times the arena had to grow (no slot free)
+        # the CPU adapter's code/data state of frames (pfn -> 1 code, 2 mixed, absent data:
+        # cpu/vcpu.py page_kind), or None: no per-frame transform (frame_changed, encode_leaf)
+        self.frame_kind = None
         vm.image = self
         for sp in vm.hash.values():
             self.page_created(sp)
@@ -274,8 +277,23 @@ class ShadowTableImage:
                     self._dirty.append(spt)
                 d.add(idx)
 
+    def frame_changed(self, gfn) -> None:
+        """gfn's code/data state (``frame_kind``) changed: its leaf sptes change encoding."""
+        self.gfn_retracked(gfn)
+
+    def reencode_all(self) -> None:
+        """Every present entry dirty (a new ``frame_kind``, or its contents reset)."""
+        for spt in self._by_slot.values():
+            d = spt.dirty
+            was = bool(d)
+            d.update(i for i, e in enumerate(list.__iter__(spt)) if e & SPTE_P)
+            if d and not was:
+                self._dirty.append(spt)
+
     # ------------------------------------------------------------------ encoding
-    def encode_leaf(self, spt, idx) -> int:
+    def encode_leaf(self, spt, idx, transform: bool = True) -> int:
+        """The image entry of leaf spt[idx] (``transform`` False: without the code/data split
+        of ``frame_kind``: what the hardware would be allowed through the spte alone)."""
         spte = list.__getitem__(spt, idx)
         if not spte & SPTE_P:
             spt.gw.pop(idx, None)
@@ -289,6 +307,19 @@ class ShadowTableImage:
             e |= ALIAS
             if writable:
                 e |= SPTE_W | SPTE_D
+        kinds = self.frame_kind
+        if kinds is not None and transform:
+            # the hardware-walk adapter's code/data split (cpu/vcpu.py, tlb="walker"): a data
+            # frame's leaves NX (QEMU's inline store path needs a non-executable TLB entry,
+            # docs/PERFORMANCE.md probe 4g), a code frame's without W (a store to it must exit
+            # so that its translated code goes and it is scanned again); a mixed frame as the
+            # spte is. The first fetch from a data frame / store to a code frame is a #PF the
+            # adapter answers by flipping the frame (ours, not KVM's: KVM needs no such split)
+            k = kinds.get((spte & SPTE_FRAME) >> 12, 0)
+            if k == 0:
+                e |= SPTE_NX
+            elif k == 1:
+                e &= ~SPTE_W
         return e
 
     def encode_nonleaf(self, spt, idx) -> int:
@@ -314,13 +345,38 @@ class ShadowTableImage:
             if spt.slot < 0:
                 continue
             b = spt.slot * 512
-            enc = self.encode_leaf if spt.kind == KIND_LEAF else self.encode_nonleaf
+            leaf = spt.kind == KIND_LEAF
+            enc = self.encode_leaf if leaf else self.encode_nonleaf
             for i in idxs:
+                if leaf and q[b + i] != wq[b + i]:
+                    # A/D the hardware set since the last sync/harvest on an entry the core
+                    # rewrote: kept in the core (not dropped by the re-encode), as KVM's
+                    # mmu_spte_update keeps the volatile A/D bits of the old spte
+                    # (arch/x86/kvm/mmu/mmu.c, v6.x: spte_has_volatile_bits)
+                    self._merge_hw(spt, i, q[b + i], wq[b + i])
                 v = enc(spt, i)
                 q[b + i] = v
                 wq[b + i] = v
             n += len(idxs)
         return n
+
+    def _merge_hw(self, spt, i, now, was) -> bool:
+        """OR the A/D bits the hardware set in leaf entry i (``now``, against ``was`` as
+        written) into the core's spte, without marking it dirty; True if it gained a bit. Not
+        when the core's spte no longer maps the frame the hardware went through."""
+        diff = now ^ was
+        if diff & ~_AD or now & diff != diff or spt.kind != KIND_LEAF:
+            raise MMUError(f"the hardware changed {spt.page}[{i}] from {was:#x} to "
+                           f"{now:#x} (only A/D of a leaf may change)")
+        core = list.__getitem__(spt, i)
+        add = diff & SPTE_A
+        if diff & SPTE_D and core & SPTE_W:
+            add |= SPTE_D
+        if (core & SPTE_P and (core & SPTE_FRAME) == (was & SPTE_FRAME & ~ALIAS)
+                and add & ~core):
+            list.__setitem__(spt, i, core | add)
+            return True
+        return False
 
     # ------------------------------------------------------------------ the hardware's A/D
     def harvest_ad(self) -> int:
@@ -338,20 +394,15 @@ class ShadowTableImage:
                 now, was = q[b + i], wq[b + i]
                 if now == was:
                     continue
-                diff = now ^ was
-                if diff & ~_AD or now & diff != diff or spt.kind != KIND_LEAF:
+                if spt.kind != KIND_LEAF:
                     raise MMUError(f"the hardware changed {spt.page}[{i}] from {was:#x} to "
                                    f"{now:#x} (only A/D of a leaf may change)")
-                core = list.__getitem__(spt, i)
-                add = diff & SPTE_A
-                if diff & SPTE_D and core & SPTE_W:
-                    add |= SPTE_D
-                if (core & SPTE_P and (core & SPTE_FRAME) == (was & SPTE_FRAME & ~ALIAS)
-                        and add & ~core):
-                    spt[i] = core | add              # (marks it dirty: re-encoded at sync)
+                if self._merge_hw(spt, i, now, was):
                     n += 1
-                else:
-                    spt.__setitem__(i, core)         # re-encode what the core holds
+                # accounted for: a later sync() of this entry must not merge them again (the
+                # core may clear A after this, aging)
+                wq[b + i] = now
+                spt.__setitem__(i, list.__getitem__(spt, i))   # re-encode what the core holds
         return n
 
     # ------------------------------------------------------------------ checking
