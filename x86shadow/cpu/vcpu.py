@@ -509,6 +509,8 @@ class VCPU:
         if self._tlb_leaves:
             self._tlb_leaves.clear()
         self._leaves_exact = True
+        if self.mmu is not None:
+            self.mmu.write_removed = False
 
     def flush_tlb(self):
         self._check_flush_allowed()
@@ -569,6 +571,7 @@ class VCPU:
             if va is not None:
                 flush(va)
         sptes.clear()
+        mmu.write_removed = False
         self.counters["tlb_flush"] += 1           # KVM's one flush, however it is carried out
 
     # ------------------------------------------------------------------ shadow-mode hooks
@@ -844,17 +847,21 @@ class VCPU:
             self._in_write_hook = False
         if self.walker:
             self.image.sync()             # the hardware walks on through the changed tables
-            if (outcome != REEXECUTE and self.mmu.requests & REQ_ANY_TLB_FLUSH
-                    and repeats is None and tail is None and insn is not None
-                    and insn.kvm_class == "mov" and not self._exited()):
-                # The core wants the TLB flushed (it write-protected sptes: a frame became a
-                # shadowed table) and the CPU cannot flush inside a store; under the walker no
-                # fill comes before the next exit, so stores through a stale writable entry
-                # would bypass the tracking. A plain mov is complete once the core stored its
-                # value: refuse it in Unicorn (nothing more is stored) and go on after it from
-                # the run loop, which flushes first -- KVM's emulated store, then its entry
-                self.stop = ("skip", insn.next_ip)
-                return False
+        if (outcome != REEXECUTE and self.mmu.requests & REQ_ANY_TLB_FLUSH
+                and (self.walker or self.mmu.write_removed)
+                and repeats is None and tail is None and insn is not None
+                and insn.kvm_class == "mov" and not self._exited()):
+            # The core wants the TLB flushed and the CPU cannot flush inside a store. Under the
+            # walker no fill comes before the next exit; under the fill hook the flush waits
+            # for the next fill -- and when it takes W away (a frame became a shadowed table),
+            # the stores after this one through a TLB entry that still maps the frame writable
+            # would bypass the tracking (found by the walker: ptwrites --mode pae, a store to
+            # the PDPT in use makes a new shadowed directory, which the guest then fills with
+            # plain movs). A plain mov is complete once the core stored its value: refuse it
+            # in Unicorn (nothing more is stored) and go on after it from the run loop, which
+            # flushes first -- KVM's emulated store, then vcpu_enter_guest's flush
+            self.stop = ("skip", insn.next_ip)
+            return False
         if outcome == REEXECUTE:
             # refuse the store: Unicorn stops with the instruction not done (measured: memory and
             # registers untouched, RIP on it; an emu_stop() here would let the store through and

@@ -205,6 +205,7 @@ class Xen33Rules(UnsyncRules):
             if f is not None:
                 _remove_write(f, gfn)
         vm.write_protect(gfn)
+        vm.note_write_removed()      # (the fixups lost W above, write_protect the rest)
         # "always flush the TLBs on resync" (_sh_resync -> flush_tlb_mask(d->domain_dirty_cpumask))
         vm.flush_remote_tlbs()
         self._refresh(mmu, slot, reason)

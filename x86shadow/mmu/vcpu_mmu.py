@@ -96,7 +96,7 @@ class VcpuMmu:
     __slots__ = ("vm", "id", "mem", "counters", "events", "policy", "policy_state",
                  "write_fault_state", "ctx", "fmt", "root", "root_level", "pdpt_gfn", "requests",
                  "guest_rip", "oos", "tlb_pfns", "flush_hw_tlb", "retrying", "mode",
-                 "tlb_record", "flush_sptes", "filled_leaf")
+                 "tlb_record", "flush_sptes", "filled_leaf", "write_removed")
 
     def __init__(self, vm, vcpu_id: int = 0):
         self.vm = vm
@@ -131,6 +131,11 @@ class VcpuMmu:
         # the leaf spte the last successful hw_fill translated through, (page, index); None
         # when paging is off (the CPU adapter's record for scoped flushes)
         self.filled_leaf = None
+        # a TLB flush is owed that takes W away from some spte (write protection, a resync, a
+        # rebuilt spte): until the CPU has flushed, a TLB entry may still let stores through to
+        # a frame that must trap (the CPU adapter flushes before the guest goes on after a
+        # trapped store: VCPU._write_trap); cleared by the adapter at its flush
+        self.write_removed = False
 
     def _flush_model_tlb(self) -> None:
         if self.tlb_pfns:

@@ -145,6 +145,12 @@ class VmMmu:
         if self.request_all(REQ_TLB_FLUSH):
             self.counters["remote_tlb_flush"] += 1
 
+    def note_write_removed(self) -> None:
+        """Sptes just lost W and a flush of them was requested: every vCPU must flush before
+        its guest goes on (VcpuMmu.write_removed)."""
+        for v in self.vcpus:
+            v.write_removed = True
+
     def flush_leaf_sptes(self, sptes) -> None:
         """kvm_flush_remote_tlbs after a change to the leaf sptes ``sptes`` ((page, index)
         pairs) alone. The same request as flush_remote_tlbs() for the model (KVM flushes the
@@ -265,6 +271,7 @@ class VmMmu:
         if changed:
             # 2.6.28 kvm_mmu_get_page / 6.x kvm_mmu_alloc_shadow_page -> account_shadowed:
             # rmap_write_protect, then kvm_flush_remote_tlbs
+            self.note_write_removed()
             self.flush_leaf_sptes(changed)
 
     # ------------------------------------------------------------------ shadow pages
@@ -503,6 +510,8 @@ class VmMmu:
                 self.flush_leaf_sptes(((sp, idx),))   # mmu_set_spte: a new pfn -> remote flush
             elif (old & SPTE_FRAME) != (spte & SPTE_FRAME) or (old & SPTE_W and not spte & SPTE_W):
                 # mmu_set_spte / mmu_spte_update (3.x+): a W removed -> kvm_flush_remote_tlbs
+                if old & SPTE_W and not spte & SPTE_W:
+                    self.note_write_removed()
                 self.flush_leaf_sptes(((sp, idx),))
         else:
             self.rmap[gfn][(sp, idx)] = None
