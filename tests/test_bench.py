@@ -228,3 +228,31 @@ def test_bad_options_exit_2_without_traceback(args, message):
     assert r.stderr.startswith("x86shadow: error:") or "\nx86shadow: error:" in r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tlb_both_runs_the_fill_hook_and_the_walker_side_by_side(tmp_path):
+    path = tmp_path / "b.json"
+    r = bench("--quick", "--silent", "--mode", "64", "--tlb", "both", "--workload",
+              "tlb-miss-heavy", "--json", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--tlb both: the fill hook (virtual) and Unicorn's walker" in r.stdout
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["tlb"] == "both"
+    rows = {(row["name"], row["tlb"]): row for row in doc["workloads"]}
+    v, w = rows[("tlb-miss-heavy", "virtual")], rows[("tlb-miss-heavy", "walker")]
+    # the same guest and exits; the walker's refills never reach the Python fill hook
+    assert v["exits"] == w["exits"]
+    assert w["events"]["tlb_fill"] < v["events"]["tlb_fill"] / 10
+    (cmp,) = [c for c in doc["tlb_compare"] if c["name"] == "tlb-miss-heavy"]
+    assert cmp["virtual_ratio"] == v["ratio"] and cmp["walker_ratio"] == w["ratio"]
+    assert cmp["goal_ratio"] == 2.0 and cmp["walker_met"] == (w["ratio"] <= 2.0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--tlb", "both", "--unsync", "both"), "not both at once"),
+    (("--tlb", "both", "--host"), "times the workloads only"),
+    (("--tlb", "walker", "--growth"), "times the workloads only"),
+])
+def test_tlb_option_errors(args, words):
+    r = bench("--quick", "--silent", *args)
+    assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr

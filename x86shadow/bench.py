@@ -319,6 +319,7 @@ class Result:
     fills: int | None
     cr3: int | None
     unsync: bool = False     # out-of-sync pages on in the shadow runs
+    tlb: str = "virtual"     # how the shadow runs' translations reach the CPU (--tlb)
     us: dict = field(default_factory=dict)            # kind -> shadow us/event
     us_native: dict = field(default_factory=dict)     # kind -> native us/event
     us_overhead: dict = field(default_factory=dict)   # kind -> shadow - native us/event
@@ -378,8 +379,12 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
     log = log or (lambda msg: None)
     if rounds < 1:
         raise BenchError("--rounds must be at least 1")
-    variants = unsync_variants(policy, unsync)
-    both = len(variants) > 1
+    tlbs = tlb_variants(tlb)
+    if len(tlbs) > 1 and unsync == "both":
+        raise BenchError("give --tlb both or --unsync both, not both at once")
+    # the shadow configurations, each run once per round: (unsync, tlb)
+    variants = tuple((u, t) for u in unsync_variants(policy, unsync) for t in tlbs)
+    both = unsync == "both"
     wls = select(names)
     results = []
     for mode in modes:
@@ -392,8 +397,9 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
             warm = {}
             for v in variants:
                 warm[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib, policy=policy,
-                                   unsync=v, instrument=True, tlb=tlb)
-                check_reported_ptes(w, n, warm[v], mode, "--mmu shadow" + _unsync_label(v))
+                                   unsync=v[0], instrument=True, tlb=v[1])
+                check_reported_ptes(w, n, warm[v], mode, "--mmu shadow" + _unsync_label(v[0])
+                                    + ("" if v[1] == "virtual" else f" --tlb {v[1]}"))
             shadow = {v: [] for v in variants}
             last_s = {}
             native = []
@@ -402,16 +408,26 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
                 log(f"[{mode}] {w.name}: round {r + 1}/{rounds}")
                 for v in variants:
                     last_s[v] = run_once(w, mode, "shadow", prog_fw, ram_mib=ram_mib,
-                                         policy=policy, unsync=v, tlb=tlb)
+                                         policy=policy, unsync=v[0], tlb=v[1])
                     shadow[v].append(last_s[v].seconds)
                 last_n = run_once(w, mode, "native", prog_fw, ram_mib=ram_mib, policy=policy)
                 native.append(last_n.seconds)
             for v in variants:
                 results.append(Result(w, mode, n, insns, method, shadow[v], native,
                                       last_s[v].counters, last_n.counters, warm[v].fills,
-                                      warm[v].cr3, unsync=_unsync_on(policy, v)))
+                                      warm[v].cr3, unsync=_unsync_on(policy, v[0]), tlb=v[1]))
     derive_costs(results)
     return results
+
+
+def tlb_variants(tlb) -> tuple:
+    """The --tlb values the shadow runs use: "both" is the fill hook and the walker side by
+    side (each run once per round, alternating with the native run)."""
+    if tlb == "both":
+        return ("virtual", "walker")
+    if tlb not in ("virtual", "walker"):
+        raise BenchError(f"unknown --tlb {tlb!r} (virtual, walker or both)")
+    return (tlb,)
 
 
 def _unsync_label(v) -> str:
@@ -421,11 +437,11 @@ def _unsync_label(v) -> str:
 def derive_costs(results) -> None:
     """Per-event costs by differential measurement against each workload's baseline (measured in
     the same mode and shadow configuration)."""
-    by = {(r.w.name, r.mode, r.unsync): r for r in results}
+    by = {(r.w.name, r.mode, r.unsync, r.tlb): r for r in results}
     for r in results:
         if not r.w.event or not r.w.baseline:
             continue
-        b = by.get((r.w.baseline, r.mode, r.unsync))
+        b = by.get((r.w.baseline, r.mode, r.unsync, r.tlb))
         if b is None:
             continue
         k = r.w.event
@@ -450,13 +466,14 @@ def exit_costs(results) -> list:
                         "shadow_us": round(us, 3), "native_us": round(r.us_native[k], 3),
                         "overhead_us": round(r.us_overhead[k], 3), "target_us": kind.target_us,
                         "met": None if kind.target_us is None else us <= kind.target_us,
-                        "unsync": r.unsync})
+                        "unsync": r.unsync, "tlb": r.tlb})
     for r in results:
         goal = ratio_goal(r)
         if goal is not None:
             out.append({"kind": "ratio", "label": f"{r.w.name} shadow/native", "mode": r.mode,
                         "measured_by": r.w.name, "ratio": round(r.ratio, 3),
-                        "target_ratio": goal, "met": r.ratio <= goal, "unsync": r.unsync})
+                        "target_ratio": goal, "met": r.ratio <= goal, "unsync": r.unsync,
+                        "tlb": r.tlb})
     return out
 
 
@@ -536,6 +553,7 @@ def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
             "shadow_runs_s": [_r(x) for x in r.shadow], "native_runs_s": [_r(x) for x in r.native],
             "counters": r.counters,
             "unsync": r.unsync,
+            "tlb": r.tlb,
             "ptes_written": r.ptes,
             "ptes_written_method": PTES_METHOD_REPORTED if r.w.reports_ptes else PTES_METHOD,
             "us_per_pte": _r(r.us_per_pte, 3), "native_us_per_pte": _r(r.native_us_per_pte, 3),
@@ -548,6 +566,8 @@ def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
         "meta": {
             "rounds": rounds, "quick": quick, "policy": policy, "ram_mib": ram_mib,
             "unsync": "both" if unsync == "both" else _unsync_on(policy, unsync),
+            "tlb": "both" if len({r.tlb for r in results}) > 1 else
+                   (results[0].tlb if results else "virtual"),
             "timing": "wall time of Machine.run() only (no assembly, no machine creation); "
                       "medians of the rounds, shadow and native runs alternating",
             "us_per_exit": "shadow us per event = (shadow_s - shadow_s(baseline)) / "
@@ -563,6 +583,8 @@ def to_json(results, *, rounds, quick, policy, ram_mib, unsync=None) -> dict:
     }
     if unsync == "both":
         doc["unsync_compare"] = unsync_compare(results)
+    if doc["meta"]["tlb"] == "both":
+        doc["tlb_compare"] = tlb_compare(results)
     return doc
 
 
@@ -609,6 +631,9 @@ def print_results(results, *, rounds, quick, file=None) -> None:
             ("exits", "right"), ("exit mix (shadow)", "left"), ("us/exit by kind", "left")]
     if both:
         cols.insert(2, ("unsync", "left"))
+    tlb_col = any(r.tlb != "virtual" for r in results)
+    if tlb_col:
+        cols.insert(2, ("tlb", "left"))
     for col, j in cols:
         t.add_column(col, justify=j, no_wrap=True)
     for r in results:
@@ -628,10 +653,15 @@ def print_results(results, *, rounds, quick, file=None) -> None:
                  mix or "-", usk]
         if both:
             cells.insert(2, _on_off(r.unsync))
+        if tlb_col:
+            cells.insert(2, r.tlb)
         t.add_row(*cells)
     con.print(t)
     if both:
         print_unsync_compare(pairs, con)
+    tlb_pairs = tlb_compare(results)
+    if tlb_pairs:
+        print_tlb_compare(tlb_pairs, con)
     # the per-event costs (the ratio goals are the first table's goal column)
     costs = [c for c in exit_costs(results) if c["kind"] != "ratio"]
     if costs:
@@ -642,6 +672,8 @@ def print_results(results, *, rounds, quick, file=None) -> None:
                 ("target", "right"), ("met", "left")]
         if both:
             cols.insert(2, ("unsync", "left"))
+        if tlb_col:
+            cols.insert(2, ("tlb", "left"))
         for col, j in cols:
             t2.add_column(col, justify=j, no_wrap=True)
         for c in costs:
@@ -652,6 +684,8 @@ def print_results(results, *, rounds, quick, file=None) -> None:
                      "-" if c["met"] is None else ("yes" if c["met"] else "NO")]
             if both:
                 cells.insert(2, _on_off(c["unsync"]))
+            if tlb_col:
+                cells.insert(2, c["tlb"])
             t2.add_row(*cells)
         con.print(t2)
     if hasattr(os, "getloadavg"):
@@ -663,6 +697,44 @@ def print_results(results, *, rounds, quick, file=None) -> None:
               "its baseline (table below); 'all' = (shadow_s - native_s) / exits.  goal: "
               "the speed goal of issue 16 (shadow/native at full size; a --quick run means "
               "little).")
+
+
+def tlb_compare(results) -> list:
+    """--tlb both: per workload and mode, the fill hook's and the walker's ratio side by side
+    (each against the native runs of the same rounds) and the goal."""
+    virt = {(r.w.name, r.mode): r for r in results if r.tlb == "virtual"}
+    out = []
+    for r in results:
+        v = virt.get((r.w.name, r.mode)) if r.tlb == "walker" else None
+        if v is None:
+            continue
+        goal = ratio_goal(v)
+        out.append({"name": r.w.name, "mode": r.mode, "goal_ratio": goal,
+                    "virtual_ratio": _r(v.ratio, 3), "walker_ratio": _r(r.ratio, 3),
+                    "virtual_met": None if goal is None else v.ratio <= goal,
+                    "walker_met": None if goal is None else r.ratio <= goal,
+                    "walker_over_virtual": _r(r.shadow_s / v.shadow_s, 3) if v.shadow_s else None,
+                    "virtual_exits": v.exits, "walker_exits": r.exits})
+    return out
+
+
+def print_tlb_compare(rows, con) -> None:
+    from rich.table import Table
+    t = Table(title="--tlb both: the fill hook (virtual) and Unicorn's walker over the shadow "
+                    "tables (walker), same rounds, same native runs", title_justify="left")
+    for col, j in (("workload", "left"), ("mode", "left"), ("goal", "left"),
+                   ("virtual: ratio", "right"), ("walker: ratio", "right"),
+                   ("walker s / virtual s", "right"), ("exits virtual / walker", "right")):
+        t.add_column(col, justify=j, no_wrap=True)
+
+    def cell(ratio, met):
+        return f"{ratio:.2f}" + ("" if met is None else (" met" if met else " NOT met"))
+    for c in rows:
+        t.add_row(c["name"], c["mode"], "-" if c["goal_ratio"] is None else f"<= {c['goal_ratio']:g}",
+                  cell(c["virtual_ratio"], c["virtual_met"]), cell(c["walker_ratio"], c["walker_met"]),
+                  "-" if c["walker_over_virtual"] is None else f"{c['walker_over_virtual']:.2f}",
+                  f"{_fmt_count(c['virtual_exits'])} / {_fmt_count(c['walker_exits'])}")
+    con.print(t)
 
 
 def print_unsync_compare(pairs, con) -> None:
@@ -943,8 +1015,11 @@ def parts(args) -> tuple:
 def main(args) -> int:
     modes = parse_modes(args.mode)
     tlb = getattr(args, "tlb", "virtual")
-    if tlb == "walker" and (args.growth or args.profile or args.host):
-        raise BenchError("--tlb walker times the workloads only (not --growth, --profile, --host)")
+    if tlb != "virtual" and (args.growth or args.profile or args.host):
+        raise BenchError(f"--tlb {tlb} times the workloads only (not --growth, --profile, "
+                         "--host)")
+    if tlb == "both" and args.unsync == "both":
+        raise BenchError("give --tlb both or --unsync both, not both at once")
     if args.ram < 64:
         raise BenchError("--ram must be at least 64 (MiB)")
     if args.unsync == "both":
@@ -953,7 +1028,7 @@ def main(args) -> int:
                              "--profile (give --unsync on or off)")
         unsync_variants(args.policy, "both")    # a policy with out-of-sync pages
     run_workloads, run_host = parts(args)
-    if tlb == "walker":
+    if tlb != "virtual":
         run_host = False                        # (the host part needs a host memory manager)
     from .progress import progress
     with progress(None, "bench", args.quiet) as bar:
@@ -1000,8 +1075,6 @@ def _main(args, modes, run_workloads, run_host, log) -> int:
             print_results(results, rounds=rounds, quick=args.quick)
             doc = to_json(results, rounds=rounds, quick=args.quick, policy=args.policy,
                           ram_mib=args.ram, unsync=args.unsync)
-            if tlb != "virtual":
-                doc["tlb"] = tlb
         if run_host:
             from . import bench_host
             hb = bench_host.run_host_bench(modes=modes, rounds=rounds, quick=args.quick,

@@ -393,11 +393,13 @@ def _smp_config(args):
     return args.vcpus, schedule
 
 
-def _add_tlb(p) -> None:
-    p.add_argument("--tlb", default="virtual", choices=["virtual", "walker"],
+def _add_tlb(p, both=False) -> None:
+    p.add_argument("--tlb", default="virtual",
+                   choices=["virtual", "walker"] + (["both"] if both else []),
                    help="how the shadow MMU's translations reach the CPU: virtual (a fill hook "
                         "per TLB miss, default) or walker (Unicorn's walker over an image of "
-                        "the shadow tables; one vCPU, programs, no host memory yet)")
+                        "the shadow tables; one vCPU, programs, no host memory yet)"
+                        + ("; both: the two side by side in one run" if both else ""))
 
 
 def cmd_run(args) -> int:
@@ -614,7 +616,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--policy", default="kvm", choices=_policy_names(),
                    help="page-table write policy of the shadow runs (default kvm)")
     _add_unsync(b, both=True)
-    _add_tlb(b)
+    _add_tlb(b, both=True)
     b.add_argument("--ram", type=int, default=128, metavar="MIB", help="guest RAM (default 128)")
     b.add_argument("--growth", action="store_true",
                    help="instead: the growth sweep (working set, shadow pages, guest RAM; "
