@@ -88,10 +88,9 @@ def setup_walker(v) -> None:
     v._guest_cr2 = 0
     v._g_cr0 = v._g_cr3 = v._g_cr4 = v._g_efer = 0
     v._hw_fault_rip = None            # RIP of a guest fault raised by the hardware (run loop)
-    mod = type(vm.policy).__module__
     # the kvm-2008 family reads spte A bits (policies/kvm2008.py): the walker's must be in
     # the core before it runs (harvest_ad at every exit); kvm/xen read none
-    v._harvest_each_exit = mod.endswith("kvm2008")
+    v._harvest_each_exit = vm.policy.reads_spte_accessed
     # a flush after a change to va's spte alone (an invlpg's) as QEMU's per-page flush: the
     # core then says which sptes changed (REQ_TLB_FLUSH_SPTES, VmMmu.flush_leaf_sptes)
     from .cpustate import page_flusher

@@ -44,6 +44,9 @@ class Policy:
     # a shadow fault on a 4 KiB page also builds sptes for the neighbours in its aligned block
     # of guest ptes (modern KVM's FNAME(pte_prefetch): VcpuMmu._pte_prefetch); 0: none
     fault_prefetch = False
+    # the policy's rules read spte A bits (the CPU adapter must have the hardware's in the core
+    # before each exit's rules run: --tlb walker harvests them)
+    reads_spte_accessed = False
 
     def new_state(self):
         """The per-vCPU state of this policy's heuristics (None: it keeps none)."""

@@ -33,6 +33,7 @@ class Kvm2008State:
 class Kvm2008(Policy):
     name = "kvm-2008"
     walker_dirty_is_pte_write = True      # K25 FNAME(walk_addr): D set by cmpxchg -> pte write
+    reads_spte_accessed = True            # last_pte_updated's accessed test (the flood rule)
     access_fix = False
 
     def new_state(self):
