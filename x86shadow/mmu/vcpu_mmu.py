@@ -559,15 +559,23 @@ class VcpuMmu:
                 vm.set_spte(self, sp, i, gfn, access, True, False, False, speculative=True,
                             pfn=p.pfn, host_writable=p.writable)
             return
+        # (written for speed: this runs after every shadow fault, and most stop at the first
+        # candidate)
+        for first in range(base, base + PTE_PREFETCH_NUM):
+            if first != sidx and not spt[first] & SPTE_P:
+                break
+        else:
+            return                       # the rest of the block is present already
         fmt = self.fmt
         ctx = self.ctx
         mem = vm.mem
         size = fmt.pte_size
-        gpa = sp.gpte_gpa(base)
+        read = mem.read64 if size == 8 else mem.read32
+        gpa = sp.gpte_gpa(first)
         role_access = sp.role.access
-        for i in range(base, base + PTE_PREFETCH_NUM):
+        for i in range(first, base + PTE_PREFETCH_NUM):
             if i != sidx and not spt[i] & SPTE_P:
-                gpte = fmt.read_pte(mem, gpa)
+                gpte = read(gpa)
                 if prefetch_invalid_gpte(ctx, gpte):
                     return
                 gfn = fmt.leaf_frame(gpte) >> 12
