@@ -259,3 +259,16 @@ def test_counted_instructions_are_the_fill_adapters(name, mode):
         assert m.run(max_insns=10 ** 8).status == 0
         counts.append(m.counters["guest_insns"])
     assert counts[0] == counts[1]
+
+
+def test_the_scan_finds_overlapping_candidates_and_skips_cr2_reads():
+    # cpu/privileged.py: a candidate consumes only its 0F, so bytes that are one instruction's
+    # tail and the next one's start are both found; under the walker mov-from-CR0/CR3/CR4 are
+    # candidates, mov-from-CR2 is not (the hardware's CR2 is the guest's)
+    from x86shadow.cpu.privileged import candidate_offsets
+    pad = bytes(4096)
+    assert candidate_offsets(b"\x0f\x20\x0f\x22\xc0" + pad, 64, reads=True) == {0, 2}
+    assert candidate_offsets(b"\x0f\x20\x0f\x22\xc0" + pad, 64) == {2}
+    assert candidate_offsets(b"\x90\x0f\x20\xd0" + pad, 64, reads=True) == set()     # cr2
+    assert candidate_offsets(b"\x90\x0f\x20\xd8" + pad, 64, reads=True) == {1}       # cr3
+    assert candidate_offsets(b"\x0f\x01\x0f\x22\xd8" + pad, 64) == {2}

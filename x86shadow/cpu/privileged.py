@@ -24,14 +24,16 @@ _PREFIX32 = frozenset(b"\x66\x67\xF2\xF3\x2E\x36\x3E\x26\x64\x65\xF0")
 _PREFIX64 = _PREFIX32 | frozenset(range(0x40, 0x50))
 # 0F 22 (mov cr, r); 0F 01 with modrm.reg = 7 and mod != 3 (invlpg m); 0F 30 (wrmsr);
 # 0F 32 (rdmsr); 0F 01 CA / CB (clac / stac)
-_PATTERN = re.compile(rb"\x0F(?:\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])",
-                      re.DOTALL)
+_OPCODES = rb"\x22|\x30|\x32|\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB]"
+# (a match consumes only the 0F: the rest is a lookahead, so that overlapping candidates --
+# 0F 20 0F 22 holds one at 0 and one at 2 -- are all found)
+_PATTERN = re.compile(rb"\x0F(?=" + _OPCODES + rb")", re.DOTALL)
 # the same with 0F 20 (mov r, cr: the guest's CR reads) -- --tlb walker, where the hardware's
 # CR0/CR3/CR4 are not the guest's (cpu/walker.py)
 # but not of CR2 (ModRM.reg 2; the CPU ignores ModRM.mod here): the hardware's CR2 is the
 # guest's, and a #PF handler reads it at every fault
-_PATTERN_READS = re.compile(rb"\x0F(?:\x20[^\x10-\x17\x50-\x57\x90-\x97\xD0-\xD7]|\x22|\x30|\x32|"
-                            rb"\x01[\x38-\x3F\x78-\x7F\xB8-\xBF\xCA\xCB])", re.DOTALL)
+_PATTERN_READS = re.compile(rb"\x0F(?=\x20[^\x10-\x17\x50-\x57\x90-\x97\xD0-\xD7]|" + _OPCODES
+                            + rb")", re.DOTALL)
 # the mnemonics (capstone's) the hooks act on; any other instruction found at a hooked address
 # just runs
 INTERCEPTED = frozenset({"mov", "invlpg", "wrmsr", "rdmsr", "stac", "clac"})
