@@ -1018,8 +1018,6 @@ def main(args) -> int:
     if tlb != "virtual" and (args.growth or args.profile or args.host):
         raise BenchError(f"--tlb {tlb} times the workloads only (not --growth, --profile, "
                          "--host)")
-    if tlb == "both" and args.unsync == "both":
-        raise BenchError("give --tlb both or --unsync both, not both at once")
     if args.ram < 64:
         raise BenchError("--ram must be at least 64 (MiB)")
     if args.unsync == "both":

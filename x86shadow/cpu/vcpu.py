@@ -50,6 +50,7 @@ from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.vm_mmu import REQ_TLB_FLUSH, MMUError
 from ..mmu.spte import PERM_W, PERM_X
 from ..mmu.shadow_walk import shadow_leaf
+from ..mmu.spt_image import FRAME_CODE, FRAME_DATA, FRAME_MIXED
 from ..mmu.write_fault import REEXECUTE, TrappedWrite, handle_trapped_write
 from . import rawhooks
 from .cpustate import CpuState, page_flusher, probe_insn_counter_offset, read_insn_counter
@@ -77,7 +78,8 @@ _RMW = frozenset("xchg cmpxchg cmpxchg8b cmpxchg16b bts btr btc or and xor add a
 _BIT_OPS = frozenset(("bt", "bts", "btr", "btc"))
 # an operand that is a segment register (mov sreg, m / mov m, sreg)
 _SREG_OPERAND = re.compile(r"(?:^|, )[cdefgs]s(?:,|$)")
-_DATA, _CODE, _MIXED = 0, 1, 2      # what a guest frame is used for (see _fill)
+# what a guest frame is used for (see _fill); the states the image's transform reads too
+_DATA, _CODE, _MIXED = FRAME_DATA, FRAME_CODE, FRAME_MIXED
 _MAX_FLIPS = 16
 _MAX_SCOPED_FLUSH = 64        # more changed sptes than this in one flush: flush it all
 _ACCESS = {16: 0, 17: pg.PFERR_W, 18: pg.PFERR_FETCH}     # UC_MEM_READ / WRITE / FETCH
@@ -1415,7 +1417,7 @@ class VCPU:
                     self.mmu.other_exit()
                 continue
             if stop is not None and stop[0] == "skip":
-                self.service_requests()           # (--tlb walker: a trapped mov completed)
+                self.service_requests()           # a trapped mov completed: flush, go on after it
                 pc = stop[1]
                 uc.reg_write(self.R_IP, pc)
                 continue

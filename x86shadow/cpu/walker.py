@@ -44,7 +44,7 @@ from .. import paging as pg
 from ..faults import VEC_PF
 from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD, REQ_TLB_FLUSH, REQ_TLB_FLUSH_SPTES
 from ..mmu.shadow_walk import shadow_leaf
-from ..mmu.spt_image import ShadowTableImage
+from ..mmu.spt_image import FRAME_CODE as _CODE, FRAME_DATA as _DATA, ShadowTableImage
 from ..mmu.spte import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W
 from ..mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED
 from ..mmu.vm_mmu import MMUError
@@ -53,7 +53,6 @@ EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 CR4_PAE = 1 << 5
-_DATA, _CODE = 0, 1                 # cpu/vcpu.py page_kind states (absent: data)
 _PFERR = pg.PFERR_W | pg.PFERR_U | pg.PFERR_FETCH
 
 
@@ -248,17 +247,10 @@ def cr_write(v, crn, value, address) -> None:
     elif crn == 3:
         v._g_cr3 = value
         if v._hw_paging:
-            # paging stays on: only the root changes (the hardware's CR3 write flushes the
-            # TLB, the flush the guest's mov does; the slot may be the old root's address)
-            mmu = v.mmu
-            if mmu.requests & REQ_MMU_RELOAD:
-                mmu.reload_root()
-            v.image.sync()
-            cr3 = v.image.cr3(mmu)
-            v.set_reg(UC_X86_REG_CR3, cr3)
-            v._hw_cr3 = cr3
-            v._hw_root = mmu.root
-            v.service_requests()
+            # paging stays on: only the root changes. prepare() writes the hardware's CR3
+            # whatever it held (the slot may be the old root's address): that write flushes
+            # the TLB, the flush the guest's mov does
+            v._hw_cr3 = v._hw_root = None
             prepare(v)
             return
     else:

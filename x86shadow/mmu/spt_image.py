@@ -78,6 +78,9 @@ _AD = SPTE_A | SPTE_D
 ALIAS = layout.ALIAS_BASE
 
 KIND_LEAF, KIND_NONLEAF, KIND_PAE_ROOT = 1, 2, 3
+# what a guest frame is used for, in the CPU adapter's state machine (cpu/vcpu.py page_kind,
+# absent: data): the image's per-frame transform (frame_kind) reads it
+FRAME_DATA, FRAME_CODE, FRAME_MIXED = 0, 1, 2
 
 
 def _present_leaves(root, root_level):
@@ -172,8 +175,8 @@ class ShadowTableImage:
         self._by_slot: dict = {}                # slot -> _Spt of the page that owns it
         self._dirty: list = []                  # _Spt with dirty entries
         self.grown = 0                          # times the arena had to grow (no slot free)
-        # the CPU adapter's code/data state of frames (pfn -> 1 code, 2 mixed, absent data:
-        # cpu/vcpu.py page_kind), or None: no per-frame transform (frame_changed, encode_leaf)
+        # the CPU adapter's code/data state of frames (pfn -> FRAME_CODE / FRAME_MIXED, absent:
+        # FRAME_DATA; cpu/vcpu.py page_kind), or None: no per-frame transform (frame_changed, encode_leaf)
         self.frame_kind = None
         vm.image = self
         for sp in vm.hash.values():
@@ -315,10 +318,10 @@ class ShadowTableImage:
             # so that its translated code goes and it is scanned again); a mixed frame as the
             # spte is. The first fetch from a data frame / store to a code frame is a #PF the
             # adapter answers by flipping the frame (ours, not KVM's: KVM needs no such split)
-            k = kinds.get((spte & SPTE_FRAME) >> 12, 0)
-            if k == 0:
+            k = kinds.get((spte & SPTE_FRAME) >> 12, FRAME_DATA)
+            if k == FRAME_DATA:
                 e |= SPTE_NX
-            elif k == 1:
+            elif k == FRAME_CODE:
                 e &= ~SPTE_W
         return e
 
