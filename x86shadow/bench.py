@@ -423,10 +423,11 @@ def run_bench(*, modes=("64",), names=(), rounds=3, quick=False, ram_mib=128, po
 def tlb_variants(tlb) -> tuple:
     """The --tlb values the shadow runs use: "both" is the fill hook and the walker side by
     side (each run once per round, alternating with the native run)."""
+    from .machine import TLBS
     if tlb == "both":
-        return ("virtual", "walker")
-    if tlb not in ("virtual", "walker"):
-        raise BenchError(f"unknown --tlb {tlb!r} (virtual, walker or both)")
+        return TLBS
+    if tlb not in TLBS:
+        raise BenchError(f"unknown --tlb {tlb!r} ({', '.join(TLBS)} or both)")
     return (tlb,)
 
 

@@ -23,7 +23,7 @@ from .mmu.audit import AuditError
 
 MODES = ("32", "pae", "64")
 MMUS = ("shadow", "native")
-TLBS = ("virtual", "walker")
+TLBS = ("virtual", "walker")         # the fill hook, or Unicorn's walker over the image (--tlb)
 INTERRUPTED_STATUS = 130             # a run stopped from outside (request_stop: Ctrl-C, watchdog)
 VIOLATION_STATUS = 6                 # the host caught the flush-before-free rule broken, or the
                                      # audit an invariant (docs/GUEST_CONTRACT.md)

@@ -143,11 +143,7 @@ class VCPU:
         self._rewritten = host_rewritten
         self._in_write_hook = False
         self.shadow = vm_mmu is not None
-        if tlb not in ("virtual", "walker"):
-            raise ValueError(f"unknown TLB mode {tlb!r} (virtual or walker)")
-        if tlb == "walker" and not self.shadow:
-            raise ValueError("--tlb walker needs --mmu shadow")
-        self.walker = tlb == "walker"
+        self.walker = tlb == "walker"      # (Machine checked it: machine.TLBS, shadow only)
         self.counters = counters
         self.events = events
         self.bus = bus

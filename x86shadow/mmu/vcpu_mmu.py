@@ -570,12 +570,11 @@ class VcpuMmu:
         ctx = self.ctx
         mem = vm.mem
         size = fmt.pte_size
-        read = mem.read64 if size == 8 else mem.read32
         gpa = sp.gpte_gpa(first)
         role_access = sp.role.access
         for i in range(first, base + PTE_PREFETCH_NUM):
             if i != sidx and not spt[i] & SPTE_P:
-                gpte = read(gpa)
+                gpte = fmt.read_pte(mem, gpa)
                 if prefetch_invalid_gpte(ctx, gpte):
                     return
                 gfn = fmt.leaf_frame(gpte) >> 12
