@@ -71,3 +71,18 @@ def test_executor_options_without_compare_or_bad_are_usage_errors():
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("x86shadow: error:"), r.stderr
         assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cancelling_the_local_pool_waits_for_its_manager_thread():
+    # leaving the block early terminates the workers; the pool's manager thread must be gone
+    # (its wake-up pipe closed) before close() returns, or CPython 3.11's exit hook can write to
+    # the pipe as the thread closes it and print an OSError traceback after Ctrl-C
+    import time
+    from concurrent.futures import process
+
+    from x86shadow.executor import LocalExecutor
+    with pytest.raises(KeyboardInterrupt):
+        with LocalExecutor(jobs=1) as ex:
+            for _ in ex.imap_unordered(time.sleep, [0.0, 30.0]):
+                raise KeyboardInterrupt
+    assert not [t for t in process._threads_wakeups if t.is_alive()]

@@ -71,12 +71,19 @@ class LocalExecutor:
             f.cancel()
         # running jobs: stop their workers (ProcessPoolExecutor cannot cancel a running future)
         processes = list(getattr(self._pool, "_processes", {}).values())
+        manager = getattr(self._pool, "_executor_manager_thread", None)
         self._pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:
             if p.is_alive():
                 p.terminate()
         for p in processes:
             p.join(timeout=5)
+        # the pool's manager thread sees the workers gone and closes its wake-up pipe; wait for
+        # it here: CPython 3.11's exit hook (concurrent.futures.process._python_exit) writes to
+        # that pipe without the pool's lock, and racing the close it printed an OSError
+        # traceback after a Ctrl-C
+        if manager is not None:
+            manager.join(timeout=10)
 
     def __enter__(self):
         return self
