@@ -31,8 +31,8 @@ def kernels(tmp_path_factory):
             for name in ("entry_state", "long64", "devices", "cpu_faults")}
 
 
-def boot(path, mmu, ram_mib=128, append="", initrd=None, trace=None):
-    m = Machine.for_kernel(mmu=mmu, ram_mib=ram_mib, audit=mmu == "shadow", trace=trace)
+def boot(path, mmu, ram_mib=128, append="", initrd=None, trace=None, tlb="virtual"):
+    m = Machine.for_kernel(mmu=mmu, ram_mib=ram_mib, audit=mmu == "shadow", trace=trace, tlb=tlb)
     m.load_kernel(mb.load_multiboot(path, ram_mib << 20, append, initrd))
     return m, m.run()
 
@@ -81,7 +81,7 @@ def test_long64_enters_long_mode_itself(kernels, mmu):
     m, r = boot(kernels["long64"], mmu, trace=lambda k, f: trace.append((k, f)))
     assert r.status == 1, m.output.decode() + r.report
     assert m.output.decode() == ("long64: 32-bit entry\nlong64: 64-bit code\n"
-                                 "long64: memory ok\nPASS\n")
+                                 "long64: memory ok\nlong64: apic ok\nPASS\n")
     assert m.vcpu.code_bits() == 64 and m.vcpu.efer() & 0x500 == 0x500
     if mmu == "shadow":
         # the paging mode follows the guest's control registers (KVM kvm_mmu_reset_context):
@@ -91,6 +91,24 @@ def test_long64_enters_long_mode_itself(kernels, mmu):
         first_long = modes.index("LONG")
         off_again = modes.index("OFF", first_long)
         assert "LONG" in modes[off_again:]
+
+
+@pytest.mark.parametrize("name", ("entry_state", "long64", "devices", "cpu_faults"))
+def test_kernel_under_the_walker_as_under_the_fill_hook(kernels, name):
+    """--tlb walker runs kernels (audit on): their own paging-mode switches, and the xAPIC
+    reached through a 4 KiB mapping (long64; MMIO under paging: the vCPU steps that access
+    under the fill hook, cpu/walker.py) -- the same output, status and exits as the fill hook."""
+    (mv, rv), (mw, rw) = (boot(kernels[name], "shadow", tlb=t) for t in ("virtual", "walker"))
+    assert (rw.how, rw.status) == (rv.how, rv.status), mw.output.decode() + rw.report
+    assert mw.output == mv.output
+    for k in ("exits", "mmio_exits", "io_exits", "pf_fixed", "pf_guest", "exception_injections"):
+        assert mw.counters[k] == mv.counters[k], k
+    fallbacks = mw.vcpu.walker_stats["fallbacks"]
+    if name == "long64":
+        # read, write, read back: each one step (the step's TLB entry goes with it)
+        assert fallbacks == mw.counters["mmio_exits"] == 3
+    else:
+        assert fallbacks == 0         # their MMIO runs with paging off (the fill hook's)
 
 
 def test_boot_stub_tables_stop_being_shadowed_at_the_kernel_entry(kernels):

@@ -171,6 +171,23 @@ def test_crash_report_names_the_byte_beyond_ram_and_the_registers(tmp_path, mmu)
     assert "RSI 0000000040003010" in err and "EFER 0x" in err and "GDTR 0x" in err
 
 
+def test_crash_report_shows_the_guest_control_registers_in_every_tlb_mode(tmp_path):
+    """--tlb walker runs the hardware on the shadow root with WP/PAE/NXE forced: the report still
+    shows the guest's CR0/CR2/CR3/CR4 line, the same as under the fill hook and Unicorn's MMU."""
+    from x86shadow.fuzz.ptprog import WINDOW, Op, plain_spec, render
+    src = tmp_path / "beyond.asm"
+    src.write_text(render(plain_spec("pae", [Op("load", WINDOW + 0x3010, 4)],
+                                     w1_3=0x7000_0000 | 0x63)))
+    lines = []
+    for extra in (["--mmu", "native"], ["--tlb", "virtual"], ["--tlb", "walker"]):
+        r = subprocess.run(cli("run", str(src), "--mode", "pae", *extra), capture_output=True,
+                           timeout=60)
+        assert r.returncode == 4, r.stderr
+        line = [x for x in r.stderr.decode().splitlines() if x.strip().startswith("CR0 ")][0]
+        lines.append(line.split("kernel")[0].split("mode pae")[0])
+    assert lines[0] == lines[1] == lines[2], lines
+
+
 @pytest.mark.parametrize("args,message", [
     (["--max-insns", "0"], "--max-insns must be at least 1"),
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR2, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS
+from unicorn.x86_const import UC_X86_REG_CS
 
 from . import events as ev
 from . import stopping
@@ -125,7 +125,7 @@ class Machine:
             raise ValueError(f"unknown TLB mode {tlb!r} (choose from {', '.join(TLBS)})")
         if tlb == "walker":
             from .cpu.walker import check_walker_config
-            check_walker_config(mmu=mmu, mode=mode, vcpus=vcpus, host=host)
+            check_walker_config(mmu=mmu, vcpus=vcpus, host=host)
         self.tlb = tlb
         if mode is None and vcpus > 1:
             raise ValueError(f"--vcpus {vcpus}: a kernel runs on one vCPU (starting application "
@@ -418,11 +418,11 @@ class Machine:
                 ec += " [" + " ".join(f"{n}={(e >> b) & 1}" for n, b in
                                       (("P", 0), ("W", 1), ("U", 2), ("RSVD", 3), ("I/D", 4))) + "]"
             lines.append(f"  vector      {crash.vector} ({vector_name(crash.vector)}), error code {ec}")
-        cr2 = crash.cr2 if crash.cr2 is not None else v.reg(UC_X86_REG_CR2)
+        cr2 = crash.cr2 if crash.cr2 is not None else v.cr2()
         cs = v.reg(UC_X86_REG_CS)
         lines.append(f"  RIP {rip:#x}  CS {cs:#x} (CPL {cs & 3})  RSP {v.reg(v.R_SP):#x}")
-        lines.append(f"  CR0 {v.reg(UC_X86_REG_CR0):#x}  CR2 {cr2:#x}  CR3 {v.reg(UC_X86_REG_CR3):#x}"
-                     f"  CR4 {v.reg(UC_X86_REG_CR4):#x}  "
+        # the guest's control registers (--tlb walker: the hardware's are the shadow MMU's)
+        lines.append(f"  CR0 {v.cr0():#x}  CR2 {cr2:#x}  CR3 {v.cr3():#x}  CR4 {v.cr4():#x}  "
                      f"{'kernel' if self.mode is None else 'mode ' + self.mode}, mmu {self.mmu_kind}")
         lines.append(f"  instruction {self.describe_insn(rip)}")
         lines.extend(self.register_dump())

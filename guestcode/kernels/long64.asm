@@ -4,7 +4,8 @@
 # 2 MiB pages, ALIAS_VA mapped with 4 KiB pages onto ALIAS_PA --, loads its GDT, sets CR4.PAE,
 # CR3, EFER.LME, CR0.PG (compatibility mode) and far-jumps to the 64-bit part, which checks
 # EFER.LMA, writes through the alias and reads back through the identity map, then remaps an
-# alias page (a write to a live page table + invlpg) and checks the new mapping.
+# alias page (a write to a live page table + invlpg) and checks the new mapping; then reads and
+# writes the xAPIC page through a 4 KiB mapping (MMIO under paging: no RAM behind the spte).
 
 .set STACK_TOP, KERNEL_DATA + 0x10000
 .set PML4, KERNEL_DATA + 0x20000
@@ -16,6 +17,8 @@
 .set ALIAS_PA, KERNEL_DATA + 0x30000
 .set ALIAS_PA1, KERNEL_DATA + 0x31000
 .set ALIAS_PA2, KERNEL_DATA + 0x32000
+.set APIC_VA, ALIAS_VA + 0x2000
+.set APIC_PA, 0xfee00000
 .set SEL_CODE64, 0x18
 .set SEL_DATA, 0x10
 
@@ -42,6 +45,7 @@ start32:
     mov dword ptr [PD2], PT | 3
     mov dword ptr [PT], ALIAS_PA | 3
     mov dword ptr [PT + 8], ALIAS_PA1 | 3
+    mov dword ptr [PT + 16], APIC_PA | 0x1b     # present, writable, PWT, PCD
     lgdt [gdtr]
     mov eax, cr4
     or eax, 0x20
@@ -98,6 +102,13 @@ start64:
     mov rbx, qword ptr [rsi]
     CHECK_EQ rbx, rax, 5, "the old frame changed after the remap"
     PRINT "long64: memory ok\n"
+    mov rdi, APIC_VA
+    mov ebx, dword ptr [rdi + 0x30]
+    CHECK_EQ ebx, 0x50014, 6, "the APIC version read through paging is not 0x50014"
+    mov dword ptr [rdi + 0xf0], 0x1ff
+    mov ebx, dword ptr [rdi + 0xf0]
+    CHECK_EQ ebx, 0x1ff, 7, "the APIC SVR written through paging does not read back"
+    PRINT "long64: apic ok\n"
     PASS
     xor eax, eax
     out EXIT_PORT, eax

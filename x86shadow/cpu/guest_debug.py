@@ -137,6 +137,8 @@ class VcpuTarget(Target):
             return v.pc
         if name == "efer":
             return v.efer()
+        if name in ("cr0", "cr2", "cr3", "cr4"):
+            return getattr(v, name)()        # the guest's (--tlb walker: not the hardware's)
         if name == "k_gs_base":
             return v.uc.msr_read(_K_GS_BASE)
         if name.startswith("st"):

@@ -419,6 +419,12 @@ class VCPU:
     def cr4(self) -> int:
         return self._cached_cr("_cr4", UC_X86_REG_CR4)
 
+    def cr2(self) -> int:
+        """The guest's CR2 (--tlb walker: the hardware's also takes the shadow faults')."""
+        if self.walker:
+            return self._guest_cr2
+        return self.reg(UC_X86_REG_CR2)
+
     def cr3(self) -> int:
         """The guest's CR3 (--tlb walker: the hardware's is the shadow root's)."""
         if self.walker:
@@ -699,6 +705,8 @@ class VCPU:
         n = self.flips.get(gfn, 0) + 1
         self.flips[gfn] = n
         self.page_kind[gfn] = _MIXED if n > _MAX_FLIPS else state
+        if self.walker and self.fallback_flips is not None:
+            self.fallback_flips.append(gfn)      # (the image re-encodes it: walker.end_fallback)
 
     def _system_table_page(self, va):
         for rid in (UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_TR, UC_X86_REG_LDTR):
@@ -1295,9 +1303,12 @@ class VCPU:
             self.retry_page = None
             self._byte_repeat = None
             self.exec_page = None
+            until = 0
             if self.walker:
                 self._hw_fault_rip = None
                 walker.prepare(self)
+                if self.mmio_fallback:
+                    until = walker.begin_fallback(self, pc)    # one step under the fill hook
             try:
                 if max_insns:
                     left = max_insns - self.insns
@@ -1305,7 +1316,7 @@ class VCPU:
                     if self.events.tracing:
                         self.events.guest_runs()
                     try:
-                        uc.emu_start(pc, 0, count=left)
+                        uc.emu_start(pc, until, count=left)
                     finally:
                         self._counting = None
                         counted = read_insn_counter(uc, counter_off)
@@ -1318,7 +1329,7 @@ class VCPU:
                 else:
                     if self.events.tracing:
                         self.events.guest_runs()
-                    uc.emu_start(pc, 0)
+                    uc.emu_start(pc, until)
                 err = None
             except UcError as e:
                 if uc._hook_exception is not None:
@@ -1326,6 +1337,9 @@ class VCPU:
                     # failed, so surface the real exception (our bug or an audit failure)
                     raise uc._hook_exception from None
                 err = e
+            finally:
+                if until:
+                    walker.end_fallback(self, pc, until)
             if self.walker and self._harvest_each_exit and self._hw_paging:
                 self.image.harvest_ad()
             if self.exec_page is not None and self.stop is None:
@@ -1430,6 +1444,9 @@ class VCPU:
             rip = self.rip()
             if self._stop_request is not None:
                 pc = rip                              # emu_stop() from request_stop()
+                continue
+            if self.walker and (self.mmio_fallback or until and rip == until):
+                pc = rip              # (walker) an MMIO access: its step comes / has ended
                 continue
             if max_insns and self.insns >= max_insns and count_stopped:
                 self.pc = rip                         # run_once(bigger max_insns) goes on here

@@ -29,7 +29,18 @@ never reaches Python. What reaches Python:
 While the guest has paging off there are no shadow tables (the core's root is None): the vCPU
 runs the fill hook as ``--tlb virtual`` does, with the guest's own register values.
 
-Scope: one vCPU, ``--mmu shadow``, no host memory manager, programs (modes 32, pae, 64).
+An access to an MMIO device's page (a kernel's xAPIC) has no spte: the core's fault ends in "no
+memory" and, as under the fill hook, every access there walks the guest tables again. Under
+paging the walker cannot reach the device's Unicorn MMIO region without an spte, so the vCPU
+runs that one instruction under the fill hook: the fault restarts it, the TLB is switched to the
+fill hook (``begin_fallback``) for one exact step, in which the fill maps the page through to
+the region, and the walker takes over again after it (``end_fallback``). Counted as under the
+fill hook: one MMIO exit per access. (KVM
+caches such a translation in an MMIO spte, ``mark_mmio_spte``, Linux 3.1+; the core keeps none,
+under either TLB mode.)
+
+Scope: one vCPU, ``--mmu shadow``, no host memory manager; programs (modes 32, pae, 64) and
+kernels (their paging-mode switches go through ``cr_write`` / ``efer_written``).
 """
 from __future__ import annotations
 
@@ -46,7 +57,7 @@ from ..mmu.requests import REQ_ANY_TLB_FLUSH, REQ_MMU_RELOAD, REQ_TLB_FLUSH, REQ
 from ..mmu.shadow_walk import shadow_leaf
 from ..mmu.spt_image import FRAME_CODE as _CODE, FRAME_DATA as _DATA, ShadowTableImage
 from ..mmu.spte import SPTE_FRAME, SPTE_NX, SPTE_P, SPTE_U, SPTE_W
-from ..mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_OK, FILL_TRACKED
+from ..mmu.vcpu_mmu import FILL_GUEST_FAULT, FILL_NO_MEMORY, FILL_OK, FILL_TRACKED
 from ..mmu.vm_mmu import MMUError
 
 EFER = 0xC0000080
@@ -56,7 +67,7 @@ CR4_PAE = 1 << 5
 _PFERR = pg.PFERR_W | pg.PFERR_U | pg.PFERR_FETCH
 
 
-def check_walker_config(*, mmu, mode, vcpus, host, mmio_devices=False) -> None:
+def check_walker_config(*, mmu, vcpus, host) -> None:
     """ValueError (one line) for what --tlb walker does not cover yet."""
     if mmu != "shadow":
         raise ValueError("--tlb walker needs --mmu shadow (it walks the shadow tables)")
@@ -65,8 +76,6 @@ def check_walker_config(*, mmu, mode, vcpus, host, mmio_devices=False) -> None:
     if host is not None:
         raise ValueError("--tlb walker has no host memory manager yet (no --host, --notifiers, "
                          "--break)")
-    if mode not in ("32", "pae", "64"):
-        raise ValueError("--tlb walker runs programs (modes 32, pae, 64), not kernels yet")
 
 
 def setup_walker(v) -> None:
@@ -96,7 +105,10 @@ def setup_walker(v) -> None:
     v._walker_page_flush = page_flusher(v.uc, v.bits)
     if v._walker_page_flush is not None:
         vm.scoped_flushes = True
-    v.walker_stats = {"flips_code": 0, "flips_data": 0, "shadow_pf": 0, "restarts": 0}
+    v.walker_stats = {"flips_code": 0, "flips_data": 0, "shadow_pf": 0, "restarts": 0,
+                      "fallbacks": 0}
+    v.mmio_fallback = False            # the next emu_start runs under the fill hook (MMIO)
+    v.fallback_flips = None            # during it: gfns the fill hook flipped
 
 
 def find_live_state(v) -> None:
@@ -426,7 +438,47 @@ def page_fault(v, uc) -> None:
     if kind == FILL_GUEST_FAULT:
         v.pending_fault = (vector, error_code, va if vector == VEC_PF else None)
         v._hw_fault_rip = v.rip()
+    elif (kind == FILL_NO_MEMORY and addr & ~0xFFF in v.mmio_pages
+          and not access & pg.PFERR_FETCH):
+        # a device's page: the instruction runs again under the fill hook (module docstring)
+        _restart(v, access)
+        v.mmio_fallback = True
     else:
         v.pending_fault = ("nomem", va, addr)
         v._hw_fault_rip = v.rip()
     uc.emu_stop()
+
+
+def begin_fallback(v, pc) -> int:
+    """Before the emu_start that runs the instruction at pc under the fill hook (an MMIO access
+    under paging): the TLB switches to the fill hook, which then also takes the faults (the
+    hardware registers stay the walker's: the fill hook reads the guest's paging context from
+    the core). Returns the address the step ends at: one exact step, as measured on Unicorn
+    2.1.4 (the cached block at pc dropped first, else it ignores ``until``)."""
+    end = v._decode_at(pc).next_ip
+    uc = v.uc
+    uc.ctl_remove_cache(pc, pc + 1)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    v._hw_paging = False
+    v.fallback_flips = []
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    v.walker_stats["fallbacks"] += 1
+    return end
+
+
+def end_fallback(v, pc, end) -> None:
+    """After that step: the walker again. The one-instruction block made for the step (and any
+    block at its end address) is dropped, frames the fill hook flipped between code and data
+    are re-encoded in the image, and the TLB the fill hook filled is dropped (its entries were
+    made without the code/data split's faults the walker relies on)."""
+    v.mmio_fallback = False
+    uc = v.uc
+    uc.ctl_remove_cache(pc, pc + 1)
+    uc.ctl_remove_cache(end, end + 1)
+    uc.ctl_set_tlb_mode(UC_TLB_CPU)
+    v._hw_paging = True
+    flips, v.fallback_flips = v.fallback_flips, None
+    for gfn in flips:
+        v.image.frame_changed(gfn)
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    v._hw_root = None                  # prepare() syncs the image and rechecks the root
