@@ -481,4 +481,3 @@ def end_fallback(v, pc, end) -> None:
     for gfn in flips:
         v.image.frame_changed(gfn)
     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-    v._hw_root = None                  # prepare() syncs the image and rechecks the root
