@@ -398,7 +398,7 @@ def _add_tlb(p, both=False) -> None:
                    choices=["virtual", "walker"] + (["both"] if both else []),
                    help="how the shadow MMU's translations reach the CPU: virtual (a fill hook "
                         "per TLB miss, default) or walker (Unicorn's walker over an image of "
-                        "the shadow tables; one vCPU, programs, no host memory yet)"
+                        "the shadow tables; no host memory yet)"
                         + ("; both: the two side by side in one run" if both else ""))
 
 
@@ -470,6 +470,10 @@ def cmd_run(args) -> int:
             guest.load_into(m)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.audit and vcpus > 1 and args.tlb == "walker":
+            sys.stderr.write("x86shadow: note: --audit under --tlb walker does not check the "
+                             "vCPUs' TLBs against their sptes (Unicorn's own TLB keeps no record "
+                             "of its entries); --tlb virtual does (docs/SMP.md)\n")
         live = None
         if args.stats_interval is not None:
             from .live_stats import LiveStats

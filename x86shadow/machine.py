@@ -112,7 +112,7 @@ class Machine:
         # (docs/PERFORMANCE.md; for measurements and tests)
         # tlb: how the shadow MMU's translations reach Unicorn: "virtual" (the fill hook,
         # default) or "walker" (Unicorn's walker over an image of the shadow tables,
-        # cpu/walker.py; one vCPU, no host memory manager, programs)
+        # cpu/walker.py; no host memory manager)
         # vcpus, schedule: several vCPUs (docs/SMP.md; schedule: a --schedule string or a
         # vm_scheduler.Schedule, default round robin)
         if mode is not None and mode not in MODES:
@@ -125,7 +125,7 @@ class Machine:
             raise ValueError(f"unknown TLB mode {tlb!r} (choose from {', '.join(TLBS)})")
         if tlb == "walker":
             from .cpu.walker import check_walker_config
-            check_walker_config(mmu=mmu, vcpus=vcpus, host=host)
+            check_walker_config(mmu=mmu, host=host)
         self.tlb = tlb
         if mode is None and vcpus > 1:
             raise ValueError(f"--vcpus {vcpus}: a kernel runs on one vCPU (starting application "

@@ -1448,9 +1448,14 @@ class VCPU:
             if self.walker and (self.mmio_fallback or until and rip == until):
                 pc = rip              # (walker) an MMIO access: its step comes / has ended
                 continue
-            if max_insns and self.insns >= max_insns and count_stopped:
-                self.pc = rip                         # run_once(bigger max_insns) goes on here
-                return self._runaway(max_insns, rip)
+            if count_stopped:
+                if self.insns >= max_insns:
+                    self.pc = rip                     # run_once(bigger max_insns) goes on here
+                    return self._runaway(max_insns, rip)
+                # (walker) Unicorn's count included instructions restarted in place after a
+                # shadow fault, which have not retired: the budget is not used up
+                pc = rip
+                continue
             # emu_start returned by itself: hlt
             self.counters["halt_exits"] += 1
             count_exit(self.counters, self.events, REASON_HLT, rip)

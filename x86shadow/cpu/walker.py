@@ -39,8 +39,15 @@ fill hook: one MMIO exit per access. (KVM
 caches such a translation in an MMIO spte, ``mark_mmio_spte``, Linux 3.1+; the core keeps none,
 under either TLB mode.)
 
-Scope: one vCPU, ``--mmu shadow``, no host memory manager; programs (modes 32, pae, 64) and
-kernels (their paging-mode switches go through ``cr_write`` / ``efer_written``).
+Several vCPUs (docs/SMP.md): each has its own Unicorn instance, TLB, translated code and
+code/data split of frames, so each walks its own plane of the one image (ShadowTableImage
+planes: the same shadow pages and slots, leaves encoded by that vCPU's ``page_kind``); a flip
+changes the frame's entries in the flipping vCPU's plane only and flushes only its TLB. The other
+vCPUs' TLBs are flushed where the core asks (KVM_REQ_TLB_FLUSH of a remote flush, served before
+their next slice), as hardware keeps stale entries until then.
+
+Scope: ``--mmu shadow``, no host memory manager; programs (modes 32, pae, 64, one or several
+vCPUs) and kernels (their paging-mode switches go through ``cr_write`` / ``efer_written``).
 """
 from __future__ import annotations
 
@@ -67,12 +74,10 @@ CR4_PAE = 1 << 5
 _PFERR = pg.PFERR_W | pg.PFERR_U | pg.PFERR_FETCH
 
 
-def check_walker_config(*, mmu, vcpus, host) -> None:
+def check_walker_config(*, mmu, host) -> None:
     """ValueError (one line) for what --tlb walker does not cover yet."""
     if mmu != "shadow":
         raise ValueError("--tlb walker needs --mmu shadow (it walks the shadow tables)")
-    if vcpus != 1:
-        raise ValueError("--tlb walker runs one vCPU only (no --vcpus yet)")
     if host is not None:
         raise ValueError("--tlb walker has no host memory manager yet (no --host, --notifiers, "
                          "--break)")
@@ -81,14 +86,21 @@ def check_walker_config(*, mmu, vcpus, host) -> None:
 def setup_walker(v) -> None:
     """Attach the image to the VM's shadow MMU and map it into v's physical memory."""
     vm = v.mmu.vm
-    img = ShadowTableImage(vm)
-    img.frame_kind = v.page_kind
+    img = vm.image
+    if img is None:
+        img = ShadowTableImage(vm)
+        img.frame_kind = v.page_kind
+        plane = 0
+    else:
+        # another vCPU of the VM: the same shadow pages, its own code/data split of frames
+        plane = img.add_plane(v.page_kind)
     v.image = img
+    mem = img.planes[plane].mem
     # the bytearray must not move while it is mapped: this export makes a growth raise
     # (BufferError) instead of leaving the CPU a stale pointer; the default size is the
     # core's page limit (max_pages) plus the PAE roots
-    v._image_buf = (ctypes.c_char * len(img.mem)).from_buffer(img.mem)
-    v.uc.mem_map_ptr(img.base, len(img.mem), UC_PROT_READ | UC_PROT_WRITE,
+    v._image_buf = (ctypes.c_char * len(mem)).from_buffer(mem)
+    v.uc.mem_map_ptr(img.base, len(mem), UC_PROT_READ | UC_PROT_WRITE,
                      ctypes.addressof(v._image_buf))
     v._hw_paging = False              # the hardware walks the image (else: the fill hook)
     v._hw_cr3 = None

@@ -49,6 +49,15 @@ How it is kept in sync: one mechanism, dirty entries and a sync point
     write right. ``sync()`` encodes the dirty entries (and only those) into ``mem``. The
     hardware may walk the image only between ``sync()`` and the next exit.
 
+Planes: one copy of the bytes per CPU
+    Each CPU that walks the image (a vCPU under ``--tlb walker``) walks its own *plane*
+    (``planes[k]``, ``add_plane()``; ``mem`` is plane 0's): the same slots and the same entries,
+    but for leaves the CPU adapter's code/data split of frames, which is per vCPU (each has its
+    own translated code and privileged-instruction scan): a plane's ``frame_kind``. A dirty
+    entry is encoded into every plane at ``sync()``; the hardware A/D bits of every plane are
+    harvested. (KVM's vCPUs share one set of shadow pages and walk the same bytes; the planes
+    differ only by the split, which is ours.)
+
 A/D bits set by the hardware: ``harvest_ad()``
     The walker sets A in a leaf it translates through and D in a W=1 leaf it writes through (probe
     4b; never in non-leaf or PAE-root entries, whose A is preset / absent). ``harvest_ad()``
@@ -123,26 +132,59 @@ class _Spt(list):
         d.add(i)
 
 
-class ImageView:
-    """Physical memory as the hardware walker sees it: the image at its base, ``ram`` (any
-    object with read64/write32, or None) elsewhere. What ``paging.walk`` needs (read64,
-    write32 -- the walker's A/D stores)."""
+class Plane:
+    """One CPU's copy of the image (module docstring, "Planes"): the bytes it walks, the copy of
+    what ``sync()`` wrote there (``harvest_ad``'s reference), and its code/data state of frames
+    (pfn -> FRAME_CODE / FRAME_MIXED, absent: FRAME_DATA; cpu/vcpu.py page_kind), or None: no
+    per-frame transform."""
 
-    def __init__(self, image, ram=None):
+    __slots__ = ("mem", "written", "q", "wq", "frame_kind")
+
+    def __init__(self, nbytes: int, frame_kind=None):
+        self.mem = bytearray(nbytes)
+        self.written = bytearray(nbytes)
+        self.q = memoryview(self.mem).cast("Q")
+        self.wq = memoryview(self.written).cast("Q")
+        self.frame_kind = frame_kind
+
+    def grow(self, nbytes: int) -> None:
+        """``nbytes`` more, zeroed (BufferError while a CPU maps the plane: it must not move)."""
+        self.q.release()
+        self.wq.release()
+        try:
+            self.mem.extend(bytes(nbytes))
+            self.written.extend(bytes(nbytes))
+        finally:
+            self.q = memoryview(self.mem).cast("Q")
+            self.wq = memoryview(self.written).cast("Q")
+
+    def zero_slot(self, slot: int) -> None:
+        off = slot * SLOT
+        self.mem[off:off + SLOT] = bytes(SLOT)
+        self.written[off:off + SLOT] = bytes(SLOT)
+
+
+class ImageView:
+    """Physical memory as the hardware walker sees it: the image (plane ``plane``) at its base,
+    ``ram`` (any object with read64/write32, or None) elsewhere. What ``paging.walk`` needs
+    (read64, write32 -- the walker's A/D stores)."""
+
+    def __init__(self, image, ram=None, plane: int = 0):
         self.image = image
         self.ram = ram
+        self.plane = plane
 
     def _off(self, addr, n):
         img = self.image
         off = addr - img.base
-        if 0 <= off and off + n <= len(img.mem):
+        if 0 <= off and off + n <= len(img.planes[self.plane].mem):
             return off
         return None
 
     def read64(self, addr):
         off = self._off(addr, 8)
         if off is not None:
-            return int.from_bytes(self.image.mem[off:off + 8], "little")
+            return int.from_bytes(self.image.planes[self.plane].mem[off:off + 8], "little")
         if self.ram is None:
             return 0
         return self.ram.read64(addr)
@@ -150,7 +192,8 @@ class ImageView:
     def write32(self, addr, value):
         off = self._off(addr, 4)
         if off is not None:
-            self.image.mem[off:off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+            mem = self.image.planes[self.plane].mem
+            mem[off:off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
         elif self.ram is not None:
             self.ram.write32(addr, value)
 
@@ -167,17 +210,11 @@ class ShadowTableImage:
         self.vm = vm
         self.base = base
         n = slots if slots is not None else vm.max_pages + 2 * layout.MAX_VCPUS + 8
-        self.mem = bytearray(n * SLOT)
-        self._written = bytearray(n * SLOT)    # what sync() wrote: harvest_ad's reference
-        self._q = memoryview(self.mem).cast("Q")
-        self._wq = memoryview(self._written).cast("Q")
+        self.planes = [Plane(n * SLOT)]         # plane 0; add_plane() for more CPUs
         self._free = list(range(n - 1, -1, -1))  # slot numbers, lowest on top
         self._by_slot: dict = {}                # slot -> _Spt of the page that owns it
         self._dirty: list = []                  # _Spt with dirty entries
         self.grown = 0                          # times the arena had to grow (no slot free)
-        # the CPU adapter's code/data state of frames (pfn -> FRAME_CODE / FRAME_MIXED, absent:
-        # FRAME_DATA; cpu/vcpu.py page_kind), or None: no per-frame transform (frame_changed, encode_leaf)
-        self.frame_kind = None
         vm.image = self
         for sp in vm.hash.values():
             self.page_created(sp)
@@ -191,6 +228,31 @@ class ShadowTableImage:
                     spt.__setitem__(i, e)
         self.sync()
 
+    # plane 0, which one CPU (or a test) walks
+    @property
+    def mem(self) -> bytearray:
+        return self.planes[0].mem
+
+    @property
+    def _q(self):
+        return self.planes[0].q
+
+    @property
+    def frame_kind(self):
+        return self.planes[0].frame_kind
+
+    @frame_kind.setter
+    def frame_kind(self, kinds) -> None:
+        self.planes[0].frame_kind = kinds
+
+    def add_plane(self, frame_kind=None) -> int:
+        """A plane for one more CPU (its own code/data state of frames), encoded from the core
+        now; returns its index."""
+        self.planes.append(Plane(len(self.planes[0].mem), frame_kind))
+        self.reencode_all()
+        self.sync()
+        return len(self.planes) - 1
+
     def detach(self) -> None:
         """Back to plain lists; the core no longer calls the image."""
         for spt in self._by_slot.values():
@@ -202,12 +264,8 @@ class ShadowTableImage:
     # ------------------------------------------------------------------ slots
     def _grow(self) -> None:
         n = len(self.mem) // SLOT
-        self._q.release()
-        self._wq.release()
-        self.mem.extend(bytes(n * SLOT))
-        self._written.extend(bytes(n * SLOT))
-        self._q = memoryview(self.mem).cast("Q")
-        self._wq = memoryview(self._written).cast("Q")
+        for p in self.planes:
+            p.grow(n * SLOT)
         self._free.extend(range(2 * n - 1, n - 1, -1))
         self.grown += 1
 
@@ -223,9 +281,8 @@ class ShadowTableImage:
         if not self._free:
             self._grow()
         slot = self._free.pop()
-        off = slot * SLOT
-        self.mem[off:off + SLOT] = bytes(SLOT)
-        self._written[off:off + SLOT] = bytes(SLOT)
+        for p in self.planes:
+            p.zero_slot(slot)
         spt = _Spt(page.spt)
         spt.page = page
         spt.slot = slot
@@ -252,9 +309,8 @@ class ShadowTableImage:
         spt.slot = -1
         spt.dirty = set()
         del self._by_slot[slot]
-        off = slot * SLOT
-        self.mem[off:off + SLOT] = bytes(SLOT)
-        self._written[off:off + SLOT] = bytes(SLOT)
+        for p in self.planes:
+            p.zero_slot(slot)
         self._free.append(slot)
         page.spt = list(spt)                     # (a zapped page's later writes: not watched)
 
@@ -294,9 +350,17 @@ class ShadowTableImage:
                 self._dirty.append(spt)
 
     # ------------------------------------------------------------------ encoding
-    def encode_leaf(self, spt, idx, transform: bool = True) -> int:
-        """The image entry of leaf spt[idx] (``transform`` False: without the code/data split
-        of ``frame_kind``: what the hardware would be allowed through the spte alone)."""
+    def encode_leaf(self, spt, idx, transform: bool = True, plane: int = 0) -> int:
+        """The image entry of leaf spt[idx] in plane ``plane`` (``transform`` False: without
+        the code/data split of the plane's ``frame_kind``: what the hardware would be allowed
+        through the spte alone, the same in every plane)."""
+        e = self._leaf_entry(spt, idx)
+        if transform and e:
+            return self._split(e, list.__getitem__(spt, idx), self.planes[plane].frame_kind)
+        return e
+
+    def _leaf_entry(self, spt, idx) -> int:
+        """encode_leaf without the code/data split."""
         spte = list.__getitem__(spt, idx)
         if not spte & SPTE_P:
             spt.gw.pop(idx, None)
@@ -310,19 +374,24 @@ class ShadowTableImage:
             e |= ALIAS
             if writable:
                 e |= SPTE_W | SPTE_D
-        kinds = self.frame_kind
-        if kinds is not None and transform:
-            # the hardware-walk adapter's code/data split (cpu/vcpu.py, tlb="walker"): a data
-            # frame's leaves NX (QEMU's inline store path needs a non-executable TLB entry,
-            # docs/PERFORMANCE.md probe 4g), a code frame's without W (a store to it must exit
-            # so that its translated code goes and it is scanned again); a mixed frame as the
-            # spte is. The first fetch from a data frame / store to a code frame is a #PF the
-            # adapter answers by flipping the frame (ours, not KVM's: KVM needs no such split)
-            k = kinds.get((spte & SPTE_FRAME) >> 12, FRAME_DATA)
-            if k == FRAME_DATA:
-                e |= SPTE_NX
-            elif k == FRAME_CODE:
-                e &= ~SPTE_W
+        return e
+
+    @staticmethod
+    def _split(e, spte, kinds) -> int:
+        """A present leaf entry ``e`` (of core spte ``spte``) under a plane's ``frame_kind``."""
+        if kinds is None:
+            return e
+        # the hardware-walk adapter's code/data split (cpu/vcpu.py, tlb="walker"): a data
+        # frame's leaves NX (QEMU's inline store path needs a non-executable TLB entry,
+        # docs/PERFORMANCE.md probe 4g), a code frame's without W (a store to it must exit
+        # so that its translated code goes and it is scanned again); a mixed frame as the
+        # spte is. The first fetch from a data frame / store to a code frame is a #PF the
+        # adapter answers by flipping the frame (ours, not KVM's: KVM needs no such split)
+        k = kinds.get((spte & SPTE_FRAME) >> 12, FRAME_DATA)
+        if k == FRAME_DATA:
+            return e | SPTE_NX
+        if k == FRAME_CODE:
+            return e & ~SPTE_W
         return e
 
     def encode_nonleaf(self, spt, idx) -> int:
@@ -335,12 +404,14 @@ class ShadowTableImage:
         return (_NONLEAF_BITS if spt.kind == KIND_NONLEAF else SPTE_P) | self.slot_addr(child)
 
     def sync(self) -> int:
-        """Encode every dirty entry into ``mem``; returns how many were written."""
+        """Encode every dirty entry into ``mem`` of every plane; returns how many entries were
+        written (per plane)."""
         dirty = self._dirty
         if not dirty:
             return 0
         self._dirty = []
-        q, wq = self._q, self._wq
+        planes = [(p.q, p.wq, p.frame_kind) for p in self.planes]
+        leaf_entry = self._leaf_entry
         n = 0
         for spt in dirty:
             idxs = spt.dirty
@@ -348,18 +419,32 @@ class ShadowTableImage:
             if spt.slot < 0:
                 continue
             b = spt.slot * 512
-            leaf = spt.kind == KIND_LEAF
-            enc = self.encode_leaf if leaf else self.encode_nonleaf
-            for i in idxs:
-                if leaf and q[b + i] != wq[b + i]:
-                    # A/D the hardware set since the last sync/harvest on an entry the core
-                    # rewrote: kept in the core (not dropped by the re-encode), as KVM's
-                    # mmu_spte_update keeps the volatile A/D bits of the old spte
-                    # (arch/x86/kvm/mmu/mmu.c, v6.x: spte_has_volatile_bits)
-                    self._merge_hw(spt, i, q[b + i], wq[b + i])
-                v = enc(spt, i)
-                q[b + i] = v
-                wq[b + i] = v
+            if spt.kind == KIND_LEAF:
+                for q, wq, _ in planes:
+                    for i in idxs:
+                        if q[b + i] != wq[b + i]:
+                            # A/D the hardware set since the last sync/harvest on an entry the
+                            # core rewrote: kept in the core (not dropped by the re-encode), as
+                            # KVM's mmu_spte_update keeps the volatile A/D bits of the old spte
+                            # (arch/x86/kvm/mmu/mmu.c, v6.x: spte_has_volatile_bits)
+                            self._merge_hw(spt, i, q[b + i], wq[b + i])
+                ents = [(b + i, leaf_entry(spt, i), (list.__getitem__(spt, i) & SPTE_FRAME) >> 12)
+                        for i in idxs]
+                for q, wq, kinds in planes:
+                    for j, e, pfn in ents:
+                        # (_split, inlined: this loop runs for every dirty entry)
+                        if e and kinds is not None:
+                            k = kinds.get(pfn, FRAME_DATA)
+                            e = e | SPTE_NX if k == FRAME_DATA else (
+                                e & ~SPTE_W if k == FRAME_CODE else e)
+                        q[j] = e
+                        wq[j] = e
+            else:
+                for i in idxs:
+                    v = self.encode_nonleaf(spt, i)
+                    for q, wq, _ in planes:
+                        q[b + i] = v
+                        wq[b + i] = v
             n += len(idxs)
         return n
 
@@ -383,29 +468,29 @@ class ShadowTableImage:
 
     # ------------------------------------------------------------------ the hardware's A/D
     def harvest_ad(self) -> int:
-        """OR the A/D bits the hardware set in leaf entries into the core's sptes (module
-        docstring); returns how many sptes gained a bit."""
-        mem, written = self.mem, self._written
-        q, wq = self._q, self._wq
+        """OR the A/D bits the hardware set in leaf entries (of every plane) into the core's
+        sptes (module docstring); returns how many sptes gained a bit."""
         n = 0
-        for slot, spt in self._by_slot.items():
-            off = slot * SLOT
-            if mem[off:off + SLOT] == written[off:off + SLOT]:
-                continue
-            b = slot * 512
-            for i in range(512 if spt.kind != KIND_PAE_ROOT else 4):
-                now, was = q[b + i], wq[b + i]
-                if now == was:
+        for p in self.planes:
+            mem, written, q, wq = p.mem, p.written, p.q, p.wq
+            for slot, spt in self._by_slot.items():
+                off = slot * SLOT
+                if mem[off:off + SLOT] == written[off:off + SLOT]:
                     continue
-                if spt.kind != KIND_LEAF:
-                    raise MMUError(f"the hardware changed {spt.page}[{i}] from {was:#x} to "
-                                   f"{now:#x} (only A/D of a leaf may change)")
-                if self._merge_hw(spt, i, now, was):
-                    n += 1
-                # accounted for: a later sync() of this entry must not merge them again (the
-                # core may clear A after this, aging)
-                wq[b + i] = now
-                spt.__setitem__(i, list.__getitem__(spt, i))   # re-encode what the core holds
+                b = slot * 512
+                for i in range(512 if spt.kind != KIND_PAE_ROOT else 4):
+                    now, was = q[b + i], wq[b + i]
+                    if now == was:
+                        continue
+                    if spt.kind != KIND_LEAF:
+                        raise MMUError(f"the hardware changed {spt.page}[{i}] from {was:#x} "
+                                       f"to {now:#x} (only A/D of a leaf may change)")
+                    if self._merge_hw(spt, i, now, was):
+                        n += 1
+                    # accounted for: a later sync() of this entry must not merge them again
+                    # (the core may clear A after this, aging)
+                    wq[b + i] = now
+                    spt.__setitem__(i, list.__getitem__(spt, i))   # re-encode what the core holds
         return n
 
     # ------------------------------------------------------------------ checking
@@ -428,15 +513,18 @@ class ShadowTableImage:
         if self._dirty:
             out.append(f"{len(self._dirty)} pages have entries not synced")
             return out
-        q = self._q
-        for slot, spt in self._by_slot.items():
-            enc = self.encode_leaf if spt.kind == KIND_LEAF else self.encode_nonleaf
-            b = slot * 512
-            for i in range(len(spt)):
-                want = enc(spt, i)
-                if q[b + i] != want:
-                    out.append(f"{spt.page}[{i}]: image {q[b + i]:#x}, core {list.__getitem__(spt, i):#x} "
-                               f"encodes to {want:#x}")
+        for k, p in enumerate(self.planes):
+            q = p.q
+            where = f"plane {k}: " if len(self.planes) > 1 else ""
+            for slot, spt in self._by_slot.items():
+                leaf = spt.kind == KIND_LEAF
+                b = slot * 512
+                for i in range(len(spt)):
+                    want = (self.encode_leaf(spt, i, plane=k) if leaf
+                            else self.encode_nonleaf(spt, i))
+                    if q[b + i] != want:
+                        out.append(f"{where}{spt.page}[{i}]: image {q[b + i]:#x}, core "
+                                   f"{list.__getitem__(spt, i):#x} encodes to {want:#x}")
         return out
 
     def hardware_context(self, vcpu):
@@ -450,7 +538,7 @@ class ShadowTableImage:
         mode = pg.Mode.LONG if vcpu.root_level == 4 else pg.Mode.PAE
         return pg.PagingContext(mode, cr3, wp=True, nxe=True)
 
-    def compare(self, vcpu, ram=None) -> list:
+    def compare(self, vcpu, ram=None, plane: int = 0) -> list:
         """Problems (strings) between a synced image and the core for vcpu, through walks:
         every present leaf spte reachable from vcpu's root is walked in the image with
         ``paging.walk`` (hardware_context, no A/D set) and must translate to the same frame --
@@ -461,7 +549,7 @@ class ShadowTableImage:
         ctx = self.hardware_context(vcpu)
         if ctx is None:
             return []
-        view = self.view(ram)
+        view = self.view(ram, plane)
         out = []
         vm = self.vm
         for va, sp, idx in _present_leaves(vcpu.root, vcpu.root_level):
@@ -499,8 +587,8 @@ class ShadowTableImage:
             return None
         return self.slot_addr(root)
 
-    def view(self, ram=None) -> ImageView:
-        return ImageView(self, ram)
+    def view(self, ram=None, plane: int = 0) -> ImageView:
+        return ImageView(self, ram, plane)
 
     def live_slots(self) -> int:
         return len(self._by_slot)
